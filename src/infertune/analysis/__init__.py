@@ -1,0 +1,1 @@
+"""Accuracy analysis: output comparison (and, later, layerwise compare and sensitivity)."""

@@ -1,0 +1,121 @@
+"""Backends: ``compile(model, settings) -> Runner``; ``Runner.run(feeds) -> {name: ndarray}``.
+
+Backends are registered by name and imported on first use; ``available()`` never imports a
+heavy module. A backend whose optional dependency is missing raises ``BackendUnavailable``
+naming the extra to install. Feeds are validated once by the shared code
+(``infertune.data.FeedValidator``), not by each backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from infertune.errors import BackendUnavailable, UsageError
+from infertune.model import Model
+
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings common to backends; ``options`` carries backend-specific ones.
+
+    Threads of 0 mean the runtime's default. ``optimized_model_path``: where to save the
+    graph the runtime actually executes after its optimisations (when the backend can).
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+    execution_mode: str = "sequential"
+    optimized_model_path: str | None = None
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
+            raise UsageError(
+                f"graph optimization level must be one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
+                f", got {self.graph_optimization!r}"
+            )
+        if self.execution_mode not in EXECUTION_MODES:
+            raise UsageError(
+                f"execution mode must be one of {', '.join(EXECUTION_MODES)}, "
+                f"got {self.execution_mode!r}"
+            )
+        for key in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, key) < 0:
+                raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["options"] = dict(self.options)
+        return d
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A compiled model, ready to run feeds."""
+
+    backend: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def compile(self, model: Model, settings: Settings) -> Runner: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    cls: str
+    requires: str  # top-level module that must be importable
+    extra: str | None  # pip extra that installs it
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "ort": _Entry("infertune.backends.ort", "OrtBackend", "onnxruntime", None),
+}
+
+
+def register(name: str, module: str, cls: str, requires: str, extra: str | None) -> None:
+    """Register a backend by name; nothing is imported until it is used."""
+    _REGISTRY[name] = _Entry(module, cls, requires, extra)
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def available() -> dict[str, bool]:
+    """Which registered backends could be imported here (without importing them)."""
+    return {n: importlib.util.find_spec(e.requires) is not None for n, e in _REGISTRY.items()}
+
+
+def get_backend(name: str) -> Backend:
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise UsageError(f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})")
+    if importlib.util.find_spec(entry.requires) is None:
+        hint = f": pip install 'infertune[{entry.extra}]'" if entry.extra else ""
+        raise BackendUnavailable(f"backend {name!r} needs the {entry.requires} package{hint}")
+    module = importlib.import_module(entry.module)
+    return getattr(module, entry.cls)()
+
+
+def compile(model: Model, settings: Settings | None = None, *, backend: str = "ort") -> Runner:  # noqa: A001
+    """Compile ``model`` with ``settings`` on the named backend."""
+    return get_backend(backend).compile(model, settings or Settings())

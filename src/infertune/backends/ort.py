@@ -1,0 +1,96 @@
+"""ONNX Runtime CPU backend (the default)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from infertune.backends import Settings
+from infertune.errors import DataError, ModelError
+from infertune.model import Model
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "layout": getattr(
+        ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ),
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_MODES = {
+    "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "parallel": ort.ExecutionMode.ORT_PARALLEL,
+}
+_PROTO_LIMIT = 2**31 - 2**24  # in-memory models must stay under protobuf's 2 GB
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = settings.inter_op_threads
+    so.graph_optimization_level = _LEVELS[settings.graph_optimization]
+    so.execution_mode = _MODES[settings.execution_mode]
+    so.log_severity_level = 3
+    for key, value in settings.options.items():
+        if key.startswith("session."):
+            so.add_session_config_entry(key, str(value))
+    return so
+
+
+class OrtRunner:
+    backend = "ort"
+
+    def __init__(self, model: Model, settings: Settings) -> None:
+        so = session_options(settings)
+        tmp_optimized: Path | None = None
+        if settings.optimized_model_path:
+            target = Path(settings.optimized_model_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp_optimized = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            so.optimized_model_filepath = str(tmp_optimized)
+        source: str | bytes
+        if model.proto.ByteSize() < _PROTO_LIMIT:
+            source = model.to_bytes()
+        elif model.path is not None and not model.renamed_nodes:
+            source = str(model.path)
+        else:
+            raise ModelError(
+                f"{model.name}: a model over 2 GB must be run from its file, unmodified"
+            )
+        try:
+            self.session = ort.InferenceSession(
+                source, sess_options=so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # noqa: BLE001 - ORT raises several pybind types for bad models
+            if tmp_optimized is not None:
+                tmp_optimized.unlink(missing_ok=True)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"ONNX Runtime cannot load {model.name}: {first}") from None
+        if tmp_optimized is not None:
+            os.replace(tmp_optimized, settings.optimized_model_path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = self.session.run(self.output_names, feeds)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                ort.capi.onnxruntime_pybind11_state.Fail) as e:
+            first = str(e).strip().splitlines()[0]
+            raise DataError(f"ONNX Runtime rejected the feed: {first}") from None
+        return dict(zip(self.output_names, outs, strict=True))
+
+
+class OrtBackend:
+    name = "ort"
+
+    def compile(self, model: Model, settings: Settings) -> OrtRunner:
+        return OrtRunner(model, settings)
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": ort.__version__}

@@ -1,0 +1,1 @@
+"""Speed: latency harness (and, later, sweeps and per-op profiles)."""

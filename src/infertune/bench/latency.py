@@ -1,0 +1,173 @@
+"""bench(model, data): warm-up, then N iterations or a time budget, on one fixed feed.
+
+Each iteration times one ``Runner.run`` call with ``time.perf_counter_ns``; the feed is
+validated once beforehand, so nothing but the backend call is inside the timed region.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from infertune import backends
+from infertune.data import Dataset, FeedValidator, batched
+from infertune.errors import DataError, UsageError
+from infertune.fingerprint import environment
+from infertune.model import Model
+
+SCHEMA_VERSION = 1
+COV_WARN = 0.05
+DEFAULT_TIME_BUDGET_S = 3.0
+MIN_ITERATIONS = 10
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency statistics in milliseconds; ``cov`` = std / mean (coefficient of variation)."""
+
+    min: float
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    std: float
+    max: float
+    cov: float
+
+    @classmethod
+    def from_ns(cls, samples_ns: np.ndarray) -> LatencyStats:
+        if samples_ns.size == 0:
+            raise UsageError("no latency samples were taken")
+        ms = samples_ns.astype(np.float64) / 1e6
+        mean = float(ms.mean())
+        std = float(ms.std(ddof=1)) if ms.size > 1 else 0.0
+        p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+        return cls(min=float(ms.min()), p50=p50, p90=p90, p99=p99, mean=mean, std=std,
+                   max=float(ms.max()), cov=std / mean if mean > 0 else 0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    settings: dict
+    batch_size: int
+    input_shapes: dict[str, list[int]]
+    warmup: int
+    iterations: int
+    wall_s: float
+    latency_ms: LatencyStats
+    throughput: float  # samples per second
+    warnings: list[str] = field(default_factory=list)
+    environment: dict = field(default_factory=environment)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "kind": "bench",
+            "model": self.model,
+            "backend": self.backend,
+            "settings": self.settings,
+            "batch_size": self.batch_size,
+            "input_shapes": self.input_shapes,
+            "warmup": self.warmup,
+            "iterations": self.iterations,
+            "wall_s": self.wall_s,
+            "latency_ms": self.latency_ms.to_dict(),
+            "throughput_per_s": self.throughput,
+            "warnings": self.warnings,
+            "environment": self.environment,
+        }
+
+
+def bench(
+    model: Model | str | os.PathLike[str],
+    data: Dataset | None = None,
+    *,
+    backend: str = "ort",
+    settings: backends.Settings | None = None,
+    batch_size: int = 1,
+    warmup: int = 10,
+    iterations: int | None = None,
+    time_budget_s: float | None = None,
+    dims: dict[str, int] | None = None,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """Latency and throughput of ``model`` on the first sample of ``data`` (or synthetic).
+
+    Without ``iterations`` the run lasts ``time_budget_s`` (default 3 s) and at least 10
+    iterations; with it, exactly that many.
+    """
+    if warmup < 0:
+        raise UsageError(f"warmup must be >= 0, got {warmup}")
+    if iterations is not None and iterations < 1:
+        raise UsageError(f"iterations must be >= 1, got {iterations}")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise UsageError(f"time budget must be > 0 s, got {time_budget_s}")
+    m = model if isinstance(model, Model) else Model.load(model)
+    settings = settings or backends.Settings()
+    if data is None:
+        data = Dataset.synthetic(m, samples=batch_size, dims={**(dims or {}), "batch": 1})
+    feed = _first_feed(m, batched(data, batch_size), data.name)
+    rows = next(iter(feed.values())).shape[0] if feed else 1
+    if rows != batch_size:
+        raise DataError(f"the data holds {rows} sample(s), fewer than batch size {batch_size}")
+    runner = backends.compile(m, settings, backend=backend)
+    run = runner.run
+
+    for _ in range(warmup):
+        run(feed)
+    budget_ns = None if iterations is not None else int(
+        (time_budget_s or DEFAULT_TIME_BUDGET_S) * 1e9)
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    start = clock()
+    while True:
+        t0 = clock()
+        run(feed)
+        t1 = clock()
+        samples.append(t1 - t0)
+        n = len(samples)
+        if iterations is not None:
+            if n >= iterations:
+                break
+        elif n >= MIN_ITERATIONS and t1 - start >= budget_ns:
+            break
+        if progress and (n & 15) == 0:
+            progress(n, iterations)
+    wall = (clock() - start) / 1e9
+    stats = LatencyStats.from_ns(np.asarray(samples, dtype=np.int64))
+    warnings = []
+    if stats.cov > COV_WARN:
+        warnings.append(
+            f"latency varies: coefficient of variation {stats.cov:.1%} > {COV_WARN:.0%} (busy "
+            f"machine or too short a run; try more --iterations or fewer threads)"
+        )
+    total_s = sum(samples) / 1e9
+    return BenchResult(
+        model=m.name, backend=backend, settings=settings.to_dict(), batch_size=batch_size,
+        input_shapes={k: list(v.shape) for k, v in feed.items()}, warmup=warmup,
+        iterations=len(samples), wall_s=wall, latency_ms=stats,
+        throughput=batch_size * len(samples) / total_s if total_s > 0 else math.inf,
+        warnings=warnings,
+    )
+
+
+def _first_feed(model: Model, data: Dataset, name: str) -> dict[str, np.ndarray]:
+    validator = FeedValidator(model)
+    for raw in data:
+        feed = validator(raw)
+        if feed is not None:
+            return feed
+    validator.finish(name)
+    raise DataError(f"dataset {name} is empty")  # finish() raised already; for type checkers

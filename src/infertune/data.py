@@ -1,0 +1,445 @@
+"""Datasets: iterables of feeds ``{input_name: ndarray}``, from files, images, synthetic or Python.
+
+A *sample* is one feed whose batch axis (axis 0) has size 1; files hold samples stacked
+along axis 0. ``batched(ds, n)`` joins consecutive samples along the (dynamic) batch axis.
+Arrays in a file that are not model inputs (labels, for instance) are kept apart as
+*extras* and never fed to the model.
+
+Feeds are checked against the model once (names, dtype, rank, fixed dims) by
+``FeedValidator``; every feed is scanned for NaN/Inf, which are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from infertune.errors import DataError, UsageError
+from infertune.model import Model, TensorInfo
+
+Feed = dict[str, np.ndarray]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class Dataset:
+    """A re-iterable source of feeds, with optional per-sample extras (labels, ...).
+
+    ``source`` is a callable returning a fresh iterator each time, so calibration can make
+    two passes; ``len()`` is never assumed (``size`` is None when unknown).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], Iterator[Feed]],
+        *,
+        name: str,
+        size: int | None = None,
+        extras: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self._source = source
+        self.name = name
+        self.size = size
+        self.extras = extras or {}
+
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self._source())
+
+    def __repr__(self) -> str:
+        n = "?" if self.size is None else self.size
+        return f"Dataset({self.name!r}, samples={n})"
+
+    def take(self, n: int) -> Dataset:
+        """The first n samples."""
+
+        def gen() -> Iterator[Feed]:
+            for i, feed in enumerate(self):
+                if i >= n:
+                    return
+                yield feed
+
+        size = n if self.size is None else min(n, self.size)
+        extras = {k: v[:n] for k, v in self.extras.items()}
+        return Dataset(gen, name=f"{self.name}[:{n}]", size=size, extras=extras)
+
+    def materialize(self) -> list[Feed]:
+        return list(self)
+
+    # ---- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "arrays") -> Dataset:
+        """Samples stacked along axis 0 of every array (all arrays share that length)."""
+        if not arrays:
+            raise DataError(f"dataset {name} is empty: it holds no arrays")
+        lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+        if any(n is None for n in lengths.values()) or len(set(lengths.values())) != 1:
+            desc = ", ".join(f"{k}: {v.shape}" for k, v in arrays.items())
+            raise DataError(
+                f"dataset {name}: arrays must hold samples stacked along axis 0 with the same "
+                f"count; got {desc}"
+            )
+        n = next(iter(lengths.values()))
+        if n == 0:
+            raise DataError(f"dataset {name} is empty: its arrays have 0 samples")
+        arrays = dict(arrays)
+
+        def gen() -> Iterator[Feed]:
+            for i in range(n):
+                yield {k: v[i : i + 1] for k, v in arrays.items()}
+
+        return cls(gen, name=name, size=n)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str]) -> Dataset:
+        p = _existing(path)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise DataError(f"cannot read data file {p}: {e}") from None
+        return cls.from_arrays(arrays, name=str(p))
+
+    @classmethod
+    def from_directory(cls, path: str | os.PathLike[str]) -> Dataset:
+        """A directory of ``.npz`` files (one feed each) or ``<input>.npy`` files per sample dir.
+
+        Layout accepted: ``dir/*.npz`` (each a feed of one or more samples) or
+        ``dir/<sample>/<input_name>.npy``. Files are read lazily, in sorted order.
+        """
+        p = _existing(path)
+        npz = sorted(p.glob("*.npz"))
+        subdirs = sorted(d for d in p.iterdir() if d.is_dir() and any(d.glob("*.npy")))
+        npy = sorted(p.glob("*.npy"))
+        if npz:
+            def gen() -> Iterator[Feed]:
+                for f in npz:
+                    yield from Dataset.from_npz(f)
+
+            return cls(gen, name=str(p), size=None)
+        if subdirs:
+            def gen_dirs() -> Iterator[Feed]:
+                for d in subdirs:
+                    yield {f.stem: _load_npy(f) for f in sorted(d.glob("*.npy"))}
+
+            return cls(gen_dirs, name=str(p), size=len(subdirs))
+        if npy:
+            return cls.from_arrays({f.stem: _load_npy(f) for f in npy}, name=str(p))
+        raise DataError(f"data directory {p} holds no .npz, .npy or sample folders")
+
+    @classmethod
+    def from_images(
+        cls, path: str | os.PathLike[str], spec: object, *, input_name: str
+    ) -> Dataset:
+        """Images in a directory, each turned into one sample by a ``PreprocessSpec``."""
+        from infertune.preprocess import PreprocessSpec, load_image
+
+        if not isinstance(spec, PreprocessSpec):
+            raise UsageError("from_images needs a PreprocessSpec")
+        p = _existing(path)
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"image directory {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+        def gen() -> Iterator[Feed]:
+            for f in files:
+                yield {input_name: spec.apply(load_image(f))}
+
+        return cls(gen, name=str(p), size=len(files))
+
+    @classmethod
+    def from_iterable(cls, items: Iterable[Feed], *, name: str = "iterable") -> Dataset:
+        """Any Python iterable of feeds. A one-shot iterator is cached so it can be re-read."""
+        if isinstance(items, Iterator):
+            cache = list(items)
+            return cls(lambda: iter(cache), name=name, size=len(cache))
+        return cls(lambda: iter(items), name=name, size=_len_or_none(items))
+
+    @classmethod
+    def synthetic(
+        cls, model: Model, *, samples: int = 8, seed: int = 0, dims: dict[str, int] | None = None
+    ) -> Dataset:
+        """Seeded random feeds with the model's shapes and dtypes (see ``synthetic_feed``)."""
+        if samples < 1:
+            raise UsageError(f"synthetic data needs at least 1 sample, got {samples}")
+
+        def gen() -> Iterator[Feed]:
+            rng = np.random.default_rng(seed)
+            for _ in range(samples):
+                yield synthetic_feed(model, dims=dims, rng=rng)
+
+        return cls(gen, name=f"synthetic(seed={seed})", size=samples)
+
+
+def synthetic_feed(
+    model: Model, *, dims: dict[str, int] | None = None, rng: np.random.Generator | None = None
+) -> Feed:
+    """One random feed. Symbolic dims come from ``dims``; a leading unnamed/symbolic batch
+    dim defaults to 1; any other unresolved dim is an error naming it.
+
+    Values: floats standard normal; integers uniform in [0, 100) (ids); inputs whose name
+    contains 'mask' get ones; bool uniform.
+    """
+    rng = rng or np.random.default_rng(0)
+    dims = dims or {}
+    feed: Feed = {}
+    for info in model.inputs:
+        shape = concrete_shape(info, dims)
+        dtype = np.dtype(info.dtype or "float32")
+        if "mask" in info.name.lower():
+            feed[info.name] = np.ones(shape, dtype=dtype)
+        elif dtype.kind == "f":
+            feed[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feed[info.name] = rng.integers(0, 100, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[info.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise DataError(f"cannot make synthetic data for input '{info.name}' of dtype {dtype}")
+    return feed
+
+
+def concrete_shape(info: TensorInfo, dims: dict[str, int]) -> tuple[int, ...]:
+    if info.shape is None:
+        raise DataError(f"input '{info.name}' has unknown rank: give data instead of synthetic")
+    out = []
+    for axis, d in enumerate(info.shape):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif isinstance(d, str) and d in dims:
+            out.append(int(dims[d]))
+        elif axis == 0:
+            out.append(int(dims.get("batch", 1)))
+        else:
+            label = f"'{d}'" if d else f"axis {axis}"
+            raise DataError(
+                f"input '{info.name}' dim {label} is symbolic: give its size, e.g. "
+                f"--dims {d or 'name'}=N"
+            )
+    return tuple(out)
+
+
+def parse_dims(text: str | Iterable[str] | None) -> dict[str, int]:
+    """'batch=1,sequence=128' (or a list of 'k=v') -> {'batch': 1, 'sequence': 128}."""
+    if not text:
+        return {}
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out: dict[str, int] = {}
+    for part in parts:
+        m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", part)
+        if not m:
+            raise UsageError(f"bad dim '{part}': expected name=size, e.g. batch=1")
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def batched(dataset: Dataset, batch_size: int) -> Dataset:
+    """Join consecutive samples along axis 0; the last batch may be smaller."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    if batch_size == 1:
+        return dataset
+
+    def gen() -> Iterator[Feed]:
+        buf: list[Feed] = []
+        for feed in dataset:
+            buf.append(feed)
+            if len(buf) == batch_size:
+                yield _concat(buf)
+                buf = []
+        if buf:
+            yield _concat(buf)
+
+    size = None if dataset.size is None else math.ceil(dataset.size / batch_size)
+    return Dataset(gen, name=f"{dataset.name} (batch {batch_size})", size=size)
+
+
+def _concat(feeds: list[Feed]) -> Feed:
+    return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+
+
+@dataclass
+class FeedValidator:
+    """Checks feeds against the model: once in full, then only the cheap per-feed scan.
+
+    Non-finite values are counted per input; with ``nonfinite='skip'`` such feeds are
+    dropped (and counted), with 'keep' they are passed on, with 'error' they raise.
+    """
+
+    model: Model
+    nonfinite: str = "skip"
+    checked: bool = False
+    feeds_seen: int = 0
+    feeds_skipped: int = 0
+    nonfinite_counts: dict[str, int] = field(default_factory=dict)
+    first_nonfinite: dict[str, int] = field(default_factory=dict)
+    extras_ignored: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("skip", "keep", "error"):
+            raise UsageError(f"nonfinite must be skip, keep or error, got {self.nonfinite!r}")
+        self._inputs = {i.name: i for i in self.model.inputs}
+
+    def __call__(self, feed: Feed) -> Feed | None:
+        """The feed restricted to model inputs, or None when it is skipped."""
+        index = self.feeds_seen
+        self.feeds_seen += 1
+        if not self.checked:
+            self._check_full(feed, index)
+            self.checked = True
+        out = {k: feed[k] for k in self._inputs}
+        bad = False
+        for name, arr in out.items():
+            if arr.dtype.kind in "fc":
+                n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                if n:
+                    bad = True
+                    self.nonfinite_counts[name] = self.nonfinite_counts.get(name, 0) + n
+                    self.first_nonfinite.setdefault(name, index)
+                    if self.nonfinite == "error":
+                        raise DataError(
+                            f"input '{name}' of sample {index} holds {n} NaN/Inf values"
+                        )
+        if bad and self.nonfinite == "skip":
+            self.feeds_skipped += 1
+            return None
+        return out
+
+    def _check_full(self, feed: Feed, index: int) -> None:
+        if not isinstance(feed, dict):
+            raise DataError(
+                f"sample {index} is a {type(feed).__name__}; a feed must be a dict "
+                f"{{input_name: ndarray}}"
+            )
+        missing = [n for n in self._inputs if n not in feed]
+        if missing:
+            have = ", ".join(sorted(feed)) or "nothing"
+            raise DataError(
+                f"input '{missing[0]}' is missing from the data (the data has: {have}; the "
+                f"model expects: {', '.join(self._inputs)})"
+            )
+        self.extras_ignored = {k for k in feed if k not in self._inputs}
+        for name, info in self._inputs.items():
+            check_array(info, feed[name])
+
+    def warnings(self) -> list[str]:
+        action = {
+            "skip": f"{self.feeds_skipped} sample(s) skipped",
+            "keep": "kept as they are",
+            "error": "rejected",
+        }[self.nonfinite]
+        return [
+            f"input '{name}': {n} NaN/Inf values (first in sample "
+            f"{self.first_nonfinite[name]}); {action}"
+            for name, n in self.nonfinite_counts.items()
+        ]
+
+    def finish(self, dataset_name: str = "data") -> None:
+        """Raise when nothing usable came through."""
+        if self.feeds_seen == 0:
+            raise DataError(f"dataset {dataset_name} is empty: it yielded no samples")
+        if self.feeds_seen == self.feeds_skipped:
+            raise DataError(
+                f"dataset {dataset_name}: all {self.feeds_seen} samples hold NaN/Inf values "
+                f"({', '.join(self.nonfinite_counts)}); nothing left to run"
+            )
+
+
+def check_array(info: TensorInfo, arr: object) -> None:
+    """Raise DataError naming the input, the expected and the actual type, rank or dims."""
+    if not isinstance(arr, np.ndarray):
+        raise DataError(
+            f"input '{info.name}': expected a numpy array, got {type(arr).__name__}"
+        )
+    if info.dtype and arr.dtype.name != info.dtype:
+        raise DataError(
+            f"input '{info.name}': expected dtype {info.dtype}, got {arr.dtype.name} "
+            f"(convert with .astype(np.{info.dtype}))"
+        )
+    if info.shape is None:
+        return
+    if arr.ndim != len(info.shape):
+        raise DataError(
+            f"input '{info.name}': expected rank {len(info.shape)} {info.shape_str()}, got rank "
+            f"{arr.ndim} {list(arr.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(info.shape, arr.shape, strict=True)):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise DataError(
+                f"input '{info.name}': expected shape {info.shape_str()}, got {list(arr.shape)} "
+                f"(axis {axis}: {want} != {got})"
+            )
+
+
+def validated(model: Model, dataset: Dataset, validator: FeedValidator | None = None
+              ) -> Iterator[Feed]:
+    """Feeds of ``dataset`` checked against ``model``; empty or all-bad data raises."""
+    v = validator or FeedValidator(model)
+    for feed in dataset:
+        out = v(feed)
+        if out is not None:
+            yield out
+    v.finish(dataset.name)
+
+
+def load_dataset(
+    spec: str | os.PathLike[str] | None,
+    model: Model,
+    *,
+    dims: dict[str, int] | None = None,
+    samples: int = 8,
+    seed: int = 0,
+    preprocess: str | os.PathLike[str] | None = None,
+    input_name: str | None = None,
+) -> Dataset:
+    """The dataset a CLI argument names: a .npz, a directory, images + spec, or 'synthetic'."""
+    if spec is None or str(spec) == "synthetic":
+        return Dataset.synthetic(model, samples=samples, seed=seed, dims=dims)
+    p = Path(spec)
+    if preprocess is not None:
+        from infertune.preprocess import PreprocessSpec
+
+        name = input_name or _single_input(model)
+        return Dataset.from_images(p, PreprocessSpec.load(preprocess), input_name=name)
+    if p.is_dir():
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()):
+            raise UsageError(
+                f"{p} holds images: give a preprocessing spec with --preprocess SPEC.json"
+            )
+        return Dataset.from_directory(p)
+    if p.suffix == ".npy":
+        return Dataset.from_arrays({_single_input(model): _load_npy(_existing(p))}, name=str(p))
+    return Dataset.from_npz(p)
+
+
+def _single_input(model: Model) -> str:
+    names = [i.name for i in model.inputs]
+    if len(names) != 1:
+        raise UsageError(f"the model has {len(names)} inputs ({', '.join(names)}): name one")
+    return names[0]
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path not found: {p}")
+    return p
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"cannot read data file {path}: {e}") from None
+
+
+def _len_or_none(items: object) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,76 @@
+"""Where a number was measured: machine fingerprint and library versions.
+
+Every saved result carries ``environment()`` so it can be traced to the machine and the
+versions that produced it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+# CPU flags that decide INT8 / FP16 speed on x86 (names as /proc/cpuinfo spells them).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
+             "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+@functools.cache
+def cpu() -> dict:
+    """CPU model, logical cores and the ISA flags of ``ISA_FLAGS`` that are present."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and value.strip():
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return {
+        "model": model,
+        "arch": platform.machine(),
+        "logical_cores": os.cpu_count() or 1,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+    }
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    out = {}
+    for dist in ("infertune", "numpy", "onnx", "onnxruntime", *extra):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def environment() -> dict:
+    """Machine fingerprint and library versions, for every saved result."""
+    return {
+        "machine": {
+            "cpu": cpu(),
+            "memory_gib": _memory_gib(),
+            "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(),
+            "hostname_hash": _short_hash(platform.node()),
+        },
+        "versions": versions(),
+    }
+
+
+def _memory_gib() -> float | None:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return round(pages * size / 2**30, 1)
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

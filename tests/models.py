@@ -1,0 +1,159 @@
+"""Tiny ONNX models built in code with onnx.helper, registered in one place.
+
+Every builder returns an ``onnx.ModelProto`` with real (seeded random) weights. ``MODELS``
+maps a name to a builder so tests can loop over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, inits=(), name="tiny", opset=OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          producer_name="infertune-tests")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _w(name: str, shape, seed: int, scale: float = 0.5) -> onnx.TensorProto:
+    rng = np.random.default_rng(seed)
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def conv() -> onnx.ModelProto:
+    """x[N,3,16,16] -> Conv(8 out, 3x3, pad 1, stride 1) + bias -> Relu -> y[N,8,16,16]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1],
+                         kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [x], [y], [_w("w", (8, 3, 3, 3), 1), _w("b", (8,), 2)], "conv")
+
+
+def grouped_conv() -> onnx.ModelProto:
+    """x[1,4,10,10] -> Conv(group 2, 6 out, 3x3, stride 2, no pad) -> y[1,6,4,4]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 10, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4, 4])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="gconv", group=2,
+                              strides=[2, 2], kernel_shape=[3, 3])]
+    return _model(nodes, [x], [y], [_w("w", (6, 2, 3, 3), 3)], "grouped_conv")
+
+
+def conv_transpose() -> onnx.ModelProto:
+    """x[1,4,5,5] -> ConvTranspose(weight [4,3,2,2], stride 2) -> y[1,3,10,10]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 10, 10])
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv",
+                              strides=[2, 2], kernel_shape=[2, 2])]
+    return _model(nodes, [x], [y], [_w("w", (4, 3, 2, 2), 4)], "conv_transpose")
+
+
+def gemm() -> onnx.ModelProto:
+    """x[N,32] -> Gemm(transB, W [10,32]) + bias -> Softmax -> probs[N,10] (a classifier)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    y = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "B"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    return _model(nodes, [x], [y], [_w("W", (10, 32), 5), _w("B", (10,), 6)], "gemm")
+
+
+def attention() -> onnx.ModelProto:
+    """Batched attention: q,k,v [B,H,S,D] -> softmax(q @ k^T) @ v, with symbolic B and S."""
+    shape = ["B", 2, "S", 8]
+    q, k, v = (helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv")
+    o = helper.make_tensor_value_info("o", TensorProto.FLOAT, shape)
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name="pv"),
+    ]
+    return _model(nodes, [q, k, v], [o], name="attention")
+
+
+def reshape_matmul() -> onnx.ModelProto:
+    """A MatMul after a data-dependent Reshape: static inference cannot tell its shape."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", 5])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("ReduceProd", ["s"], ["n"], name="numel", keepdims=1),
+        helper.make_node("Div", ["n", "k24"], ["rows"], name="rows"),
+        helper.make_node("Concat", ["rows", "k24"], ["newshape"], name="cat", axis=0),
+        helper.make_node("Reshape", ["x", "newshape"], ["flat"], name="reshape"),
+        helper.make_node("MatMul", ["flat", "W"], ["y"], name="mm"),
+    ]
+    inits = [numpy_helper.from_array(np.array([24], np.int64), "k24"), _w("W", (24, 5), 7)]
+    return _model(nodes, [x], [y], inits, "reshape_matmul")
+
+
+def if_subgraph() -> onnx.ModelProto:
+    """An If whose branches hold a Relu / Neg: peers crash on subgraphs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    out_then = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])
+    out_else = helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])
+    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["t"], name="then_relu")],
+                               "then", [], [out_then])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="else_neg")],
+                               "else", [], [out_else])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                         else_branch=else_g),
+    ]
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    return _model(nodes, [x], [y], inits, "if_subgraph")
+
+
+def duplicate_names() -> onnx.ModelProto:
+    """Two nodes share a name and one has none: ONNX Runtime refuses this as it is."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="dup"),
+        helper.make_node("Neg", ["a"], ["b"], name="dup"),
+        helper.make_node("Abs", ["b"], ["y"], name=""),
+    ]
+    return _model(nodes, [x], [y], name="duplicate_names")
+
+
+def two_inputs() -> onnx.ModelProto:
+    """ids int64 [N,S] and a float mask [N,S]: Gather embeddings, scale by the mask."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["N", "S"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 4])
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"], name="embed"),
+        helper.make_node("Unsqueeze", ["attention_mask", "axes"], ["m"], name="unsq"),
+        helper.make_node("Mul", ["e", "m"], ["y"], name="mask"),
+    ]
+    inits = [_w("emb", (100, 4), 8), numpy_helper.from_array(np.array([2], np.int64), "axes")]
+    return _model(nodes, [ids, mask], [y], inits, "two_inputs")
+
+
+MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "conv": conv,
+    "grouped_conv": grouped_conv,
+    "conv_transpose": conv_transpose,
+    "gemm": gemm,
+    "attention": attention,
+    "reshape_matmul": reshape_matmul,
+    "if_subgraph": if_subgraph,
+    "duplicate_names": duplicate_names,
+    "two_inputs": two_inputs,
+}

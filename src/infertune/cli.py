@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -267,7 +268,7 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
             mark = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
             out.print(f"{mark}  {c.check} on {c.target}: {_fmt(c.value, 6)}")
         for w in result.warnings:
-            err.print(f"[yellow]warning:[/] {w}")
+            err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
     _emit(result, as_json, output, human)
     if not result.passed:
@@ -327,7 +328,7 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
         if save_optimized:
             err.print(f"optimised graph saved to {save_optimized}")
         for w in r.warnings:
-            err.print(f"[yellow]warning:[/] {w}")
+            err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
     _emit(r, as_json, output, human)
 
@@ -363,7 +364,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
     write_npz(output, {n: np.concatenate(v, axis=0) for n, v in collected.items()})
     err.print(f"wrote {validator.feeds_seen} runs of {len(collected)} output(s) to {output}")
     for w in validator.warnings():
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="infertune", standalone_mode=False)
     except CheckFailed as e:
-        err.print(f"[red]check failed:[/] {e}")
+        err.print(f"[red]check failed:[/] {escape(str(e))}", soft_wrap=True)
         return EXIT_CHECK_FAILED
     except InfertuneError as e:
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return e.exit_code
     except click.exceptions.Abort:
         err.print("aborted")

@@ -139,6 +139,8 @@ class Model:
             ) from None
         except FileNotFoundError as e:
             raise ModelError(f"external data of {p} not found: {e.filename or e}") from None
+        except onnx.checker.ValidationError as e:  # raised for missing/invalid external data
+            raise ModelError(f"cannot read the external data of {p}: {e}") from None
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelError(f"cannot read ONNX model {p}: {e}") from None
         return cls.from_proto(proto, path=p, check=check)

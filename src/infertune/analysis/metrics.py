@@ -5,7 +5,8 @@ sums, so memory does not grow with the number of samples. Definitions (element-w
 every run, r = reference, c = candidate, d = c - r):
 
 - max_abs = max |d|;  mean_abs = sum |d| / n
-- max_rel = max |d| / max(|r|, 1e-12)
+- max_rel = max |d| / |r| over elements where r != 0 (exact zeros, e.g. after ReLU, would
+  make it infinite; allclose covers them)
 - cosine = mean over runs of cos(r, c) (each run flattened); cosine_min = the smallest
   (two all-zero vectors count as cosine 1)
 - sqnr_db = 10 log10(sum r^2 / sum d^2)  (inf when d is all zero)
@@ -22,8 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from infertune.errors import DataError
-
-REL_EPS = 1e-12
 
 
 @dataclass
@@ -70,7 +69,9 @@ class ErrorAccumulator:
         ar = np.abs(r)
         self.max_abs = max(self.max_abs, float(ad.max()))
         self.sum_abs += float(ad.sum())
-        self.max_rel = max(self.max_rel, float((ad / np.maximum(ar, REL_EPS)).max()))
+        nz = ar > 0
+        if nz.any():
+            self.max_rel = max(self.max_rel, float((ad[nz] / ar[nz]).max()))
         self.sum_sq_ref += float(r @ r)
         self.sum_sq_err += float(d @ d)
         cos = cosine(r, c)

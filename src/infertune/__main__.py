@@ -1,0 +1,5 @@
+import sys
+
+from infertune.cli import main
+
+sys.exit(main())

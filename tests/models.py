@@ -146,6 +146,40 @@ def two_inputs() -> onnx.ModelProto:
     return _model(nodes, [ids, mask], [y], inits, "two_inputs")
 
 
+def small_cnn() -> onnx.ModelProto:
+    """x[N,3,12,12] -> Conv-Relu -> MaxPool -> Conv-Relu + residual Add -> GAP -> Flatten -> Gemm -> logits[N,10]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Add", ["r2", "p1"], ["res"], name="residual"),
+        helper.make_node("GlobalAveragePool", ["res"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [_w("w1", (8, 3, 3, 3), 10), _w("b1", (8,), 11, 0.1), _w("w2", (8, 8, 3, 3), 12, 0.2),
+             _w("b2", (8,), 13, 0.1), _w("wf", (10, 8), 14), _w("bf", (10,), 15, 0.1)]
+    return _model(nodes, [x], [y], inits, "small_cnn")
+
+
+def masked_matmul() -> onnx.ModelProto:
+    """s = x + mask (mask holds -inf) feeds one MatMul; a second MatMul reads x directly."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8])
+    y1 = helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["N", 4])
+    y2 = helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 4])
+    nodes = [
+        helper.make_node("Add", ["x", "mask"], ["s"], name="apply_mask"),
+        helper.make_node("MatMul", ["s", "W1"], ["y1"], name="masked_mm"),
+        helper.make_node("MatMul", ["x", "W2"], ["y2"], name="plain_mm"),
+    ]
+    return _model(nodes, [x, mask], [y1, y2], [_w("W1", (8, 4), 16), _w("W2", (8, 4), 17)], "masked_matmul")
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv": conv,
     "grouped_conv": grouped_conv,
@@ -156,4 +190,6 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "if_subgraph": if_subgraph,
     "duplicate_names": duplicate_names,
     "two_inputs": two_inputs,
+    "small_cnn": small_cnn,
+    "masked_matmul": masked_matmul,
 }

@@ -109,7 +109,10 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable]:
 
 
 def _emit(result, as_json: bool, output: Path | None, human: Callable[[], None]) -> None:
-    doc = result.to_dict()
+    _emit_doc(result.to_dict(), as_json, output, human)
+
+
+def _emit_doc(doc: dict, as_json: bool, output: Path | None, human: Callable[[], None]) -> None:
     if output is not None:
         write_json(output, doc)
     if as_json:
@@ -365,6 +368,9 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
     err.print(f"wrote {validator.feeds_seen} runs of {len(collected)} output(s) to {output}")
     for w in validator.warnings():
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+
+from infertune import cli_quantize  # noqa: E402, F401  (registers `quantize` on the group)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,146 @@
+"""``infertune quantize``: INT8 Q/DQ model + recipe, with a summary of every decision."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from infertune.cli import (
+    _dataset,
+    _emit_doc,
+    _fmt,
+    _settings,
+    backend_options,
+    cli,
+    data_options,
+    err,
+    json_option,
+    out,
+    progress_bar,
+)
+from infertune.quant.methods import DEFAULT_PERCENTILE, METHODS
+from infertune.quant.observers import DEFAULT_BINS
+from infertune.quant.placement import TARGETS
+from infertune.quant.stability import DEFAULT_THRESHOLD
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@data_options
+@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+              help="Range method for every activation (auto: per tensor).")
+@click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
+              help="ort-cpu: uint8 activations placed for ONNX Runtime's CPU fusions; "
+                   "tensorrt: int8 symmetric per TensorRT's explicit-quantization rules.")
+@click.option("--exclude", multiple=True, metavar="NODE|op:TYPE|re:REGEX",
+              help="Keep nodes in float, by name, op type or regex on the name (repeatable).")
+@click.option("--override", "overrides", multiple=True, metavar="TENSOR=METHOD",
+              help="Per-tensor method: NAME=METHOD, op:PRODUCER_OP=METHOD or re:REGEX=METHOD.")
+@click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=DEFAULT_PERCENTILE,
+              show_default=True)
+@click.option("--bins", type=click.IntRange(min=2), default=DEFAULT_BINS, show_default=True,
+              help="Histogram bins per tensor (memory per tensor, independent of samples).")
+@click.option("--calib-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per calibration run (ranges do not depend on it).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None,
+              help="Use at most this many calibration samples.")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights (default: on for ort-cpu when the CPU lacks VNNI).")
+@click.option("--stability-halves", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Random halves of the data to recompute scales on (0: off).")
+@click.option("--stability-threshold", type=click.FloatRange(min=0), default=DEFAULT_THRESHOLD,
+              show_default=True, help="Relative scale change that flags a tensor as unstable.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Rebuild from a recipe (its ranges, exclusions and target); no data needed.")
+@click.option("--force", is_flag=True, help="Apply --recipe even if it was made for another model file.")
+@backend_options
+@json_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The quantized .onnx; its recipe goes beside it as NAME.recipe.json.")
+def quantize(model: Path, data, preprocess, dims, samples, seed, method, target, exclude, overrides,
+             percentile, bins, calib_batch, max_samples, reduce_range, stability_halves,
+             stability_threshold, recipe_file, force, backend, threads, inter_threads, opt_level,
+             execution_mode, as_json, output) -> None:
+    """Quantize MODEL to INT8 (Q/DQ) with calibration on --data; write OUT and OUT.recipe.json."""
+    from infertune._io import atomic_path, write_json
+    from infertune.errors import UsageError
+    from infertune.model import Model
+    from infertune.quant.fusion import fusion_report
+    from infertune.quant.quantize import quantize as run_quantize
+    from infertune.quant.quantize import rebuild
+    from infertune.quant.recipe import Recipe, recipe_path
+    from infertune.quant.trt_rules import validate_tensorrt
+
+    if output.suffix != ".onnx":
+        raise UsageError(f"-o must name an .onnx file, got {output}")
+    if output.resolve() == model.resolve():
+        raise UsageError("-o would overwrite the input model")
+    m = Model.load(model)
+    settings = _settings(threads, inter_threads, opt_level, execution_mode)
+    if recipe_file is not None:
+        result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
+    else:
+        ds = _dataset(m, data, preprocess, dims, samples, seed)
+        if max_samples:
+            ds = ds.take(max_samples)
+        with progress_bar("calibrating", not as_json) as update:
+            result = run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
+                                  percentile=percentile, bins=bins, batch_size=calib_batch,
+                                  weight_reduce_range=reduce_range, stability_halves=stability_halves,
+                                  stability_threshold=stability_threshold, settings=settings,
+                                  progress=update)
+    fused = fusion_report(result.model, settings) if result.plan.target == "ort-cpu" else None
+    violations = validate_tensorrt(result.model) if result.plan.target == "tensorrt" else []
+    rpath = recipe_path(output)
+    with atomic_path(output) as tmp_model, atomic_path(rpath) as tmp_recipe:
+        result.model.save(tmp_model)
+        write_json(tmp_recipe, result.recipe.to_dict())
+    doc = {"model": str(output), "recipe": str(rpath), **result.summary(),
+           "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations]}
+
+    def human() -> None:
+        s = result.summary()
+        out.print(f"[bold]{m.name}[/] -> {output} ({s['target']}): {s['quantized_nodes']} nodes in INT8, "
+                  f"{s['activation_tensors']} activation tensors, {s['weights']} weights "
+                  f"(per-channel int8{', 7-bit' if s['weight_reduce_range'] else ''})")
+        if result.calibration:
+            c = result.calibration
+            out.print(f"calibration: {c.feeds} runs x batch {c.batch_size}, {c.passes} pass(es), "
+                      f"{c.seconds:.1f} s; methods: "
+                      + ", ".join(f"{k} {v}" for k, v in Counter(
+                          e["method"] for e in result.recipe.tensors.values()).most_common()))
+        t = Table(title="activation ranges", title_justify="left")
+        for col in ("tensor", "method", "min", "max", "scale", "zp", "why"):
+            t.add_column(col, justify="right" if col in ("min", "max", "scale", "zp") else "left")
+        for name, e in list(result.recipe.tensors.items())[:40]:
+            t.add_row(escape(name), e["method"], _fmt(e["min"]), _fmt(e["max"]), _fmt(e["scale"], 6),
+                      str(e["zero_point"]), escape(e.get("reason", "")))
+        out.print(t)
+        if len(result.recipe.tensors) > 40:
+            out.print(f"... {len(result.recipe.tensors) - 40} more in {rpath}")
+        if result.plan.float_nodes:
+            f = Table(title="nodes left in float", title_justify="left")
+            f.add_column("node")
+            f.add_column("why")
+            for n, why in result.plan.float_nodes.items():
+                f.add_row(escape(n), escape(why))
+            out.print(f)
+        if fused:
+            out.print(f"ONNX Runtime's optimised graph: {fused.int8_kernels} INT8 kernels, "
+                      f"{fused.unfused_quantize} Q / {fused.unfused_dequantize} DQ left unfused "
+                      f"({fused.boundary} at graph inputs/outputs), "
+                      f"{fused.float_compute} float Conv/MatMul/Gemm")
+        if result.plan.target == "tensorrt":
+            out.print("TensorRT Q/DQ rules: " + ("[green]all satisfied[/]" if not violations
+                                                 else f"[red]{len(violations)} violation(s)[/]"))
+            for v in violations[:10]:
+                err.print(f"[red]violation:[/] {escape(str(v))}")
+        for w in result.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+        err.print(f"wrote {output} and {rpath}")
+
+    _emit_doc(doc, as_json, None, human)

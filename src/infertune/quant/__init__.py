@@ -1,0 +1,1 @@
+"""INT8 and FP16: calibration, range methods, Q/DQ placement and writing."""

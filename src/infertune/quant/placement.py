@@ -1,0 +1,316 @@
+"""Where Q/DQ go: which nodes run in INT8, which tensors need ranges, which weights quantize.
+
+Rules per target are data (``TARGETS``). ``ort-cpu`` follows what ONNX Runtime's CPU graph
+optimiser actually fuses (measured on ORT 1.32, see docs/ort-fusion.md):
+
+- compute ops (Conv, MatMul, Gemm) always run in INT8: activation inputs get Q/DQ, constant
+  weights get int8 per-channel DQ; Conv and Gemm also need a Q on their output to fuse
+  (QLinearConv / QGemm); MatMul gets one only when a consumer runs in INT8 (QLinearMatMul),
+  otherwise it fuses to MatMulIntegerToFloat and its output stays float;
+- a Relu (or Clip from 0) right after such a node is absorbed: the Q goes after it;
+- ops with fused 8-bit kernels (Add, Mul, Concat, pools, Sigmoid, ...) and data-movement ops
+  (MaxPool, Reshape, Transpose, ...) join only when all their activation inputs are already
+  8-bit, so they never add a Q that costs more than it saves; data-movement outputs share
+  their input's scale (ORT drops such Q/DQ pairs only when the parameters match).
+
+``tensorrt`` follows TensorRT's explicit-quantisation placement: Q/DQ at the inputs of the
+ops TensorRT quantises (weighted ops, pools, residual Add), int8 symmetric, none on outputs.
+Nodes inside If/Loop/Scan subgraphs stay float.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import helper
+
+from infertune.errors import UsageError
+from infertune.model import Model, iter_graphs
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    name: str
+    activation_dtype: str  # numpy dtype name
+    activation_symmetric: bool
+    compute_ops: frozenset[str]  # always quantized (unless excluded)
+    output_q_ops: frozenset[str]  # compute ops that need a Q on their output to fuse
+    fused_ops: frozenset[str]  # 8-bit kernels: join when all activation inputs are 8-bit
+    passthrough_ops: frozenset[str]  # run on 8-bit data unchanged; output shares input qparams
+    absorbed_ops: frozenset[str]  # activations folded into the producer's output Q
+    input_only_ops: frozenset[str] = frozenset()  # (tensorrt) Q/DQ on inputs when they join
+
+
+_MOVEMENT = frozenset({"MaxPool", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
+                       "Resize", "DepthToSpace", "SpaceToDepth", "Identity", "Slice",
+                       "Gather", "Split", "Expand", "Tile"})
+
+TARGETS: dict[str, TargetRules] = {
+    "ort-cpu": TargetRules(
+        name="ort-cpu",
+        activation_dtype="uint8",
+        activation_symmetric=False,
+        compute_ops=frozenset({"Conv", "MatMul", "Gemm"}),
+        output_q_ops=frozenset({"Conv", "Gemm"}),
+        fused_ops=frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool",
+                             "Sigmoid", "LeakyRelu"}),
+        passthrough_ops=_MOVEMENT,
+        absorbed_ops=frozenset({"Relu", "Clip"}),
+    ),
+    "tensorrt": TargetRules(
+        name="tensorrt",
+        activation_dtype="int8",
+        activation_symmetric=True,
+        compute_ops=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
+        output_q_ops=frozenset(),
+        fused_ops=frozenset(),
+        passthrough_ops=frozenset(),
+        absorbed_ops=frozenset(),
+        input_only_ops=frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Add"}),
+    ),
+}
+
+# op type -> index of the weight input, and how to find its output-channel axis
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def weight_axis(node: onnx.NodeProto, rank: int) -> int:
+    """Output-channel axis of the weight input of ``node`` (per-channel scales along it)."""
+    op = node.op_type
+    if op == "Conv":
+        return 0  # [M, C/group, k...]
+    if op == "ConvTranspose":
+        return 1  # [C, M/group, k...]
+    if op == "Gemm":
+        trans_b = next((helper.get_attribute_value(a) for a in node.attribute
+                        if a.name == "transB"), 0)
+        return 0 if trans_b else 1  # B is [N, K] with transB, else [K, N]
+    if op == "MatMul":
+        return rank - 1  # [..., K, N]
+    raise ValueError(f"no weight axis rule for {op}")
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    node: str
+    input_index: int
+    tensor: str
+    axis: int
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "input": self.input_index, "tensor": self.tensor,
+                "axis": self.axis}
+
+
+@dataclass
+class QuantPlan:
+    """The decisions of placement, before any range is known."""
+
+    target: str
+    quantized_nodes: list[str]
+    activations: list[str]  # tensors needing their own range, in topological order
+    shared: dict[str, str]  # tensor -> tensor whose qparams it reuses (passthrough outputs)
+    replaced: set[str]  # tensors that every consumer reads dequantized (producer emits 8-bit)
+    consumers_q: dict[str, list[str]]  # tensor -> quantized nodes reading it dequantized
+    weights: list[WeightUse]
+    float_nodes: dict[str, str]  # node -> why it stays float
+    absorbed: dict[str, str] = field(default_factory=dict)  # absorbed node -> its producer
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "quantized_nodes": self.quantized_nodes,
+            "activations": self.activations,
+            "shared": self.shared,
+            "weights": [w.to_dict() for w in self.weights],
+            "float_nodes": self.float_nodes,
+            "absorbed": self.absorbed,
+        }
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Nodes kept float: by exact name, by op type, or by regular expression on the name."""
+
+    names: frozenset[str] = frozenset()
+    op_types: frozenset[str] = frozenset()
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> Exclusions:
+        """'op:Softmax', 're:^/head/', or a node name."""
+        names, ops, pats = set(), set(), []
+        for item in items:
+            if item.startswith("op:"):
+                ops.add(item[3:])
+            elif item.startswith("re:"):
+                try:
+                    re.compile(item[3:])
+                except re.error as e:
+                    raise UsageError(f"bad exclusion regex {item[3:]!r}: {e}") from None
+                pats.append(item[3:])
+            else:
+                names.add(item)
+        return cls(frozenset(names), frozenset(ops), tuple(pats))
+
+    def reason(self, node: onnx.NodeProto) -> str | None:
+        if node.name in self.names:
+            return "excluded by name"
+        if node.op_type in self.op_types:
+            return f"excluded by op type {node.op_type}"
+        for p in self.patterns:
+            if re.search(p, node.name):
+                return f"excluded by regex {p!r}"
+        return None
+
+    def check_against(self, model: Model) -> None:
+        """Unknown names are an error (a typo would otherwise silently quantize the node)."""
+        known = {n.name for g in iter_graphs(model.graph) for n in g.node}
+        unknown = sorted(self.names - known)
+        if unknown:
+            raise UsageError(f"--exclude names no node: {', '.join(unknown[:5])}")
+
+    def to_dict(self) -> dict:
+        return {"names": sorted(self.names), "op_types": sorted(self.op_types),
+                "patterns": list(self.patterns)}
+
+
+def plan(model: Model, target: str = "ort-cpu", exclusions: Exclusions | None = None) -> QuantPlan:
+    """Decide placement for ``model`` on ``target``."""
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    rules = TARGETS[target]
+    exclusions = exclusions or Exclusions()
+    exclusions.check_against(model)
+    const_arrays = model.constant_tensors()
+    constants = set(const_arrays)
+    consumers = model.consumers()
+    graph_outputs = {o.name for o in model.graph.output}
+    float_nodes: dict[str, str] = {}
+    quantized: list[onnx.NodeProto] = []
+    qset: set[str] = set()
+    eight_bit: set[str] = set()  # tensors available as 8-bit after a quantized producer
+    shared: dict[str, str] = {}
+    absorbed: dict[str, str] = {}
+    out_tensor: dict[str, str] = {}  # quantized node -> tensor its output Q sits on
+
+    def acts(node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and i not in constants]
+
+    for node in model.graph.node:
+        if node.name in absorbed:
+            continue
+        op = node.op_type
+        excluded = exclusions.reason(node)
+        candidate = (op in rules.compute_ops or op in rules.fused_ops
+                     or op in rules.passthrough_ops or op in rules.input_only_ops)
+        if not candidate:
+            continue
+        if excluded:
+            float_nodes[node.name] = excluded
+            continue
+        a = acts(node)
+        if op in rules.compute_ops:
+            if op != "MatMul" and len(node.input) > 1 and node.input[1] not in constants:
+                float_nodes[node.name] = f"{op} weight is not a constant"
+                continue
+        elif op in rules.input_only_ops:
+            if op == "Add" and not _is_residual_add(node, model, constants):
+                continue
+        elif not a or not all(t in eight_bit for t in a):
+            continue  # joining would add a Q that costs more than it saves
+        quantized.append(node)
+        qset.add(node.name)
+        out = node.output[0]
+        if op in rules.passthrough_ops:
+            src = a[0]
+            shared[out] = shared.get(src, src)
+            eight_bit.add(out)
+            out_tensor[node.name] = out
+            continue
+        if rules.output_q_ops or op in rules.fused_ops:
+            nxt = consumers.get(out, [])
+            if (len(nxt) == 1 and nxt[0].op_type in rules.absorbed_ops and out not in graph_outputs
+                    and _absorbable(nxt[0], const_arrays)
+                    and not exclusions.reason(nxt[0])):
+                absorbed[nxt[0].name] = node.name
+                out = nxt[0].output[0]
+            eight_bit.add(out)
+            out_tensor[node.name] = out
+
+    # MatMul without an 8-bit consumer: no output Q (it fuses to MatMulIntegerToFloat).
+    for node in quantized:
+        out = out_tensor.get(node.name)
+        if out is None or node.op_type in rules.output_q_ops or node.op_type in rules.fused_ops:
+            continue
+        if node.op_type in rules.passthrough_ops:
+            continue
+        readers = [c for c in consumers.get(out, []) if c.name in qset]
+        if not readers:
+            eight_bit.discard(out)
+            out_tensor.pop(node.name)
+            for k, v in list(absorbed.items()):
+                if v == node.name:
+                    del absorbed[k]
+
+    activations: list[str] = []
+    consumers_q: dict[str, list[str]] = {}
+    replaced: set[str] = set()
+    for node in quantized:
+        for t in acts(node):
+            consumers_q.setdefault(t, []).append(node.name)
+    for t in out_tensor.values():
+        replaced.add(t)
+    for t in sorted(set(consumers_q) | replaced, key=_order_key(model)):
+        if t not in shared:
+            activations.append(t)
+    weights = []
+    for node in quantized:
+        idx = WEIGHT_INPUT.get(node.op_type)
+        if idx is None or idx >= len(node.input) or node.input[idx] not in constants:
+            continue
+        w = node.input[idx]
+        weights.append(WeightUse(node.name, idx, w, weight_axis(node, const_arrays[w].ndim)))
+    for g in list(iter_graphs(model.graph))[1:]:
+        for n in g.node:
+            if n.op_type in rules.compute_ops:
+                float_nodes[n.name] = "inside an If/Loop/Scan subgraph"
+    return QuantPlan(target=target, quantized_nodes=[n.name for n in quantized],
+                     activations=activations, shared=shared, replaced=replaced,
+                     consumers_q=consumers_q, weights=weights, float_nodes=float_nodes,
+                     absorbed=absorbed)
+
+
+def _absorbable(node: onnx.NodeProto, const_arrays: dict) -> bool:
+    if node.op_type == "Relu":
+        return True
+    if node.op_type == "Clip":  # Clip(min=0, max) folds into the Q's range
+        if len(node.input) > 1 and node.input[1] in const_arrays:
+            return float(const_arrays[node.input[1]]) == 0.0
+    return False
+
+
+def _is_residual_add(node: onnx.NodeProto, model: Model, constants: set[str]) -> bool:
+    """An Add of two activations, one of them from a convolution (ResNet-style), maybe after its activation."""
+    producers = model.producers()
+    ins = [i for i in node.input if i]
+    if len(ins) != 2 or any(i in constants for i in ins):
+        return False
+
+    def from_conv(t: str) -> bool:
+        p = producers.get(t)
+        if p is not None and p.op_type in ("Relu", "Clip", "LeakyRelu", "BatchNormalization"):
+            p = producers.get(p.input[0])
+        return p is not None and p.op_type in ("Conv", "ConvTranspose")
+
+    return any(from_conv(i) for i in ins)
+
+
+def _order_key(model: Model):
+    order = {i.name: -1 for i in model.inputs}
+    for k, t in enumerate(model.tensor_order()):
+        order.setdefault(t, k)
+    return lambda t: order.get(t, len(order))

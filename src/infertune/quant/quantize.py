@@ -1,0 +1,194 @@
+"""``quantize(model, data)``: placement, streaming calibration, ranges, Q/DQ, recipe, stability.
+
+``rebuild(model, recipe)`` makes the same model again from a recipe without any data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from infertune import backends
+from infertune.data import Dataset
+from infertune.errors import CalibrationError, ModelError
+from infertune.fingerprint import cpu, versions
+from infertune.model import Model
+from infertune.quant.calibrate import CalibrationResult, Progress, calibrate
+from infertune.quant.methods import (
+    DEFAULT_PERCENTILE,
+    METHODS,
+    NEEDS_HISTOGRAM,
+    MethodOverrides,
+    RangeChoice,
+    choose_range,
+)
+from infertune.quant.observers import DEFAULT_BINS
+from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, plan
+from infertune.quant.qdq import ensure_opset, write_qdq
+from infertune.quant.qparams import QParams, compute_qparams
+from infertune.quant.recipe import Recipe, model_sha256
+from infertune.quant.stability import DEFAULT_THRESHOLD, StabilityReport, stability
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass
+class QuantizeResult:
+    model: Model
+    recipe: Recipe
+    plan: QuantPlan
+    calibration: CalibrationResult | None = None
+    stability: StabilityReport | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        methods = Counter(e["method"] for e in self.recipe.tensors.values())
+        return {
+            "target": self.plan.target,
+            "quantized_nodes": len(self.plan.quantized_nodes),
+            "activation_tensors": len(self.recipe.tensors),
+            "weights": len(self.plan.weights),
+            "methods": dict(methods),
+            "float_nodes": self.plan.float_nodes,
+            "weight_reduce_range": self.recipe.weight_reduce_range,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "unstable_tensors": [t.tensor for t in self.stability.unstable] if self.stability else [],
+            "warnings": self.warnings,
+        }
+
+
+def default_reduce_range(target: str) -> bool:
+    """7-bit weights on CPUs without VNNI: the u8s8 multiply-add saturates int16 otherwise."""
+    return target == "ort-cpu" and not any(f in cpu()["isa"] for f in VNNI_FLAGS)
+
+
+def quantize(
+    model: Model | str | os.PathLike[str],
+    data: Dataset,
+    *,
+    method: str = "auto",
+    target: str = "ort-cpu",
+    exclude: Iterable[str] = (),
+    overrides: Iterable[str] = (),
+    percentile: float = DEFAULT_PERCENTILE,
+    bins: int = DEFAULT_BINS,
+    batch_size: int = 1,
+    weight_reduce_range: bool | None = None,
+    stability_halves: int = 4,
+    stability_threshold: float = DEFAULT_THRESHOLD,
+    settings: backends.Settings | None = None,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``."""
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
+    source = model if isinstance(model, Model) else Model.load(model)
+    parsed_overrides = MethodOverrides.parse(overrides)
+    exclude = list(exclude)
+    m = ensure_opset(source)
+    rules = _rules(target)
+    p = _plan_or_fail(m, target, Exclusions.parse(exclude))
+    needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
+    cal = calibrate(m, p.activations, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
+                    halves=stability_halves, settings=settings, progress=progress)
+    # tensors without a usable range (no finite value, or masks of -inf): their readers stay float
+    auto: dict[str, str] = {}
+    while True:
+        bad = {t: s for t, s in cal.stats.items() if t in p.activations and (s.nonfinite or not s.count)}
+        new = {n: f"reads '{t}', which holds {s.nonfinite} non-finite values" if s.nonfinite
+               else f"reads '{t}', which never held a finite value"
+               for t, s in bad.items() for n in _nodes_touching(p, m, t) if n not in auto}
+        if not new:
+            break
+        auto.update(new)
+        p = _plan_or_fail(m, target, Exclusions.parse([*exclude, *auto]))
+    for n, why in auto.items():
+        p.float_nodes[n] = why
+    producers = _producer_ops(m)
+    choices = {}
+    for t in p.activations:
+        chosen = parsed_overrides.method_for(t, producers.get(t), method)
+        choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
+                                  dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
+    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
+    qmodel, qparams = _write(m, p, choices, reduce_range)
+    report = None
+    if stability_halves:
+        report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
+                           symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
+                           percentile=percentile, threshold=stability_threshold)
+    tensors = {t: {**choices[t].to_dict(), **qparams[t].to_dict(), **cal.stats[t].to_dict(),
+                   "producer_op": producers.get(t)} for t in p.activations}
+    recipe = Recipe(
+        source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
+        auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
+        overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
+        stability=report.to_dict() if report else None, versions=versions(),
+    )
+    warnings = list(cal.warnings)
+    if report and report.message():
+        warnings.append(report.message())
+    return QuantizeResult(qmodel, recipe, p, cal, report, warnings)
+
+
+def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True) -> QuantizeResult:
+    """The quantized model a recipe describes, from its (possibly edited) ranges; no data needed."""
+    source = model if isinstance(model, Model) else Model.load(model)
+    sha = model_sha256(source)
+    if check_source and sha != recipe.source_sha256:
+        raise ModelError(f"the recipe was made for a model with sha256 {recipe.source_sha256[:12]}..., "
+                         f"this one is {sha[:12]}... (pass check_source=False / --force to apply it anyway)")
+    m = ensure_opset(source)
+    _rules(recipe.target)  # an unknown target fails before any work
+    p = _plan_or_fail(m, recipe.target, Exclusions.parse([*recipe.exclusions, *recipe.auto_exclusions]))
+    for n, why in recipe.auto_exclusions.items():
+        p.float_nodes[n] = why
+    missing = [t for t in p.activations if t not in recipe.tensors]
+    if missing:
+        raise ModelError(f"the recipe has no range for tensor(s) {', '.join(missing[:5])} that this model "
+                         f"quantizes: it was made for another model or placement")
+    choices = {t: RangeChoice(float(recipe.tensors[t]["min"]), float(recipe.tensors[t]["max"]),
+                              recipe.tensors[t].get("method", "recipe")) for t in p.activations}
+    qmodel, qparams = _write(m, p, choices, recipe.weight_reduce_range)
+    for t in p.activations:
+        recipe.tensors[t].update(qparams[t].to_dict())
+    return QuantizeResult(qmodel, recipe, p)
+
+
+def _write(m: Model, p: QuantPlan, choices: Mapping[str, RangeChoice],
+           reduce_range: bool) -> tuple[Model, dict[str, QParams]]:
+    rules = _rules(p.target)
+    qparams = {t: compute_qparams(c.lo, c.hi, rules.activation_dtype, rules.activation_symmetric)
+               for t, c in choices.items()}
+    return write_qdq(m, p, qparams, weight_reduce_range=reduce_range), qparams
+
+
+def _rules(target: str):
+    if target not in TARGETS:
+        raise CalibrationError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    return TARGETS[target]
+
+
+def _plan_or_fail(m: Model, target: str, exclusions: Exclusions) -> QuantPlan:
+    p = plan(m, target, exclusions)
+    if not p.quantized_nodes:
+        why = "; ".join(f"{n}: {r}" for n, r in list(p.float_nodes.items())[:5]) or \
+            f"the main graph has no {'/'.join(sorted(TARGETS[target].compute_ops))} node"
+        raise CalibrationError(f"nothing to quantize in {m.name} for {target} ({why})")
+    return p
+
+
+def _nodes_touching(p: QuantPlan, m: Model, tensor: str) -> list[str]:
+    """Quantized nodes that read ``tensor`` or whose output Q sits on it."""
+    nodes = list(p.consumers_q.get(tensor, []))
+    producer = m.producers().get(tensor)
+    if producer is not None and tensor in p.replaced:
+        nodes.append(p.absorbed.get(producer.name, producer.name))
+    quantized = set(p.quantized_nodes)
+    return [n for n in dict.fromkeys(nodes) if n in quantized]
+
+
+def _producer_ops(m: Model) -> dict[str, str | None]:
+    return {t: n.op_type for t, n in m.producers().items()}

@@ -1,0 +1,109 @@
+"""The JSON recipe written beside every quantized model: enough to rebuild or edit it.
+
+It records the source model's sha256, the target, the exclusions (the user's and those infertune
+added, with reasons), and per activation tensor its range, the method that chose it and the
+resulting scale / zero point. ``rebuild`` reads only ranges, so editing a tensor's ``min`` /
+``max`` (or adding an exclusion) and rebuilding is the supported way to hand-tune a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infertune.errors import UsageError
+from infertune.model import Model
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Recipe:
+    source_sha256: str
+    target: str
+    method: str
+    exclusions: list[str]  # as given to Exclusions.parse
+    auto_exclusions: dict[str, str]  # node -> why infertune kept it float
+    weight_reduce_range: bool
+    tensors: dict[str, dict]  # tensor -> {min, max, method, reason?, scale, zero_point, dtype, ...}
+    percentile: float
+    overrides: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    stability: dict | None = None
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source_sha256": self.source_sha256,
+            "target": self.target,
+            "method": self.method,
+            "percentile": self.percentile,
+            "overrides": self.overrides,
+            "exclusions": self.exclusions,
+            "auto_exclusions": self.auto_exclusions,
+            "weight_reduce_range": self.weight_reduce_range,
+            "tensors": self.tensors,
+            "calibration": self.calibration,
+            "stability": self.stability,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> Recipe:
+        if not isinstance(d, dict):
+            raise UsageError(f"{where}: expected a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UsageError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        required = ("source_sha256", "target", "method", "exclusions", "weight_reduce_range", "tensors")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise UsageError(f"{where}: missing field(s) {', '.join(missing)}")
+        for t, entry in d["tensors"].items():
+            for k in ("min", "max"):
+                v = entry.get(k) if isinstance(entry, dict) else None
+                if not isinstance(v, (int, float)):
+                    raise UsageError(f"{where}: tensor '{t}' needs a numeric '{k}', got {v!r}")
+            if entry["min"] > entry["max"]:
+                raise UsageError(f"{where}: tensor '{t}' has min {entry['min']} > max {entry['max']}")
+        return cls(
+            source_sha256=d["source_sha256"], target=d["target"], method=d["method"],
+            exclusions=list(d["exclusions"]), auto_exclusions=dict(d.get("auto_exclusions") or {}),
+            weight_reduce_range=bool(d["weight_reduce_range"]), tensors=dict(d["tensors"]),
+            percentile=float(d.get("percentile", 99.999)), overrides=list(d.get("overrides") or []),
+            calibration=dict(d.get("calibration") or {}), stability=d.get("stability"),
+            versions=dict(d.get("versions") or {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Recipe:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"recipe not found: {p}")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"recipe {p} is not valid JSON: {e}") from None
+        return cls.from_dict(d, where=str(p))
+
+
+def recipe_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where the recipe of a quantized model lives: ``model.onnx`` -> ``model.recipe.json``."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".recipe.json")
+
+
+def model_sha256(model: Model) -> str:
+    """sha256 of the model file when it has one, else of its serialized graph."""
+    h = hashlib.sha256()
+    if model.path is not None and Path(model.path).is_file():
+        with open(model.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(model.to_bytes())
+    return h.hexdigest()

@@ -1,0 +1,217 @@
+"""Q/DQ placement and writing, ONNX Runtime fusion, TensorRT rules, recipes and the quantize CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from infertune.cli import main
+from infertune.data import Dataset
+from infertune.errors import CalibrationError, ModelError, UsageError
+from infertune.model import Model
+from infertune.quant.fusion import fusion_report
+from infertune.quant.placement import Exclusions, plan, weight_axis
+from infertune.quant.qparams import dequantize, quantize_weight_per_channel
+from infertune.quant.quantize import quantize, rebuild
+from infertune.quant.recipe import Recipe
+from infertune.quant.trt_rules import validate_tensorrt
+from models import MODELS
+
+
+def _model(name: str) -> Model:
+    return Model.from_proto(MODELS[name]())
+
+
+def _data(m: Model, n: int = 16) -> Dataset:
+    return Dataset.synthetic(m, samples=n, seed=0, dims={"N": 2, "B": 1, "S": 4})
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _run(m: Model, feed: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(m.to_bytes(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.mark.parametrize("name", ["conv", "grouped_conv", "gemm", "attention", "reshape_matmul", "small_cnn"])
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+def test_quantized_models_are_checker_clean_and_close_to_float(name, target):
+    m = _model(name)
+    r = quantize(m, _data(m), target=target, stability_halves=0)
+    onnx.checker.check_model(r.model.proto, full_check=True)
+    assert [i.name for i in r.model.inputs] == [i.name for i in m.inputs]
+    assert [o.name for o in r.model.outputs] == [o.name for o in m.outputs]
+    feed = next(iter(_data(m, 1)))
+    for ref, got in zip(_run(m, feed), _run(r.model, feed), strict=True):
+        assert _cosine(ref, got) > 0.99
+    ops = {n.op_type for n in r.model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("op,shape,attrs,axis", [
+    ("Conv", (8, 3, 3, 3), {}, 0),
+    ("ConvTranspose", (4, 6, 2, 2), {}, 1),
+    ("Gemm", (10, 32), {"transB": 1}, 0),
+    ("Gemm", (32, 10), {}, 1),
+    ("MatMul", (24, 5), {}, 1),
+    ("MatMul", (2, 24, 5), {}, 2),
+])
+def test_weight_axis_is_the_output_channel_axis(op, shape, attrs, axis):
+    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    assert weight_axis(node, len(shape)) == axis
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    w[(slice(None),) * axis + (0,)] *= 100  # one loud channel must not coarsen the others
+    q, scales, zps = quantize_weight_per_channel(w, axis)
+    assert q.dtype == np.int8 and q.min() >= -127 and not zps.any() and scales.shape == (shape[axis],)
+    bshape = [1] * w.ndim
+    bshape[axis] = -1
+    err = np.abs(dequantize(q, scales.reshape(bshape), 0) - w)
+    assert (err <= scales.reshape(bshape) / 2 * 1.0001).all()
+    assert scales[1:].max() < scales[0] / 10
+
+
+def test_ort_cpu_placement_fuses_into_int8_kernels():
+    """Verified on the graph ONNX Runtime actually runs: every Conv/Gemm fused, Q/DQ only at the edges."""
+    m = _model("small_cnn")
+    r = quantize(m, _data(m), stability_halves=0)
+    rep = fusion_report(r.model)
+    assert rep.float_compute == 0, rep.ops
+    assert rep.ops.get("QLinearConv") == 2 and rep.ops.get("QGemm") == 1, rep.ops
+    assert rep.ops.get("QLinearAdd") == 1 and rep.ops.get("QLinearGlobalAveragePool") == 1, rep.ops
+    assert rep.unfused_quantize + rep.unfused_dequantize == rep.boundary == 2, rep.ops
+    # relu absorbed into the conv's output Q; the pool and flatten share their input's parameters
+    assert set(r.plan.absorbed) == {"relu1", "relu2"}
+    assert r.plan.shared == {"p1": "r1", "flat": "gap"}
+
+
+def test_tensorrt_output_passes_the_validator_and_int8_symmetric():
+    m = _model("small_cnn")
+    r = quantize(m, _data(m), target="tensorrt", stability_halves=0)
+    assert validate_tensorrt(r.model) == []
+    consts = r.model.constant_tensors()
+    for n in r.model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert consts[n.input[2]].dtype == np.int8 and not consts[n.input[2]].any()
+    # TensorRT's rules: Q/DQ on the residual Add's inputs and on the pool, none on conv outputs by themselves
+    assert "residual" in r.plan.quantized_nodes and "gap" in r.plan.quantized_nodes
+
+
+def _edit(proto: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for i, t in enumerate(proto.graph.initializer):
+        if t.name == name:
+            proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def test_tensorrt_validator_catches_each_rule():
+    m = _model("conv")
+    good = quantize(m, _data(m), target="tensorrt", stability_halves=0).model
+    assert validate_tensorrt(good) == []
+    cases = {
+        "zero point 0": lambda p: _edit(p, "x_zero_point", np.array(3, np.int8)),
+        "positive scale": lambda p: _edit(p, "x_scale", np.array(-1.0, np.float32)),
+        "per-channel axis": lambda p: [a.CopyFrom(helper.make_attribute("axis", 1)) for n in p.graph.node
+                                       if n.name == "w_DequantizeLinear" for a in n.attribute if a.name == "axis"],
+        "weight range": lambda p: _edit(p, "w_quantized", np.full((8, 3, 3, 3), -128, np.int8)),
+        "all inputs quantized": lambda p: [n.input.__setitem__(0, "x") for n in p.graph.node if n.name == "conv"],
+        "int8": lambda p: _edit(p, "x_zero_point", np.array(0, np.uint8)),
+    }
+    for rule, mutate in cases.items():
+        proto = onnx.ModelProto()
+        proto.CopyFrom(good.proto)
+        mutate(proto)
+        found = {v.rule for v in validate_tensorrt(Model(proto=proto))}
+        assert rule in found, (rule, found)
+
+
+def test_exclusions_keep_nodes_float_with_reasons():
+    m = _model("small_cnn")
+    p = plan(m, "ort-cpu", Exclusions.parse(["conv2", "op:Gemm", "re:^gap$"]))
+    assert p.float_nodes == {"conv2": "excluded by name", "fc": "excluded by op type Gemm",
+                             "gap": "excluded by regex '^gap$'"}
+    assert "conv2" not in p.quantized_nodes and "fc" not in p.quantized_nodes
+    with pytest.raises(UsageError, match="names no node: nope"):
+        plan(m, "ort-cpu", Exclusions.parse(["nope"]))
+
+
+def test_nonfinite_tensor_leaves_its_readers_float():
+    m = _model("masked_matmul")
+    rng = np.random.default_rng(0)
+    mask = np.where(rng.random((16, 2, 8)) < 0.3, -np.inf, 0).astype(np.float32)
+    data = Dataset.from_iterable([{"x": rng.standard_normal((2, 8)).astype(np.float32), "mask": mask[i]}
+                                  for i in range(16)])
+    r = quantize(m, data, stability_halves=0)
+    assert "masked_mm" in r.plan.float_nodes and "non-finite" in r.plan.float_nodes["masked_mm"]
+    assert r.plan.quantized_nodes == ["plain_mm"]
+    assert any("non-finite" in w for w in r.warnings)
+    assert r.recipe.auto_exclusions.keys() == {"masked_mm"}
+    rebuilt = rebuild(m, r.recipe)
+    assert rebuilt.model.to_bytes() == r.model.to_bytes()
+
+
+def test_nothing_to_quantize_is_an_error():
+    m = _model("if_subgraph")
+    with pytest.raises(CalibrationError, match="nothing to quantize"):
+        quantize(m, _data(m))
+
+
+def test_recipe_rebuilds_the_same_model_and_edits_take_effect(tmp_path):
+    m = _model("small_cnn")
+    r = quantize(m, _data(m), method="auto", stability_halves=2)
+    d = json.loads(json.dumps(r.recipe.to_dict()))
+    assert d["schema_version"] == 1 and d["tensors"]["x"]["method"] == "minmax"
+    again = rebuild(m, Recipe.from_dict(d))
+    assert again.model.to_bytes() == r.model.to_bytes()
+    d["tensors"]["r1"]["max"] *= 2
+    edited = rebuild(m, Recipe.from_dict(d))
+    scale = {t.name: numpy_helper.to_array(t) for t in edited.model.graph.initializer}["r1_scale"]
+    assert float(scale) == pytest.approx(2 * r.recipe.tensors["r1"]["scale"], rel=1e-5)
+    other = _model("conv")
+    with pytest.raises(ModelError, match="made for a model"):
+        rebuild(other, Recipe.from_dict(d))
+    d["tensors"]["r1"]["min"] = 100.0
+    with pytest.raises(UsageError, match="min 100.0 > max"):
+        Recipe.from_dict(d)
+
+
+def test_quantize_cli_writes_model_and_recipe(tmp_path, model_file, capsys):
+    src = model_file("small_cnn")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(src), "--data", str(data), "--method", "entropy", "--json", "-o", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["quantized_nodes"] == 7 and doc["methods"] == {"entropy": len(json.load(open(doc["recipe"]))["tensors"])}
+    assert doc["fusion"]["float_compute"] == 0
+    assert out.exists() and (tmp_path / "q.recipe.json").exists()
+    out2 = tmp_path / "r.onnx"
+    assert main(["quantize", str(src), "--recipe", str(tmp_path / "q.recipe.json"), "-o", str(out2)]) == 0
+    assert out2.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fast"], "fast"),
+    (["--exclude", "nope"], "names no node"),
+    (["--target", "gpu"], "gpu"),
+    (["--override", "x"], "bad method override"),
+])
+def test_quantize_cli_bad_usage_exits_2_without_output(tmp_path, model_file, capsys, args, message):
+    src = model_file("small_cnn")
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(src), *args, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "q.recipe.json").exists()
+    assert not list(tmp_path.glob(".q*"))
+
+
+def test_quantize_cli_nothing_to_quantize_exits_2(tmp_path, model_file, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(model_file("if_subgraph")), "-o", str(out)]) == 2
+    assert "nothing to quantize" in capsys.readouterr().err
+    assert not out.exists()

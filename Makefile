@@ -24,12 +24,23 @@ demo: $(STAMP)
 		-o $(DEMO_OUT)/compare.json
 	$(PY) -m infertune compare $(DIGITS)/digits_cnn.onnx $(DIGITS)/digits_cnn.onnx \
 		--data $(DIGITS)/test.npz --batch 32 --check 'top1_drop<=0.5' -o $(DEMO_OUT)/accuracy.json
+	$(PY) -m infertune quantize $(DIGITS)/digits_cnn.onnx --data $(DIGITS)/calib.npz --method auto \
+		-o $(DEMO_OUT)/digits_cnn.int8.onnx
+	$(PY) -m infertune compare $(DIGITS)/digits_cnn.onnx $(DEMO_OUT)/digits_cnn.int8.onnx \
+		--data $(DIGITS)/test.npz --batch 60 --check 'top1_drop<=0.5' -o $(DEMO_OUT)/int8_accuracy.json
 	$(PY) -m infertune bench $(DIGITS)/digits_cnn.onnx --data $(DIGITS)/test.npz --threads 1 \
 		--time 2 -o $(DEMO_OUT)/bench.json
+	$(PY) -m infertune bench $(DEMO_OUT)/digits_cnn.int8.onnx --data $(DIGITS)/test.npz --threads 1 \
+		--time 2 -o $(DEMO_OUT)/bench_int8.json
 	@echo "results written to $(DEMO_OUT)/"
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/quantize.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts

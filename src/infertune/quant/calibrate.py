@@ -3,7 +3,8 @@
 The tensors to observe become the only outputs of a copy of the model, so ONNX Runtime computes
 just what is needed and one batch's activations are alive at a time: memory does not grow with
 the number of samples. Pass 1 records ranges; pass 2 (for histogram methods) counts values into
-fixed bins derived from pass 1. Graph inputs are read straight from the feeds.
+fixed bins derived from pass 1. Graph inputs are read straight from the feeds, constants from
+the model.
 
 ``halves`` > 0 also keeps statistics for that many seeded random halves of the feeds, for the
 stability report (``infertune.quant.stability``).
@@ -62,8 +63,10 @@ def calibrate(
         raise CalibrationError("nothing to calibrate: no tensor needs a range")
     start = time.perf_counter()
     input_names = {i.name for i in model.inputs}
+    constants = model.constant_tensors()
     from_feed = [t for t in tensors if t in input_names]
-    from_run = [t for t in tensors if t not in input_names]
+    from_const = [t for t in tensors if t in constants and t not in input_names]
+    from_run = [t for t in tensors if t not in input_names and t not in constants]
     runner = None
     if from_run:
         runner = backends.compile(model.with_outputs(from_run, keep_original=False), settings, backend=backend)
@@ -87,7 +90,7 @@ def calibrate(
             if pass_index == 0 and halves:
                 membership.append(rng.random(halves) < 0.5)
             in_half = membership[n] if halves else ()
-            for t in tensors:
+            for t in (*from_run, *from_feed):
                 arr = outputs[t]
                 if pass_index == 0:
                     stats[t].update_range(arr)
@@ -107,6 +110,9 @@ def calibrate(
 
     warnings: list[str] = []
     count = stream(0)
+    for t in from_const:  # constant operands of 8-bit ops (QLinearAdd's '+ 3'): their exact range
+        for st in (stats, *half_stats):
+            st[t].update_range(constants[t])
     if histogram:
         for t in tensors:
             stats[t].start_histogram(bins)
@@ -114,6 +120,9 @@ def calibrate(
                 hs[t].start_histogram(bins)
                 hs[t].limit = stats[t].limit  # same edges as the full set
         stream(1)
+        for t in from_const:
+            for st in (stats, *half_stats):
+                st[t].update_histogram(constants[t])
     for t, s in stats.items():
         if s.nonfinite:
             warnings.append(f"tensor '{t}': {s.nonfinite} non-finite values excluded from its range")

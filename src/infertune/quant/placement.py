@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -241,20 +242,28 @@ def plan(model: Model, target: str = "ort-cpu", exclusions: Exclusions | None = 
             eight_bit.add(out)
             out_tensor[node.name] = out
 
-    # MatMul without an 8-bit consumer: no output Q (it fuses to MatMulIntegerToFloat).
-    for node in quantized:
-        out = out_tensor.get(node.name)
-        if out is None or node.op_type in rules.output_q_ops or node.op_type in rules.fused_ops:
-            continue
-        if node.op_type in rules.passthrough_ops:
-            continue
-        readers = [c for c in consumers.get(out, []) if c.name in qset]
-        if not readers:
+    # An output Q nobody reads in 8-bit only costs time and precision: MatMul drops it (fusing to
+    # MatMulIntegerToFloat); fused and data-movement ops leave INT8 altogether, which can in turn
+    # leave their producer without 8-bit readers, so repeat until nothing changes.
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(quantized):
+            out = out_tensor.get(node.name)
+            if node.name not in qset or out is None or node.op_type in rules.output_q_ops:
+                continue
+            if any(c.name in qset for c in consumers.get(out, [])):
+                continue
             eight_bit.discard(out)
             out_tensor.pop(node.name)
             for k, v in list(absorbed.items()):
                 if v == node.name:
                     del absorbed[k]
+            if node.op_type in rules.fused_ops or node.op_type in rules.passthrough_ops:
+                qset.discard(node.name)
+                shared.pop(node.output[0], None)
+                changed = True
+    quantized = [n for n in quantized if n.name in qset]
 
     activations: list[str] = []
     consumers_q: dict[str, list[str]] = {}
@@ -262,6 +271,10 @@ def plan(model: Model, target: str = "ort-cpu", exclusions: Exclusions | None = 
     for node in quantized:
         for t in acts(node):
             consumers_q.setdefault(t, []).append(node.name)
+        if node.op_type in rules.fused_ops:  # QLinearAdd/Mul/Concat need their constant operands in 8-bit too
+            for t in node.input:
+                if t in const_arrays and const_arrays[t].dtype == np.float32:
+                    consumers_q.setdefault(t, []).append(node.name)
     for t in out_tensor.values():
         replaced.add(t)
     for t in sorted(set(consumers_q) | replaced, key=_order_key(model)):

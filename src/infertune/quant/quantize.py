@@ -107,9 +107,10 @@ def quantize(
     for n, why in auto.items():
         p.float_nodes[n] = why
     producers = _producer_ops(m)
+    constants = m.constant_tensors()
     choices = {}
     for t in p.activations:
-        chosen = parsed_overrides.method_for(t, producers.get(t), method)
+        chosen = "minmax" if t in constants else parsed_overrides.method_for(t, producers.get(t), method)
         choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
                                   dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
     reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range

@@ -144,3 +144,48 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
         err.print(f"wrote {output} and {rpath}")
 
     _emit_doc(doc, as_json, None, human)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--keep", "keep_nodes", multiple=True, metavar="NODE", help="Keep this node in float32 (repeatable).")
+@click.option("--data", "data", metavar="D", help="Measure fidelity vs FP32 on this data (ONNX Runtime CPU).")
+@click.option("--preprocess", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dims", multiple=True, metavar="NAME=SIZE")
+@json_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def fp16(model: Path, keep_nodes, data, preprocess, dims, as_json, output) -> None:
+    """Convert MODEL to FP16 for GPU targets (I/O float32, reductions kept float32 by rule)."""
+    from infertune.analysis.compare import compare
+    from infertune.errors import UsageError
+    from infertune.model import Model
+    from infertune.quant.fp16 import to_fp16
+
+    if output.suffix != ".onnx":
+        raise UsageError(f"-o must name an .onnx file, got {output}")
+    m = Model.load(model)
+    r = to_fp16(m, keep_nodes=keep_nodes)
+    fidelity = None
+    if data is not None:
+        ds = _dataset(m, data, preprocess, dims, 8, 0)
+        with progress_bar("measuring fidelity", not as_json) as update:
+            fidelity = compare(m, r.model, ds, checks=["cosine>=0"], progress=update)
+    r.model.save(output)
+    doc = {"model": str(output), **r.to_dict(),
+           "fidelity": {o.name: {k: o.metrics[k] for k in ("cosine", "cosine_min", "sqnr_db", "max_abs")}
+                        for o in fidelity.outputs} if fidelity else None}
+
+    def human() -> None:
+        out.print(f"[bold]{m.name}[/] -> {output}: {len(r.fp16_nodes)} nodes in FP16, {len(r.fp32_nodes)} kept "
+                  f"FP32, {r.casts_inserted} casts")
+        reasons = Counter(why for why in r.fp32_nodes.values())
+        for why, n in reasons.most_common():
+            out.print(f"  {n} x {escape(why)}")
+        if fidelity:
+            for o in fidelity.outputs:
+                out.print(f"fidelity of '{o.name}' vs FP32: cosine {_fmt(o.metrics['cosine'], 6)}, "
+                          f"SQNR {_fmt(o.metrics['sqnr_db'], 1)} dB, max abs {_fmt(o.metrics['max_abs'])}")
+        for w in r.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}")
+
+    _emit_doc(doc, as_json, None, human)

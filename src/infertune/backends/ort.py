@@ -35,7 +35,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     so.inter_op_num_threads = settings.inter_op_threads
     so.graph_optimization_level = _LEVELS[settings.graph_optimization]
     so.execution_mode = _MODES[settings.execution_mode]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; ORT would also print them
     for key, value in settings.options.items():
         if key.startswith("session."):
             so.add_session_config_entry(key, str(value))

@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import DIGITS
-from models import MODELS, _model, _w
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import DIGITS
 from infertune.data import Dataset
 from infertune.errors import ModelError, UsageError
 from infertune.model import Model
 from infertune.quant.fp16 import to_fp16
+from models import MODELS, _model, _w
 
 
 def _run(m: Model, feed: dict) -> list[np.ndarray]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DIGITS
 
+from conftest import DIGITS
 from infertune.analysis.compare import compare
 from infertune.data import Dataset, batched
 from infertune.quant.fusion import fusion_report

@@ -187,7 +187,10 @@ def test_quantize_cli_writes_model_and_recipe(tmp_path, model_file, capsys):
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(src), "--data", str(data), "--method", "entropy", "--json", "-o", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["quantized_nodes"] == 7 and doc["methods"] == {"entropy": len(json.load(open(doc["recipe"]))["tensors"])}
+    recipe = json.load(open(doc["recipe"]))
+    used = [t for t, e in recipe["tensors"].items() if e["used"]]
+    assert doc["quantized_nodes"] == 7 and doc["methods"] == {"entropy": len(used)} == {"entropy": 6}
+    assert set(recipe["tensors"]) == set(used)
     assert doc["fusion"]["float_compute"] == 0
     assert out.exists() and (tmp_path / "q.recipe.json").exists()
     out2 = tmp_path / "r.onnx"
@@ -215,3 +218,18 @@ def test_quantize_cli_nothing_to_quantize_exits_2(tmp_path, model_file, capsys):
     assert main(["quantize", str(model_file("if_subgraph")), "-o", str(out)]) == 2
     assert "nothing to quantize" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_observe_all_lets_the_recipe_rebuild_any_exclusion_set():
+    m = _model("small_cnn")
+    full = quantize(m, _data(m), observe_all=True, stability_halves=0)
+    assert {"c1", "c2"} <= set(full.recipe.tensors) - set(full.used_tensors())  # pre-ReLU conv outputs
+    from dataclasses import replace
+
+    excluded = rebuild(m, replace(full.recipe, exclusions=["relu1"]))  # c1 now needs its own range
+    assert "relu1" not in excluded.plan.absorbed and "c1" in excluded.plan.activations
+    direct = quantize(m, _data(m), exclude=["relu1"], stability_halves=0)
+    assert excluded.model.to_bytes() == direct.model.to_bytes()
+    partial = quantize(m, _data(m), stability_halves=0)
+    with pytest.raises(ModelError, match="no range for tensor"):
+        rebuild(m, replace(partial.recipe, exclusions=["relu1"]))

@@ -112,16 +112,17 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
             out.print(f"calibration: {c.feeds} runs x batch {c.batch_size}, {c.passes} pass(es), "
                       f"{c.seconds:.1f} s; methods: "
                       + ", ".join(f"{k} {v}" for k, v in Counter(
-                          e["method"] for e in result.recipe.tensors.values()).most_common()))
+                          e["method"] for e in result.used_tensors().values()).most_common()))
         t = Table(title="activation ranges", title_justify="left")
         for col in ("tensor", "method", "min", "max", "scale", "zp", "why"):
             t.add_column(col, justify="right" if col in ("min", "max", "scale", "zp") else "left")
-        for name, e in list(result.recipe.tensors.items())[:40]:
+        used = result.used_tensors()
+        for name, e in list(used.items())[:40]:
             t.add_row(escape(name), e["method"], _fmt(e["min"]), _fmt(e["max"]), _fmt(e["scale"], 6),
                       str(e["zero_point"]), escape(e.get("reason", "")))
         out.print(t)
-        if len(result.recipe.tensors) > 40:
-            out.print(f"... {len(result.recipe.tensors) - 40} more in {rpath}")
+        if len(used) > 40:
+            out.print(f"... {len(used) - 40} more in {rpath}")
         if result.plan.float_nodes:
             f = Table(title="nodes left in float", title_justify="left")
             f.add_column("node")

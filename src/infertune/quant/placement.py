@@ -327,3 +327,37 @@ def _order_key(model: Model):
     for k, t in enumerate(model.tensor_order()):
         order.setdefault(t, k)
     return lambda t: order.get(t, len(order))
+
+
+def candidate_tensors(model: Model, target: str) -> list[str]:
+    """Every float tensor any exclusion set could ask a range for: the activation inputs and outputs
+    (and float constant operands) of all nodes the target can run in INT8, in topological order.
+    Calibrating these once lets any exclusion set be rebuilt without data (sensitivity, budgets)."""
+    rules = TARGETS[target]
+    ops = (rules.compute_ops | rules.fused_ops | rules.passthrough_ops | rules.absorbed_ops
+           | rules.input_only_ops)
+    const_arrays = model.constant_tensors()
+    info = model.value_info()
+    inputs = {i.name: i for i in model.inputs}
+    out: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        weight = WEIGHT_INPUT.get(node.op_type) if node.op_type in rules.compute_ops else None
+        for k, t in enumerate(node.input):
+            if not t or k == weight or (node.op_type in rules.compute_ops and k > 1):
+                continue
+            if k > 0 and (node.op_type in rules.passthrough_ops or node.op_type in rules.absorbed_ops):
+                continue  # shapes, indices, clip bounds
+            if t in const_arrays:
+                if node.op_type in rules.fused_ops and const_arrays[t].dtype == np.float32:
+                    out.add(t)
+                continue
+            out.add(t)
+        out.update(o for o in node.output[:1] if o)
+
+    def is_float(t: str) -> bool:
+        ti = inputs.get(t) or info.get(t)
+        return t in const_arrays or ti is None or ti.dtype in ("float32", "", None)
+
+    return sorted((t for t in out if is_float(t)), key=_order_key(model))

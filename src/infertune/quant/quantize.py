@@ -25,7 +25,7 @@ from infertune.quant.methods import (
     choose_range,
 )
 from infertune.quant.observers import DEFAULT_BINS
-from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, plan
+from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_tensors, plan
 from infertune.quant.qdq import ensure_opset, write_qdq
 from infertune.quant.qparams import QParams, compute_qparams
 from infertune.quant.recipe import Recipe, model_sha256
@@ -43,12 +43,17 @@ class QuantizeResult:
     stability: StabilityReport | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def used_tensors(self) -> dict[str, dict]:
+        """Recipe entries of the tensors this model quantizes (the recipe also keeps the others)."""
+        return _used(self.recipe)
+
     def summary(self) -> dict:
-        methods = Counter(e["method"] for e in self.recipe.tensors.values())
+        used = self.used_tensors()
+        methods = Counter(e["method"] for e in used.values())
         return {
             "target": self.plan.target,
             "quantized_nodes": len(self.plan.quantized_nodes),
-            "activation_tensors": len(self.recipe.tensors),
+            "activation_tensors": len(used),
             "weights": len(self.plan.weights),
             "methods": dict(methods),
             "float_nodes": self.plan.float_nodes,
@@ -57,6 +62,10 @@ class QuantizeResult:
             "unstable_tensors": [t.tensor for t in self.stability.unstable] if self.stability else [],
             "warnings": self.warnings,
         }
+
+
+def _used(recipe: Recipe) -> dict[str, dict]:
+    return {t: e for t, e in recipe.tensors.items() if e.get("used", True)}
 
 
 def default_reduce_range(target: str) -> bool:
@@ -78,10 +87,15 @@ def quantize(
     weight_reduce_range: bool | None = None,
     stability_halves: int = 4,
     stability_threshold: float = DEFAULT_THRESHOLD,
+    observe_all: bool = False,
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
-    """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``."""
+    """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``.
+
+    ``observe_all`` also calibrates every tensor another exclusion set could quantize, so the
+    recipe can rebuild any of them without data (sensitivity and accuracy budgets need this).
+    """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
     source = model if isinstance(model, Model) else Model.load(model)
@@ -91,7 +105,8 @@ def quantize(
     rules = _rules(target)
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
-    cal = calibrate(m, p.activations, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
+    observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
+    cal = calibrate(m, observed, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
                     halves=stability_halves, settings=settings, progress=progress)
     # tensors without a usable range (no finite value, or masks of -inf): their readers stay float
     auto: dict[str, str] = {}
@@ -109,19 +124,19 @@ def quantize(
     producers = _producer_ops(m)
     constants = m.constant_tensors()
     choices = {}
-    for t in p.activations:
+    for t in observed:
         chosen = "minmax" if t in constants else parsed_overrides.method_for(t, producers.get(t), method)
         choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
                                   dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
     reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
-    qmodel, qparams = _write(m, p, choices, reduce_range)
+    qmodel, qparams = _write(m, p, {t: choices[t] for t in p.activations}, reduce_range)
     report = None
     if stability_halves:
         report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
                            symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
                            percentile=percentile, threshold=stability_threshold)
-    tensors = {t: {**choices[t].to_dict(), **qparams[t].to_dict(), **cal.stats[t].to_dict(),
-                   "producer_op": producers.get(t)} for t in p.activations}
+    tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules).to_dict(), **cal.stats[t].to_dict(),
+                   "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
         auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
@@ -153,17 +168,21 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
     choices = {t: RangeChoice(float(recipe.tensors[t]["min"]), float(recipe.tensors[t]["max"]),
                               recipe.tensors[t].get("method", "recipe")) for t in p.activations}
     qmodel, qparams = _write(m, p, choices, recipe.weight_reduce_range)
-    for t in p.activations:
-        recipe.tensors[t].update(qparams[t].to_dict())
+    for t, entry in recipe.tensors.items():
+        entry.update(qparams[t].to_dict() if t in qparams else {})
+        entry["used"] = t in qparams
     return QuantizeResult(qmodel, recipe, p)
 
 
 def _write(m: Model, p: QuantPlan, choices: Mapping[str, RangeChoice],
            reduce_range: bool) -> tuple[Model, dict[str, QParams]]:
     rules = _rules(p.target)
-    qparams = {t: compute_qparams(c.lo, c.hi, rules.activation_dtype, rules.activation_symmetric)
-               for t, c in choices.items()}
+    qparams = {t: _qparams(c, rules) for t, c in choices.items()}
     return write_qdq(m, p, qparams, weight_reduce_range=reduce_range), qparams
+
+
+def _qparams(c: RangeChoice, rules) -> QParams:
+    return compute_qparams(c.lo, c.hi, rules.activation_dtype, rules.activation_symmetric)
 
 
 def _rules(target: str):

@@ -1,0 +1,113 @@
+"""Layerwise compare, sensitivity and mixed precision on a model with one planted sensitive layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from infertune.analysis.layerwise import layerwise, tensor_map
+from infertune.analysis.sensitivity import Budget, Evaluator, QuantSpace, meet_budget, sensitivity
+from infertune.data import Dataset
+from infertune.errors import UsageError
+from infertune.model import Model
+from infertune.quant.fp16 import to_fp16
+from infertune.quant.quantize import quantize
+from models import _model, _w
+
+
+def planted() -> onnx.ModelProto:
+    """x -> conv_a -> relu -> scale (Div, float: one channel x200) -> conv_b -> relu -> conv_c -> y.
+
+    The scaled tensor 's' has one channel 200x louder than the rest: quantized per tensor for
+    conv_b's input it leaves the other channels a handful of levels. conv_b compensates with a
+    tiny weight on that channel, so the float model is well behaved."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])
+    divisor = np.ones((1, 8, 1, 1), np.float32)
+    divisor[0, 5] = 1 / 200
+    wb = (np.random.default_rng(31).standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    wb[:, 5] /= 200
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Div", ["ra", "divisor"], ["s"], name="scale"),
+        helper.make_node("Conv", ["s", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Conv", ["rb", "wc", "bc"], ["y"], name="conv_c", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+    ]
+    inits = [_w("wa", (8, 4, 3, 3), 30, 0.3), _w("ba", (8,), 32, 0.1), numpy_helper.from_array(divisor, "divisor"),
+             numpy_helper.from_array(wb, "wb"), _w("bb", (8,), 33, 0.1), _w("wc", (8, 8, 3, 3), 34, 0.3),
+             _w("bc", (8,), 35, 0.1)]
+    return _model(nodes, [x], [y], inits, "planted")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = Model.from_proto(planted())
+    rng = np.random.default_rng(0)
+    calib = Dataset.from_arrays({"x": rng.standard_normal((32, 4, 8, 8)).astype(np.float32)})
+    feeds = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(16)]
+    q = quantize(m, calib, method="minmax", observe_all=True, stability_halves=0)
+    return m, q, feeds
+
+
+def test_layerwise_names_the_planted_tensor_first(setup):
+    m, q, feeds = setup
+    assert tensor_map(m, q.model)["s"] == "s_dequantized"
+    lw = layerwise(m, q.model, Dataset.from_iterable(feeds), threshold_db=20)
+    assert [t.tensor for t in lw.tensors][:3] == ["a", "ra", "s"]  # topological order
+    # 's' itself keeps a high SQNR (its loud channel dominates the signal power); the damage shows
+    # where conv_b turns the crushed quiet channels into its output
+    d = lw.first_divergence
+    assert (d.tensor, d.node, d.op_type) == ("b", "conv_b", "Conv")
+    assert d.upstream_db > 30 > 20 > d.sqnr_db
+    assert lw.message() == (f"divergence starts at node conv_b (Conv), tensor b: {d.upstream_db:.1f} dB upstream, "
+                            f"{d.sqnr_db:.1f} dB here")
+    assert lw.largest_drops(1)[0].node == "conv_b"
+
+
+def test_layerwise_on_fp16_maps_the_fp16_tensors(setup):
+    m, _, feeds = setup
+    half = to_fp16(m).model
+    assert tensor_map(m, half)["s"] == "s__fp16"
+    lw = layerwise(m, half, Dataset.from_iterable(feeds))
+    assert lw.first_divergence is None and min(t.sqnr_db for t in lw.tensors) > 40
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_sensitivity_ranks_the_planted_layer_first(setup, mode):
+    m, q, feeds = setup
+    space = QuantSpace(m, q)
+    assert space.groups == ["conv_a", "conv_b", "conv_c"]
+    r = sensitivity(space, Evaluator(m, feeds), mode=mode)
+    assert r.ranking[0] == "conv_b", r.to_dict()
+    assert r.forward_passes == (1 + 1 + 3 if mode == "exact" else 1 + 1 + 2)
+    assert r.baseline["sqnr_db"] < 25
+
+
+def test_mixed_precision_excludes_it_and_meets_the_budget(setup):
+    m, q, feeds = setup
+    space = QuantSpace(m, q)
+    ev = Evaluator(m, feeds)
+    ranking = sensitivity(space, ev, mode="fast").ranking
+    r = meet_budget(space, ev, Budget.parse("sqnr>=30"), ranking, latency=False)
+    assert r.met and r.chosen.excluded == ("conv_b",)
+    assert r.steps[0].excluded == () and not r.steps[0].met
+    assert r.chosen.metrics["sqnr_db"] >= 30
+    # the returned model is the chosen variant: conv_b float, conv_a and conv_c in INT8
+    dq_readers = {n.name for n in r.model.graph.node for i in n.input if i.endswith("_dequantized")}
+    assert {"conv_a", "conv_c"} <= dq_readers and "conv_b" not in dq_readers
+
+
+def test_unreachable_budget_reports_the_best_reachable(setup):
+    m, q, feeds = setup
+    space = QuantSpace(m, q)
+    ev = Evaluator(m, feeds)
+    r = meet_budget(space, ev, Budget.parse("cosine>=1.5"), ["conv_b", "conv_a", "conv_c"], latency=False)
+    assert not r.met and r.best.excluded == ("conv_b", "conv_a", "conv_c")
+    with pytest.raises(UsageError):
+        Budget.parse("speed>=3")
+    with pytest.raises(UsageError, match="labels"):
+        meet_budget(space, ev, Budget.parse("top1_drop<=0.5"), ["conv_b"], latency=False)

@@ -111,3 +111,40 @@ def test_unreachable_budget_reports_the_best_reachable(setup):
         Budget.parse("speed>=3")
     with pytest.raises(UsageError, match="labels"):
         meet_budget(space, ev, Budget.parse("top1_drop<=0.5"), ["conv_b"], latency=False)
+
+
+@pytest.fixture
+def planted_files(tmp_path):
+    model = tmp_path / "planted.onnx"
+    onnx.save(planted(), str(model))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32))
+    return model, data
+
+
+def test_cli_sensitivity_layerwise_and_budget(planted_files, tmp_path, capsys):
+    import json
+
+    from infertune.cli import main
+
+    model, data = planted_files
+    assert main(["sensitivity", str(model), "--data", str(data), "--method", "minmax", "--mode", "exact",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["groups"][0]["node"] == "conv_b" and doc["mode"] == "exact"
+    q = tmp_path / "q.onnx"
+    assert main(["quantize", str(model), "--data", str(data), "--method", "minmax", "-o", str(q)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(model), str(q), "--data", str(data), "--layerwise", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["first_divergence"]["node"] == "conv_b"
+    b = tmp_path / "b.onnx"
+    assert main(["quantize", str(model), "--data", str(data), "--method", "minmax", "--budget", "sqnr>=30",
+                 "--json", "-o", str(b)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["budget"]["met"] and doc["budget"]["chosen"]["excluded"] == ["conv_b"]
+    assert "conv_b" in doc["float_nodes"] and b.exists()
+    never = tmp_path / "never.onnx"
+    assert main(["quantize", str(model), "--data", str(data), "--method", "minmax", "--budget", "cosine>=1.5",
+                 "-o", str(never)]) == 1
+    assert "not met even with every node in float" in capsys.readouterr().err and not never.exists()

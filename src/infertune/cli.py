@@ -229,12 +229,16 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
 @click.option("--check", "checks", multiple=True, metavar="EXPR",
               help="Pass/fail check, e.g. 'cosine>=0.999', 'sqnr>=30', 'top1_drop<=0.5'. "
                    "Default: every element allclose at --atol/--rtol.")
+@click.option("--layerwise", is_flag=True,
+              help="Compare every intermediate tensor too and name where divergence starts.")
+@click.option("--threshold-db", type=float, default=20.0, show_default=True,
+              help="With --layerwise: the SQNR below which a tensor has diverged.")
 @backend_options
 @json_option
 @output_option
 def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, seed, batch,
-            atol, rtol, checks, backend, threads, inter_threads, opt_level, execution_mode,
-            as_json, output) -> None:
+            atol, rtol, checks, layerwise, threshold_db, backend, threads, inter_threads, opt_level,
+            execution_mode, as_json, output) -> None:
     """Compare CANDIDATE's outputs with REFERENCE (an ONNX model or saved outputs .npz)."""
     from infertune.analysis.compare import compare as run_compare
     from infertune.data import batched
@@ -243,6 +247,10 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
     cand = Model.load(candidate)
     ds = batched(_dataset(cand, data, preprocess, dims, samples, seed), batch)
     settings = _settings(threads, inter_threads, opt_level, execution_mode)
+    if layerwise:
+        from infertune.cli_analysis import run_layerwise
+
+        return run_layerwise(reference, cand, ds, threshold_db, settings, as_json, output)
     with progress_bar("comparing", not as_json) as update:
         result = run_compare(str(reference) if reference.suffix == ".npz" else reference, cand,
                              ds, atol=atol, rtol=rtol, checks=list(checks), backend=backend,
@@ -370,7 +378,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
-from infertune import cli_quantize  # noqa: E402, F401  (registers `quantize` on the group)
+from infertune import cli_analysis, cli_quantize  # noqa: E402, F401  (register their commands on the group)
 
 
 def main(argv: list[str] | None = None) -> int:

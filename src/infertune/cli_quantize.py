@@ -57,14 +57,21 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Rebuild from a recipe (its ranges, exclusions and target); no data needed.")
 @click.option("--force", is_flag=True, help="Apply --recipe even if it was made for another model file.")
+@click.option("--budget", metavar="EXPR",
+              help="Keep the fewest most sensitive nodes in float to meet e.g. 'cosine>=0.999', 'sqnr>=30' "
+                   "or 'top1_drop<=0.5' (labels from the evaluation data's 'label').")
+@click.option("--eval", "eval_data", metavar="D", help="Evaluation data for --budget (default: the calibration data).")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--rank", type=click.Choice(["fast", "exact"]), default="fast", show_default=True,
+              help="How --budget ranks nodes (see `infertune sensitivity`).")
 @backend_options
 @json_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The quantized .onnx; its recipe goes beside it as NAME.recipe.json.")
 def quantize(model: Path, data, preprocess, dims, samples, seed, method, target, exclude, overrides,
              percentile, bins, calib_batch, max_samples, reduce_range, stability_halves,
-             stability_threshold, recipe_file, force, backend, threads, inter_threads, opt_level,
-             execution_mode, as_json, output) -> None:
+             stability_threshold, recipe_file, force, budget, eval_data, eval_samples, rank, backend, threads,
+             inter_threads, opt_level, execution_mode, as_json, output) -> None:
     """Quantize MODEL to INT8 (Q/DQ) with calibration on --data; write OUT and OUT.recipe.json."""
     from infertune._io import atomic_path, write_json
     from infertune.errors import UsageError
@@ -81,8 +88,12 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
         raise UsageError("-o would overwrite the input model")
     m = Model.load(model)
     settings = _settings(threads, inter_threads, opt_level, execution_mode)
+    budget_result = None
     if recipe_file is not None:
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
+    elif budget is not None:
+        result, budget_result = _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
+                                           target, exclude, settings, budget, rank, as_json)
     else:
         ds = _dataset(m, data, preprocess, dims, samples, seed)
         if max_samples:
@@ -100,7 +111,8 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
         result.model.save(tmp_model)
         write_json(tmp_recipe, result.recipe.to_dict())
     doc = {"model": str(output), "recipe": str(rpath), **result.summary(),
-           "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations]}
+           "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations],
+           "budget": budget_result.to_dict() if budget_result else None}
 
     def human() -> None:
         s = result.summary()
@@ -140,11 +152,50 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
                                                  else f"[red]{len(violations)} violation(s)[/]"))
             for v in violations[:10]:
                 err.print(f"[red]violation:[/] {escape(str(v))}")
+        if budget_result:
+            _print_budget(budget_result)
         for w in result.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
         err.print(f"wrote {output} and {rpath}")
 
     _emit_doc(doc, as_json, None, human)
+
+
+def _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude, settings,
+               budget, rank, as_json):
+    from infertune.analysis.sensitivity import Budget, meet_budget, sensitivity
+    from infertune.cli_analysis import build_space
+
+    parsed = Budget.parse(budget)
+    space, evaluator = build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target,
+                                   exclude, settings, as_json)
+    with progress_bar(f"ranking ({rank})", not as_json) as update:
+        ranking = sensitivity(space, evaluator, mode=rank, progress=update).ranking
+    with progress_bar("meeting the budget", not as_json) as update:
+        br = meet_budget(space, evaluator, parsed, ranking, progress=update)
+    from infertune.errors import CheckFailed
+
+    if br.chosen is None:
+        raise CheckFailed(f"budget {budget} is not met even with every node in float (the FP32 model itself "
+                          f"misses it); nothing written", br)
+    if len(br.chosen.excluded) == len(space.groups):
+        raise CheckFailed(f"budget {budget} is only met with every node in float: INT8 does not fit this budget "
+                          f"(all-INT8: SQNR {br.steps[0].metrics['sqnr_db']:.1f} dB); nothing written", br)
+    return space.result(br.chosen.excluded), br
+
+
+def _print_budget(br) -> None:
+    t = Table(title=f"mixed precision for {br.budget}", title_justify="left")
+    for c in ("float nodes", "SQNR dB", "cosine", "top-1 drop", "p50 ms", "met"):
+        t.add_column(c, justify="right" if c != "met" else "left")
+    for s in br.steps:
+        t.add_row(str(len(s.excluded)), _fmt(s.metrics["sqnr_db"], 1), _fmt(s.metrics["cosine"], 5),
+                  _fmt(s.metrics.get("top1_drop"), 2), _fmt(s.p50_ms, 3), "yes" if s.met else "no")
+    out.print(t)
+    chosen = br.chosen or br.best
+    if chosen.excluded:
+        out.print("kept in float: " + ", ".join(escape(n) for n in chosen.excluded[:20])
+                  + (f" and {len(chosen.excluded) - 20} more" if len(chosen.excluded) > 20 else ""))
 
 
 @cli.command()

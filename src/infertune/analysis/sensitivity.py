@@ -53,6 +53,11 @@ class QuantSpace:
         self.groups = [n for n in calibrated.plan.quantized_nodes if self.op_types[n] not in rules.passthrough_ops]
         self._cache: dict[frozenset[str], Model] = {}
 
+    def result(self, excluded: Sequence[str] = ()) -> QuantizeResult:
+        """The full result (model, recipe, plan) of one exclusion set; some group must remain."""
+        recipe = replace(self.calibrated.recipe, exclusions=[*self.calibrated.recipe.exclusions, *excluded])
+        return rebuild(self.source, recipe, check_source=False)
+
     def build(self, excluded: Sequence[str] = ()) -> Model:
         """The Q/DQ model with ``excluded`` groups in float (the float model when none is left)."""
         key = frozenset(excluded)
@@ -60,9 +65,7 @@ class QuantSpace:
             if set(self.groups) <= key:
                 self._cache[key] = self.source
             else:
-                recipe = replace(self.calibrated.recipe,
-                                 exclusions=[*self.calibrated.recipe.exclusions, *sorted(key)])
-                self._cache[key] = rebuild(self.source, recipe, check_source=False).model
+                self._cache[key] = self.result(sorted(key)).model
         return self._cache[key]
 
 

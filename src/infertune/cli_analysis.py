@@ -124,3 +124,58 @@ def build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_sample
     validator.finish(ev_ds.name)
     lab = np.concatenate(labels) if labels and len(labels) == len(feeds) else None
     return QuantSpace(m, q), Evaluator(m, feeds, labels=lab, settings=settings)
+
+
+@cli.command("diagnose-preprocess")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option("--spec", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The preprocessing spec in use (JSON).")
+@click.option("--reference-spec", type=click.Path(dir_okay=False, path_type=Path),
+              help="The preprocessing the model expects (JSON).")
+@click.option("--reference-outputs", type=click.Path(dir_okay=False, path_type=Path),
+              help="What the outputs should be: .npz, one array per output, one row per image (sorted by name).")
+@click.option("--input", "input_name", help="The image input, when the model has several.")
+@json_option
+@output_option
+def diagnose_preprocess(model: Path, images: Path, spec: Path, reference_spec, reference_outputs, input_name,
+                        as_json, output) -> None:
+    """Find the single preprocessing transform that explains a mismatch, before blaming the model."""
+    from infertune.analysis.preprocess_diagnosis import diagnose
+    from infertune.data import IMAGE_SUFFIXES
+    from infertune.errors import DataError, UsageError
+    from infertune.model import Model
+    from infertune.preprocess import PreprocessSpec, load_image
+
+    if (reference_spec is None) == (reference_outputs is None):
+        raise UsageError("give exactly one of --reference-spec and --reference-outputs")
+    m = Model.load(model)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
+    if not files:
+        raise DataError(f"no images found in {images}")
+    imgs = [load_image(p) for p in files]
+    ref_out = None
+    if reference_outputs is not None:
+        with np.load(reference_outputs) as z:
+            arrays = {k: z[k] for k in z.files}
+        if any(len(a) != len(imgs) for a in arrays.values()):
+            raise DataError(f"{reference_outputs}: every array needs one row per image ({len(imgs)})")
+        ref_out = [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(len(imgs))]
+    with progress_bar("trying preprocessing variants", not as_json) as update:
+        d = diagnose(m, imgs, PreprocessSpec.load(spec), reference_outputs=ref_out,
+                     reference_spec=PreprocessSpec.load(reference_spec) if reference_spec else None,
+                     input_name=input_name, progress=update)
+
+    def human() -> None:
+        out.print(("[green]" if d.explained_by or d.finding.startswith("no preprocessing mismatch") else "[yellow]")
+                  + escape(d.finding) + "[/]")
+        if d.trials:
+            t = Table(title="variants tried (closest first)", title_justify="left")
+            for c in ("transform", "change", "SQNR dB vs reference", "cosine"):
+                t.add_column(c, justify="right" if c.startswith(("SQNR", "cos")) else "left")
+            for tr in d.trials[:10]:
+                t.add_row(tr.variant.transform, escape(tr.variant.description),
+                          _db(tr.sqnr_db) if tr.sqnr_db is not None else "rejected", _fmt(tr.cosine, 5))
+            out.print(t)
+
+    _emit_doc(d.to_dict(), as_json, output, human)

@@ -241,7 +241,7 @@ def meet_budget(space: QuantSpace, evaluator: Evaluator, budget: Budget, ranking
             metrics = evaluator.evaluate(built)
             if budget.fn is not None:
                 metrics["user"] = float(budget.fn(evaluator.ref_outputs, evaluator._run(built)))
-            steps[k] = Step(excluded, metrics, _p50(built, evaluator) if latency else None, budget.met(metrics))
+            steps[k] = Step(excluded, metrics, latency_p50(built, evaluator) if latency else None, budget.met(metrics))
             if progress:
                 progress(len(steps), None)
         return steps[k]
@@ -266,7 +266,8 @@ def meet_budget(space: QuantSpace, evaluator: Evaluator, budget: Budget, ranking
     return BudgetResult(str(budget), ordered, chosen, best, model)
 
 
-def _p50(model: Model, evaluator: Evaluator) -> float:
+def latency_p50(model: Model, evaluator: Evaluator) -> float:
+    """p50 latency (ms) of ``model`` on the first evaluation feed, with the evaluator's settings."""
     from infertune.bench.latency import bench
 
     r = bench(model, Dataset.from_iterable(evaluator.feeds[:1]), settings=evaluator.settings, warmup=3,

@@ -9,7 +9,9 @@
   scale^2/12 for values inside, squared distance to the clip for those outside.
 - ``auto``: per tensor: ``minmax`` where the producer bounds the values by construction
   (Sigmoid, Softmax, Tanh, Clip, ...: the extremes are the signal, not outliers) and for graph
-  inputs (their range is a preprocessing contract); ``mse`` elsewhere.
+  inputs (their range is a preprocessing contract); elsewhere ``mse`` when clipping cuts the
+  expected error by more than 10%, else ``minmax`` (a clipped range risks unseen outliers for
+  little gain).
 
 All of them read the same ``TensorStats``, so one calibration run serves every method.
 """
@@ -33,6 +35,7 @@ BOUNDED_OPS = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Clip", "R
 DEFAULT_PERCENTILE = 99.999
 ENTROPY_QUANTIZED_BINS = 128  # TensorRT's choice: 128 levels for one sign of int8
 MSE_CANDIDATES = 256
+AUTO_CLIP_GAIN = 0.9  # auto clips (mse) only when that cuts the expected error by more than 10%
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,19 @@ def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
 
 def mse_range(s: TensorStats, symmetric: bool, dtype: str) -> tuple[float, float]:
     """Threshold t on |x| minimising sum(count * err) over the histogram's bin centres."""
+    found = _mse_search(s, symmetric, dtype)
+    if found is None:
+        return minmax_range(s, symmetric)
+    lo, hi, err = found
+    k = int(np.argmin(err))
+    return float(lo[k, 0]), float(hi[k, 0])
+
+
+def _mse_search(s: TensorStats, symmetric: bool, dtype: str):
+    """Candidate ranges (the last one is minmax's) and their expected squared error, or None."""
     hist, edges = _hist(s)
     if hist is None:
-        return minmax_range(s, symmetric)
+        return None
     centres = (edges[:-1] + edges[1:]) / 2
     used = hist > 0
     c, w = centres[used], hist[used].astype(np.float64)
@@ -157,9 +170,7 @@ def mse_range(s: TensorStats, symmetric: bool, dtype: str) -> tuple[float, float
     scale = np.maximum(hi - lo, 1e-30) / levels
     outside = (c[None, :] - np.clip(c[None, :], lo, hi)) ** 2
     inside = np.where((c[None, :] >= lo) & (c[None, :] <= hi), scale**2 / 12.0, 0.0)
-    err = (outside + inside) @ w
-    k = int(np.argmin(err))
-    return float(lo[k, 0]), float(hi[k, 0])
+    return lo, hi, (outside + inside) @ w
 
 
 def choose_range(s: TensorStats, method: str, *, symmetric: bool, dtype: str,
@@ -171,8 +182,15 @@ def choose_range(s: TensorStats, method: str, *, symmetric: bool, dtype: str,
         if producer_op in BOUNDED_OPS:
             lo, hi = minmax_range(s, symmetric)
             return RangeChoice(lo, hi, "minmax", f"{producer_op} output is bounded")
-        lo, hi = mse_range(s, symmetric, dtype)
-        return RangeChoice(lo, hi, "mse", "least squared error")
+        found = _mse_search(s, symmetric, dtype)
+        if found is not None:
+            lo, hi, err = found
+            k = int(np.argmin(err))
+            if err[k] < AUTO_CLIP_GAIN * err[-1]:
+                return RangeChoice(float(lo[k, 0]), float(hi[k, 0]), "mse",
+                                   f"clipping cuts the expected error by {1 - err[k] / err[-1]:.0%}")
+        lo, hi = minmax_range(s, symmetric)
+        return RangeChoice(lo, hi, "minmax", "clipping would gain less than 10%: full range kept")
     fn: dict[str, Callable[[], tuple[float, float]]] = {
         "minmax": lambda: minmax_range(s, symmetric),
         "percentile": lambda: percentile_range(s, symmetric, percentile),

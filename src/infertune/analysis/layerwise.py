@@ -40,6 +40,8 @@ class TensorError:
     cosine: float | None
     max_abs: float
     upstream_db: float  # worst SQNR among its producer's inputs, before their own quantization (inf if none)
+    signal_power: float = 0.0  # sum of squares of the reference values
+    noise_power: float = 0.0  # sum of squared differences
 
     @property
     def drop_db(self) -> float:
@@ -151,7 +153,8 @@ def layerwise(
         ups = [raw_db.get(i, db[i]) for i in (node.input if node is not None else []) if i in db]
         m = a.metrics()
         rows.append(TensorError(t, node.name if node is not None else None, node.op_type if node is not None else None,
-                                db[t], m["cosine"], float(m["max_abs"] or 0.0), min(ups) if ups else math.inf))
+                                db[t], m["cosine"], float(m["max_abs"] or 0.0), min(ups) if ups else math.inf,
+                                a.sum_sq_ref, a.sum_sq_err))
     first = next((r for r in rows if r.sqnr_db < threshold_db and r.upstream_db >= threshold_db), None)
     return LayerwiseResult(ref.name, cand.name, n, threshold_db, rows, first, validator.warnings())
 

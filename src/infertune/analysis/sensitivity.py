@@ -148,10 +148,10 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
     start = time.perf_counter()
     passes_before = evaluator.passes - 1  # the reference pass is part of every mode's cost
     full = space.build()
-    baseline = evaluator.evaluate(full)
     ops = {n: space.op_types[n] for n in space.groups}
     scores: dict[str, float] = {}
     if mode == "exact":
+        baseline = evaluator.evaluate(full)
         for i, g in enumerate(space.groups):
             scores[g] = baseline["nsr"] - evaluator.evaluate(space.build([g]))["nsr"]
             if progress:
@@ -160,6 +160,11 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
     else:
         lw = layerwise(evaluator.reference, full, Dataset.from_iterable(evaluator.feeds),
                        threshold_db=-math.inf, settings=evaluator.settings)
+        outputs = {o.name for o in evaluator.reference.outputs}
+        sig = sum(r.signal_power for r in lw.tensors if r.tensor in outputs)
+        err = sum(r.noise_power for r in lw.tensors if r.tensor in outputs)
+        nsr = err / sig if sig else 0.0
+        baseline = {"nsr": nsr, "sqnr_db": math.inf if nsr == 0 else -10 * math.log10(nsr)}
         owner = {**{g: g for g in space.groups}, **space.calibrated.plan.absorbed}
         for row in lw.tensors:
             g = owner.get(row.node or "")
@@ -167,7 +172,8 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
                 continue
             added = _nsr(row.sqnr_db) - _nsr(row.upstream_db)
             scores[g] = max(scores.get(g, 0.0), added)
-        passes = evaluator.passes - passes_before + 2  # layerwise runs float and quantized once each
+        # layerwise runs float and quantized once each; the evaluator's reference pass is counted too
+        passes = evaluator.passes - passes_before + 2
     groups = sorted((GroupScore(g, ops[g], scores.get(g, 0.0)) for g in space.groups), key=lambda s: -s.score)
     return SensitivityResult(mode, baseline, groups, passes, time.perf_counter() - start)
 

@@ -41,6 +41,17 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
+    """The JSON document at ``path``; ``error`` names ``what`` is missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {p} is not valid JSON: {e}") from None
+
+
 def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

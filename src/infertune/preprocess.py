@@ -9,10 +9,8 @@ preprocessing diagnosis does.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
@@ -103,13 +101,9 @@ class PreprocessSpec:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PreprocessSpec:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"preprocess spec not found: {p}")
-        try:
-            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise DataError(f"preprocess spec {p} is not valid JSON: {e}") from None
+        from infertune._io import read_json
+
+        return cls.from_dict(read_json(path, "preprocess spec", DataError))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         from infertune._io import write_json

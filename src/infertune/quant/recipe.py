@@ -9,7 +9,6 @@ resulting scale / zero point. ``rebuild`` reads only ranges, so editing a tensor
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +80,9 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Recipe:
-        p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"recipe not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"recipe {p} is not valid JSON: {e}") from None
-        return cls.from_dict(d, where=str(p))
+        from infertune._io import read_json
+
+        return cls.from_dict(read_json(path, "recipe", UsageError), where=str(path))
 
 
 def recipe_path(model_path: str | os.PathLike[str]) -> Path:

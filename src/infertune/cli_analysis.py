@@ -59,7 +59,7 @@ def _db(v: float) -> str:
 @data_options
 @click.option("--eval", "eval_data", metavar="D", help="Evaluation data (default: the calibration data).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--mode", type=click.Choice(["exact", "fast"]), default="fast", show_default=True)
+@click.option("--mode", type=click.Choice(["exact", "fast"]), default="exact", show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True)
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True)
 @click.option("--exclude", multiple=True, metavar="NODE|op:TYPE|re:REGEX")
@@ -85,7 +85,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
         out.print(f"[bold]{m.name}[/] all {len(space.groups)} groups in INT8: output SQNR {_fmt(b['sqnr_db'], 1)} dB, "
                   f"cosine {_fmt(b['cosine'], 5)}; {mode} mode: {r.forward_passes} passes over "
                   f"{len(evaluator.feeds)} samples, {r.seconds:.1f} s")
-        meaning = "output NSR removed when kept float" if mode == "exact" else "NSR added locally"
+        meaning = "output NSR when quantized alone" if mode == "exact" else "NSR added locally"
         t = Table(title=f"most sensitive first ({meaning})", title_justify="left")
         for c in ("rank", "node", "op", "score"):
             t.add_column(c, justify="right" if c in ("rank", "score") else "left")

@@ -62,7 +62,7 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
                    "or 'top1_drop<=0.5' (labels from the evaluation data's 'label').")
 @click.option("--eval", "eval_data", metavar="D", help="Evaluation data for --budget (default: the calibration data).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--rank", type=click.Choice(["fast", "exact"]), default="fast", show_default=True,
+@click.option("--rank", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
               help="How --budget ranks nodes (see `infertune sensitivity`).")
 @backend_options
 @json_option

@@ -90,8 +90,11 @@ def tensor_map(reference: Model, candidate: Model) -> dict[str, str]:
     cand = set(candidate.tensor_order()) | {i.name for i in candidate.inputs}
     ref_types = reference.value_info()
     inputs = [i.name for i in reference.inputs if i.dtype == "float32"]
+    constants = reference.constant_tensors()
     out: dict[str, str] = {}
     for t in [*inputs, *reference.tensor_order()]:
+        if t in constants:
+            continue  # weights in Constant nodes: their error is the weight quantization, not a layer's
         info = ref_types.get(t)
         if info is not None and info.dtype not in ("float32", None, ""):
             continue

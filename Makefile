@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/sensitivity.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts

@@ -29,6 +29,9 @@ class Settings:
 
     Threads of 0 mean the runtime's default. ``optimized_model_path``: where to save the
     graph the runtime actually executes after its optimisations (when the backend can).
+    ``preallocate``: bind input and output buffers once and reuse them (I/O binding), so a
+    steady-state ``run`` allocates nothing; its outputs are then the same arrays every call
+    (copy what you keep). ``profile_prefix``: where the backend's own profiler writes.
     """
 
     intra_op_threads: int = 0
@@ -36,6 +39,8 @@ class Settings:
     graph_optimization: str = "all"
     execution_mode: str = "sequential"
     optimized_model_path: str | None = None
+    preallocate: bool = False
+    profile_prefix: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -118,10 +118,7 @@ def bench(
     settings = settings or backends.Settings()
     if data is None:
         data = Dataset.synthetic(m, samples=batch_size, dims={**(dims or {}), "batch": 1})
-    feed = _first_feed(m, batched(data, batch_size), data.name)
-    rows = next(iter(feed.values())).shape[0] if feed else 1
-    if rows != batch_size:
-        raise DataError(f"the data holds {rows} sample(s), fewer than batch size {batch_size}")
+    feed = first_feed(m, batched(data, batch_size), data.name, batch_size)
     runner = backends.compile(m, settings, backend=backend)
     run = runner.run
 
@@ -163,11 +160,62 @@ def bench(
     )
 
 
-def _first_feed(model: Model, data: Dataset, name: str) -> dict[str, np.ndarray]:
+def first_feed(model: Model, data: Dataset, name: str, batch_size: int) -> dict[str, np.ndarray]:
+    """The first valid feed of ``data`` (already batched), which must hold ``batch_size`` rows."""
     validator = FeedValidator(model)
     for raw in data:
         feed = validator(raw)
         if feed is not None:
+            rows = next(iter(feed.values())).shape[0] if feed else 1
+            if rows != batch_size:
+                raise DataError(f"the data holds {rows} sample(s), fewer than batch size {batch_size}")
             return feed
     validator.finish(name)
     raise DataError(f"dataset {name} is empty")  # finish() raised already; for type checkers
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What one steady-state ``run`` call allocates, measured over ``calls`` calls.
+
+    ``output_buffers`` counts distinct output data buffers per call while every result is
+    kept alive (1.0: a fresh buffer per output and call; ~0: the same buffers every time);
+    ``output_bytes`` is the size of those fresh buffers per call; ``python_bytes`` is the
+    Python-heap growth per call that tracemalloc sees (feeds, dicts, array objects).
+    """
+
+    calls: int
+    output_buffers: float
+    output_bytes: float
+    python_bytes: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def allocation_per_call(runner: backends.Runner, feed: dict[str, np.ndarray], calls: int = 20) -> Allocation:
+    import tracemalloc
+
+    runner.run(feed)
+    kept, seen, fresh_bytes = [], set(), 0
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(calls):
+            out = runner.run(feed)
+            kept.append(out)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    first = True
+    for out in kept:
+        for a in out.values():
+            ptr = a.__array_interface__["data"][0]
+            if ptr not in seen:
+                seen.add(ptr)
+                if not first:
+                    fresh_bytes += a.nbytes
+        first = False
+    n_out = max(len(kept[0]), 1)
+    return Allocation(calls, (len(seen) - n_out) / (calls - 1) / n_out if calls > 1 else 0.0,
+                      fresh_bytes / max(calls - 1, 1), grown / calls)

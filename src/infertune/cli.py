@@ -299,13 +299,20 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
               help="Time budget in seconds (default 3; at least 10 runs).")
 @click.option("--save-optimized", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the graph the runtime actually executes, after its optimisations.")
+@click.option("--preallocate", is_flag=True,
+              help="Bind input/output buffers once and reuse them (I/O binding): no allocation per run.")
+@click.option("--sweep", "sweep_axes", multiple=True, metavar="AXIS=V1,V2",
+              help="Sweep batch, threads, sessions (concurrent) or opt, e.g. --sweep batch=1,2,4,8 "
+                   "--sweep threads=1,2; reports throughput, latency and peak memory per point and the knee.")
 @backend_options
 @json_option
 @output_option
 def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, iterations,
-          time_budget, save_optimized, backend, threads, inter_threads, opt_level, execution_mode,
-          as_json, output) -> None:
-    """Latency percentiles and throughput of MODEL."""
+          time_budget, save_optimized, preallocate, sweep_axes, backend, threads, inter_threads, opt_level,
+          execution_mode, as_json, output) -> None:
+    """Latency percentiles and throughput of MODEL (or a sweep over settings)."""
+    from dataclasses import replace
+
     from infertune.bench.latency import bench as run_bench
     from infertune.data import parse_dims
     from infertune.model import Model
@@ -313,8 +320,13 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
     m = Model.load(model)
     ds = None if data in (None, "synthetic") else _dataset(m, data, preprocess, dims, samples,
                                                              seed)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode,
-                         str(save_optimized) if save_optimized else None)
+    settings = replace(_settings(threads, inter_threads, opt_level, execution_mode,
+                                 str(save_optimized) if save_optimized else None), preallocate=preallocate)
+    if sweep_axes:
+        from infertune.cli_perf import run_sweep
+
+        run_sweep(m, ds, sweep_axes, settings, time_budget, as_json, output)
+        return
     with progress_bar("benchmarking", not as_json) as update:
         r = run_bench(m, ds, backend=backend, settings=settings, batch_size=batch, warmup=warmup,
                       iterations=iterations, time_budget_s=time_budget, dims=parse_dims(dims),
@@ -378,7 +390,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
-from infertune import cli_analysis, cli_quantize  # noqa: E402, F401  (register their commands on the group)
+from infertune import cli_analysis, cli_perf, cli_quantize  # noqa: E402, F401  (register their commands on the group)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,181 @@
+"""``infertune profile``, ``infertune explain A B`` and ``bench --sweep``: where the time goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from infertune.cli import (
+    _dataset,
+    _emit_doc,
+    _fmt,
+    _settings,
+    backend_options,
+    cli,
+    data_options,
+    err,
+    json_option,
+    out,
+    output_option,
+    progress_bar,
+)
+
+
+def run_sweep(model, ds, specs, settings, seconds, as_json: bool, output) -> None:
+    from infertune.bench.sweep import parse_sweep, sweep
+
+    axes = parse_sweep(specs)
+    with progress_bar("sweeping", not as_json) as update:
+        r = sweep(model, ds, axes, settings=settings, seconds=seconds or 1.0, progress=update)
+
+    def human() -> None:
+        out.print(f"[bold]{r.model}[/]: {len(r.points)} configurations, {r.seconds_per_point:g} s each")
+        t = Table()
+        for c in ("batch", "threads", "sessions", "opt", "p50 ms", "p99 ms", "throughput/s", "peak RSS MB"):
+            t.add_column(c, justify="left" if c == "opt" else "right")
+        best = r.best()
+        for p in r.points:
+            style = "bold green" if p is best else None
+            t.add_row(str(p.batch), str(p.threads or "default"), str(p.sessions), p.opt,
+                      f"{p.latency_ms.p50:.3f}", f"{p.latency_ms.p99:.3f}", f"{p.throughput:,.1f}",
+                      _fmt(p.peak_rss_mb, 1), style=style)
+        out.print(t)
+        for k in r.knees:
+            fixed = ", ".join(f"{a}={v}" for a, v in k.fixed.items())
+            out.print(f"knee along {k.axis} ({fixed}): [bold]{k.at}[/] "
+                      f"(beyond it throughput grows < 10 % per step)")
+
+    _emit_doc(r.to_dict(), as_json, output, human)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@data_options
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Profiled runs (after --warmup runs that are discarded).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the Chrome trace (open in Perfetto or chrome://tracing).")
+@click.option("--save-optimized", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the optimised graph the node names refer to.")
+@click.option("--roofline", "with_roofline", is_flag=True,
+              help="Measure (once, cached) the machine's GEMM ceilings and report achieved GFLOP/s against them.")
+@click.option("--top", type=int, default=15, show_default=True, help="Show the N slowest nodes.")
+@backend_options
+@json_option
+@output_option
+def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, warmup, trace, save_optimized,
+            with_roofline, top, backend, threads, inter_threads, opt_level, execution_mode, as_json, output) -> None:
+    """Per-node and per-op-type time of MODEL on the graph ONNX Runtime executes."""
+    from infertune.bench.profile import profile as run_profile
+    from infertune.model import Model
+
+    m = Model.load(model)
+    ds = None if data in (None, "synthetic") else _dataset(m, data, preprocess, dims, samples, seed)
+    settings = _settings(threads, inter_threads, opt_level, execution_mode)
+    with progress_bar("profiling", not as_json) as update:
+        r = run_profile(m, ds, settings=settings, batch_size=batch, runs=runs, warmup=warmup, trace=trace,
+                        optimized_model=save_optimized, progress=update)
+    doc = r.to_dict()
+    roof = None
+    if with_roofline:
+        from infertune.bench.roofline import ceilings, roofline
+
+        with progress_bar("measuring ceilings", not as_json):
+            roof = roofline(m, r, ceilings(threads))
+        doc["roofline"] = roof.to_dict()
+
+    def human() -> None:
+        out.print(f"[bold]{r.model}[/] batch {r.batch_size}: {r.run_us / 1000:.3f} ms per run under the profiler "
+                  f"({r.runs} runs); kernels account for {r.coverage:.0%} of it")
+        t = Table(title="per op type", title_justify="left")
+        for c in ("op type", "nodes", "µs / run", "share"):
+            t.add_column(c, justify="left" if c == "op type" else "right")
+        for o in r.op_types:
+            t.add_row(o.op_type, str(o.nodes), f"{o.mean_us:.1f}", f"{o.share:.1%}")
+        out.print(t)
+        t = Table(title=f"slowest {top} nodes (optimised graph)", title_justify="left")
+        for c in ("node", "op type", "µs / run", "share", "output shape"):
+            t.add_column(c, justify="right" if c in ("µs / run", "share") else "left")
+        for n in r.nodes[:top]:
+            shape = " ".join(str(s) for _, s in n.output_shapes[:1])
+            t.add_row(escape(n.node), n.op_type, f"{n.mean_us:.1f}", f"{n.share:.1%}", shape)
+        out.print(t)
+        if roof is not None:
+            c = roof.ceilings
+            out.print(f"ceilings ({c.threads} threads): FP32 {c.fp32_gflops:.1f} GFLOP/s, INT8 {c.int8_gops:.1f} "
+                      f"GOP/s, memory {c.bandwidth_gbs:.1f} GB/s")
+            out.print(f"whole model: {roof.model_gflops:.2f} GFLOP/s = {roof.model_gflops / roof.peak:.1%} of the "
+                      f"{'INT8' if roof.int8 else 'FP32'} peak")
+            for o in roof.op_classes:
+                out.print(f"  {o.op_class}: {o.gflops:.2f} GFLOP/s ({o.fraction_of_peak:.1%} of peak), "
+                          f"{o.us:.1f} µs per run")
+        if trace:
+            err.print(f"Chrome trace written to {trace}")
+
+    _emit_doc(doc, as_json, output, human)
+
+
+@cli.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@data_options
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True)
+@backend_options
+@json_option
+@output_option
+def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs, backend, threads, inter_threads,
+            opt_level, execution_mode, as_json, output) -> None:
+    """Why B (e.g. INT8) is slower or faster than A (e.g. FP32): per op type, unfused Q/DQ, suggestions."""
+    from infertune.analysis.explain import explain as run_explain
+    from infertune.model import Model
+
+    ma = Model.load(a)
+    mb = Model.load(b)
+    ds = None if data in (None, "synthetic") else _dataset(ma, data, preprocess, dims, samples, seed)
+    settings = _settings(threads, inter_threads, opt_level, execution_mode)
+    with progress_bar("profiling both", not as_json):
+        r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs)
+
+    def human() -> None:
+        fa, fb = r.a, r.b
+        verdict = "slower" if r.ratio > 1 else "faster"
+        out.print(f"[bold]{fb.model}[/] {fb.run_us / 1000:.3f} ms vs [bold]{fa.model}[/] {fa.run_us / 1000:.3f} ms "
+                  f"per run: B is {max(r.ratio, 1 / r.ratio):.2f}x {verdict}")
+        t = Table(title="time per op type (µs per run)", title_justify="left")
+        for c in ("op type", "A", "B", "B - A"):
+            t.add_column(c, justify="left" if c == "op type" else "right")
+        types = sorted(set(fa.op_types) | set(fb.op_types),
+                       key=lambda k: -max(fa.op_types.get(k, 0.0), fb.op_types.get(k, 0.0)))
+        for k in types:
+            va, vb = fa.op_types.get(k, 0.0), fb.op_types.get(k, 0.0)
+            t.add_row(k, f"{va:.1f}", f"{vb:.1f}", f"{vb - va:+.1f}")
+        out.print(t)
+        t = Table(title="what each runs", title_justify="left")
+        for c in ("", "A", "B"):
+            t.add_column(c, justify="left" if not c else "right")
+        for label, attr in (("int8 kernels", "int8_kernels"), ("float compute ops", "float_compute"),
+                            ("unfused QuantizeLinear", "unfused_q"), ("unfused DequantizeLinear", "unfused_dq"),
+                            ("  of which weight DQ", "weight_dq"), ("reorders / transposes", "reorders")):
+            t.add_row(label, str(getattr(fa, attr)), str(getattr(fb, attr)))
+        t.add_row("Q/DQ time µs", f"{fa.qdq_us:.1f}", f"{fb.qdq_us:.1f}")
+        t.add_row("reorder time µs", f"{fa.reorder_us:.1f}", f"{fb.reorder_us:.1f}")
+        out.print(t)
+        if fb.sandwiches:
+            out.print(f"{len(fb.sandwiches)} float ops sandwiched between DQ and Q in B, costliest: "
+                      + ", ".join(f"{escape(s.node)} ({s.op_type}, Q/DQ {s.qdq_us:.1f} µs)"
+                                  for s in fb.sandwiches[:5]))
+        for line in r.isa:
+            out.print(f"[dim]ISA: {line}[/]")
+        for s in r.suggestions:
+            out.print(f"[bold]suggestion:[/] {escape(s.text)}")
+        excl = [n for s in r.suggestions for n in s.exclude]
+        if excl:
+            out.print("apply: infertune quantize ... " + " ".join(f"--exclude {escape(n)}" for n in excl[:10]))
+
+    _emit_doc(r.to_dict(), as_json, output, human)

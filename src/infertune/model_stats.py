@@ -181,13 +181,18 @@ def _needed(node: onnx.NodeProto) -> list[str]:
 
 
 def _measure_shapes(model: Model, dims: dict[str, int], names: list[str]) -> dict[str, tuple]:
-    """Run the model once on synthetic inputs and read the shapes of ``names``."""
+    """Run the model once on synthetic inputs and read the shapes of ``names``.
+
+    Integer inputs are zeros: they are usually indices (token ids, token types), and 0 is in
+    range for any embedding table, where random ids may not be.
+    """
     from infertune import backends
     from infertune.data import synthetic_feed
 
     exposed = model.with_outputs(sorted(set(names)))
     runner = backends.compile(exposed, backends.Settings(graph_optimization="disable"))
-    outs = runner.run(synthetic_feed(model, dims=dims))
+    feed = {k: np.zeros_like(v) if v.dtype.kind in "iu" else v for k, v in synthetic_feed(model, dims=dims).items()}
+    outs = runner.run(feed)
     return {k: tuple(int(d) for d in v.shape) for k, v in outs.items() if k in set(names)}
 
 

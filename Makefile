@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/sensitivity.py
+	$(PY) benchmarks/perf.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts

@@ -240,7 +240,8 @@ def test_roofline_uses_source_flops_and_kernel_time():
     m = Model.from_proto(MODELS["small_cnn"]())
     prof = profile(m, Dataset.synthetic(m, samples=2, dims={"N": 1}), settings=ONE_THREAD, batch_size=2, runs=5)
     ceil = rl.Ceilings(1, 50.0, 100.0, 10.0, "x", "cpu", [])
-    r = rl.roofline(m, prof, ceil, dims={"N": 2})
+    r = rl.roofline(m, prof, ceil)
+    assert rl.profiled_dims(m, prof.input_shapes) == {"N": 2}
     from infertune.model_stats import inspect_model
 
     stats = inspect_model(m, dims={"N": 2})

@@ -83,6 +83,7 @@ class ProfileResult:
     op_types: list[OpTypeTime]  # most expensive first
     plain_us: float  # median latency of the same feed without the profiler
     overhead_us: float  # profiler cost per kernel event, subtracted from every node
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # of the profiled feed
     optimized_model: str | None = None
     trace: str | None = None
     environment: dict = field(default_factory=environment)
@@ -101,7 +102,8 @@ class ProfileResult:
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "kind": "profile", "model": self.model,
-                "settings": self.settings, "batch_size": self.batch_size, "runs": self.runs,
+                "settings": self.settings, "batch_size": self.batch_size, "input_shapes": self.input_shapes,
+                "runs": self.runs,
                 "run_us": round(self.run_us, 3), "plain_us": round(self.plain_us, 3),
                 "overhead_us_per_kernel": round(self.overhead_us, 3), "node_sum_us": round(self.node_sum_us, 3),
                 "coverage": round(self.coverage, 4), "optimized_model": self.optimized_model,
@@ -148,7 +150,8 @@ def profile(model: Model | str | os.PathLike[str], data: Dataset | None = None, 
     plain_us = float(np.median(plain_ns + _timed_runs(plain, feed, warmup, runs - runs // 2))) / 1e3
     run_us, nodes, ops = summarize(events, warmup=warmup, overhead_us=overhead)
     return ProfileResult(m.name, settings.to_dict(), batch_size, runs, run_us, nodes, ops, plain_us, overhead,
-                         optimized_model=opt_path, trace=str(trace) if trace else None)
+                         {k: list(v.shape) for k, v in feed.items()}, optimized_model=opt_path,
+                         trace=str(trace) if trace else None)
 
 
 def _timed_runs(runner: backends.Runner, feed: dict, warmup: int, runs: int) -> list[int]:

@@ -122,6 +122,16 @@ def _bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def profiled_dims(model: Model, shapes: dict[str, list[int]]) -> dict[str, int]:
+    """The size each symbolic input dim had in the profiled feed."""
+    dims: dict[str, int] = {}
+    for info in model.inputs:
+        for axis, d in enumerate(info.shape or ()):
+            if isinstance(d, str) and d and info.name in shapes:
+                dims[d] = shapes[info.name][axis]
+    return dims
+
+
 @dataclass(frozen=True)
 class OpClassRoof:
     op_class: str
@@ -154,9 +164,9 @@ class Roofline:
         return self.ceilings.int8_gops if self.int8 else self.ceilings.fp32_gflops
 
 
-def roofline(source: Model, prof: ProfileResult, ceil: Ceilings, dims: dict[str, int] | None = None) -> Roofline:
-    """Achieved GFLOP/s of ``source`` (its float FLOPs at the profiled batch) against ``ceil``."""
-    stats = inspect_model(source, dims={**(dims or {}), "batch": prof.batch_size})
+def roofline(source: Model, prof: ProfileResult, ceil: Ceilings) -> Roofline:
+    """Achieved GFLOP/s of ``source`` (its float FLOPs at the profiled input shapes) against ``ceil``."""
+    stats = inspect_model(source, dims=profiled_dims(source, prof.input_shapes))
     flops_by_class: dict[str, int] = {}
     for op, f in stats.flops_by_op_type.items():
         cls = SOURCE_CLASS.get(op)

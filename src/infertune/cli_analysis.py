@@ -101,8 +101,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
 def build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude,
                 settings, as_json):
     """Calibrate once (every tensor any exclusion set needs) and fix the evaluation feeds."""
-    from infertune.analysis.sensitivity import Evaluator, QuantSpace
-    from infertune.data import FeedValidator
+    from infertune.analysis.sensitivity import QuantSpace
     from infertune.quant.quantize import quantize
 
     calib = _dataset(m, data, preprocess, dims, samples, seed)
@@ -110,6 +109,14 @@ def build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_sample
         q = quantize(m, calib, method=method, target=target, exclude=exclude, observe_all=True,
                      stability_halves=0, settings=settings, progress=update)
     ev_ds = calib if eval_data is None else _dataset(m, eval_data, preprocess, dims, samples, seed)
+    return QuantSpace(m, q), evaluator_for(m, ev_ds, eval_samples, settings)
+
+
+def evaluator_for(m, ev_ds, eval_samples: int, settings):
+    """The first ``eval_samples`` valid feeds of ``ev_ds`` (and their labels, when every one has them)."""
+    from infertune.analysis.sensitivity import Evaluator
+    from infertune.data import FeedValidator
+
     validator = FeedValidator(m)
     feeds, labels = [], []
     for raw in ev_ds:
@@ -123,7 +130,7 @@ def build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_sample
             break
     validator.finish(ev_ds.name)
     lab = np.concatenate(labels) if labels and len(labels) == len(feeds) else None
-    return QuantSpace(m, q), Evaluator(m, feeds, labels=lab, settings=settings)
+    return Evaluator(m, feeds, labels=lab, settings=settings)
 
 
 @cli.command("diagnose-preprocess")

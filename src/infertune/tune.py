@@ -1,0 +1,407 @@
+"""tune: the fastest variant of a model that meets an accuracy budget, found by measurement.
+
+The search, cheapest first:
+
+1. FP32 at every thread count asked for (the reference: it always meets the budget);
+2. INT8 (target placement, one calibration per method asked for) with nothing excluded;
+3. if no INT8 variant meets the budget: the exact sensitivity ranking of the best method's
+   groups, then bisection over how many of the most sensitive groups stay float;
+4. the passing INT8 variant at the other thread counts.
+
+It stops when the budget is met by the fewest exclusions (more exclusions only add float work),
+or at ``max_trials`` / ``time_budget_s``. Every trial measures accuracy on the evaluation feeds
+and latency (p50 of one feed) and is appended to ``run_dir/trials.jsonl`` as soon as it is done;
+its model goes to ``run_dir/models``. Running the same tune again on the same run directory
+reuses every recorded trial, so a run killed mid-way redoes at most the trial in flight. A run
+directory holding another configuration (model, data, budget, search space) is refused.
+
+Trials go through one ``Executor`` interface (``LocalExecutor`` runs them in this process, in
+order), so that a cluster executor can run independent trials elsewhere without touching the
+search.
+
+The choice: the fastest trial that meets the budget; a candidate must beat the simpler one
+(FP32, or fewer nodes in float) by more than ``NOISE`` to be preferred, since latencies measured
+on a shared machine differ by a few percent from run to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from infertune import backends
+from infertune.analysis.sensitivity import Budget, Evaluator, QuantSpace, sensitivity
+from infertune.artifact import save_artifact, sha256_file
+from infertune.bench.latency import bench
+from infertune.data import Dataset
+from infertune.errors import UsageError
+from infertune.fingerprint import environment
+from infertune.model import Model
+from infertune.quant.quantize import quantize
+
+SCHEMA_VERSION = 1
+NOISE = 0.03
+TRIALS = "trials.jsonl"
+RUN = "run.json"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    precision: str  # "fp32" | "int8"
+    method: str = ""  # calibration method (int8)
+    exclude: tuple[str, ...] = ()  # nodes kept in float (int8)
+    threads: int = 0
+    opt: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "int8"):
+            raise UsageError(f"precision must be fp32 or int8, got {self.precision!r}")
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
+        if self.precision == "fp32":
+            return f"FP32, {t}"
+        return f"INT8 {self.method}, {len(self.exclude)} in float, {t}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialSpec:
+        return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
+                   d.get("opt", "all"))
+
+
+@dataclass
+class Trial:
+    index: int
+    spec: TrialSpec
+    metrics: dict[str, float]
+    p50_ms: float
+    met: bool
+    seconds: float
+    model_file: str | None  # relative to the run directory; None: the source model
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "key": self.spec.key, "spec": asdict(self.spec), "label": self.spec.label(),
+                "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met, "seconds": round(self.seconds, 3),
+                "model_file": self.model_file}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Trial:
+        return cls(d["index"], TrialSpec.from_dict(d["spec"]), d["metrics"], d["p50_ms"], d["met"], d["seconds"],
+                   d["model_file"])
+
+
+class Executor(Protocol):
+    """Runs trials; yields each result as it finishes (in any order)."""
+
+    def run(self, fn: Callable[[TrialSpec], Trial], specs: Sequence[TrialSpec]) -> Iterator[Trial]: ...
+
+
+class LocalExecutor:
+    """Trials one after another in this process."""
+
+    def run(self, fn: Callable[[TrialSpec], Trial], specs: Sequence[TrialSpec]) -> Iterator[Trial]:
+        for s in specs:
+            yield fn(s)
+
+
+@dataclass
+class TuneResult:
+    budget: str
+    trials: list[Trial]
+    chosen: Trial
+    decisions: list[str]
+    sensitivity: list[dict] = field(default_factory=list)  # [{node, op_type, score}] most sensitive first
+    run_dir: str = ""
+    artifact: str | None = None
+    stopped: str = ""  # why the search ended
+    environment: dict = field(default_factory=environment)
+
+    @property
+    def fp32(self) -> Trial:
+        return min((t for t in self.trials if t.spec.precision == "fp32"), key=lambda t: t.p50_ms)
+
+    def pareto(self) -> list[Trial]:
+        """Trials no other trial beats on both latency and accuracy (output SQNR)."""
+        front = []
+        for t in self.trials:
+            if not any(o.p50_ms <= t.p50_ms and o.metrics["sqnr_db"] >= t.metrics["sqnr_db"]
+                       and (o.p50_ms < t.p50_ms or o.metrics["sqnr_db"] > t.metrics["sqnr_db"]) for o in self.trials):
+                front.append(t)
+        return sorted(front, key=lambda t: t.p50_ms)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "kind": "tune", "budget": self.budget,
+                "chosen": self.chosen.to_dict(), "decisions": self.decisions, "stopped": self.stopped,
+                "trials": [t.to_dict() for t in self.trials], "pareto": [t.index for t in self.pareto()],
+                "sensitivity": self.sensitivity, "run_dir": self.run_dir, "artifact": self.artifact,
+                "environment": self.environment}
+
+
+class _Context:
+    """What every trial needs: the source, the calibrations, the evaluator."""
+
+    def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, run_dir: Path,
+                 latency_s: float) -> None:
+        self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
+        self.run_dir, self.latency_s = run_dir, latency_s
+        self.spaces: dict[str, QuantSpace] = {}
+        self.next_index = 0
+
+    def space(self, method: str) -> QuantSpace:
+        if method not in self.spaces:
+            q = quantize(self.source, self.calib, method=method, observe_all=True, stability_halves=0,
+                         settings=self.evaluator.settings)
+            self.spaces[method] = QuantSpace(self.source, q)
+        return self.spaces[method]
+
+    def build(self, spec: TrialSpec) -> Model:
+        return self.source if spec.precision == "fp32" else self.space(spec.method).build(spec.exclude)
+
+    def run_trial(self, spec: TrialSpec) -> Trial:
+        start = time.perf_counter()
+        model = self.build(spec)
+        metrics = self.evaluator.evaluate(model)
+        if self.budget.fn is not None:
+            metrics["user"] = float(self.budget.fn(self.evaluator.ref_outputs, self.evaluator._run(model)))
+        settings = backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)
+        lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), settings=settings, warmup=5,
+                    time_budget_s=self.latency_s)
+        rel = None
+        if model is not self.source:
+            rel = f"models/{spec.key}.onnx"
+            model.save(self.run_dir / rel)
+        index = self.next_index
+        self.next_index += 1
+        return Trial(index, spec, metrics, lat.latency_ms.p50, self.budget.met(metrics), time.perf_counter() - start,
+                     rel)
+
+
+class _Journal:
+    """trials.jsonl: one line per finished trial, flushed and synced before the next starts."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / TRIALS
+        self.done: dict[str, Trial] = {}
+        if self.path.exists():
+            good = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    t = Trial.from_dict(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the line a killed run was writing
+                self.done.setdefault(t.spec.key, t)
+                good.append(line)
+            self.path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+
+    def add(self, t: Trial) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(t.to_dict()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[t.spec.key] = t
+
+
+def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evaluator, budget: Budget, *,
+         run_dir: str | os.PathLike[str], threads: Sequence[int] = (0,), methods: Sequence[str] = ("auto",),
+         max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
+         executor: Executor | None = None, on_trial: Callable[[Trial, bool], None] | None = None,
+         output: str | os.PathLike[str] | None = None) -> TuneResult:
+    """Search (see the module docstring); with ``output``, write the artifact there."""
+    if not threads or not methods:
+        raise UsageError("tune needs at least one thread count and one calibration method")
+    if max_trials < 1:
+        raise UsageError(f"max_trials must be >= 1, got {max_trials}")
+    source = model if isinstance(model, Model) else Model.load(model)
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(exist_ok=True)
+    source_sha = _source_sha(source)
+    _claim(root, {"source_sha256": source_sha, "budget": str(budget), "threads": list(threads),
+                  "methods": list(methods), "eval_sha256": _feeds_sha(evaluator.feeds)})
+    journal = _Journal(root)
+    ctx = _Context(source, calib, evaluator, budget, root, latency_s)
+    ctx.next_index = max((t.index for t in journal.done.values()), default=-1) + 1
+    ex = executor or LocalExecutor()
+    deadline = time.monotonic() + time_budget_s if time_budget_s else None
+    trials: dict[str, Trial] = {}
+    decisions: list[str] = []
+    stopped = ""
+
+    def ask(specs: Iterable[TrialSpec]) -> list[Trial]:
+        nonlocal stopped
+        specs = [s for s in dict.fromkeys(specs)]
+        todo = []
+        for s in specs:
+            if s.key in journal.done:
+                trials[s.key] = journal.done[s.key]
+                if on_trial:
+                    on_trial(trials[s.key], True)
+            else:
+                todo.append(s)
+        room = max_trials - len(trials)
+        if len(todo) > room:
+            stopped = stopped or f"max trials ({max_trials}) reached"
+            todo = todo[:max(room, 0)]
+        if deadline is not None and time.monotonic() > deadline and todo:
+            stopped = stopped or f"time budget ({time_budget_s:g} s) spent"
+            todo = []
+        for t in ex.run(ctx.run_trial, todo):
+            journal.add(t)
+            trials[t.spec.key] = t
+            if on_trial:
+                on_trial(t, False)
+        return [trials[s.key] for s in specs if s.key in trials]
+
+    fp32 = ask(TrialSpec("fp32", threads=t) for t in threads)
+    first = threads[0]
+    int8 = ask(TrialSpec("int8", method=m, threads=first) for m in methods)
+    ranking: list[dict] = []
+    passing = [t for t in int8 if t.met]
+    if int8 and not passing and not stopped:
+        best = max(int8, key=lambda t: t.metrics["sqnr_db"])
+        decisions.append(f"no INT8 variant met {budget} with every node quantized (best: {best.spec.method}, "
+                         f"{_metric_text(best, budget)}); ranking {best.spec.method}'s nodes by sensitivity")
+        space = ctx.space(best.spec.method)
+        ranking = _ranking(root, space, evaluator, best.spec.method)
+        order = [r["node"] for r in ranking]
+        lo, hi = 0, len(order)  # k = lo fails; k = hi: the float model, which meets
+        while hi - lo > 1 and not stopped:
+            mid = (lo + hi) // 2
+            (t,) = ask([TrialSpec("int8", best.spec.method, tuple(order[:mid]), first)]) or (None,)
+            if t is None:
+                break
+            if t.met:
+                hi = mid
+            else:
+                lo = mid
+        if hi < len(order):
+            passing = [trials[TrialSpec("int8", best.spec.method, tuple(order[:hi]), first).key]]
+            decisions.append(f"kept the {hi} most sensitive node(s) in float to meet {budget}: "
+                             f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
+        else:
+            decisions.append(f"no INT8 variant with fewer than all {len(order)} nodes in float met {budget}")
+    if passing and len(threads) > 1 and not stopped:
+        s = min(passing, key=lambda t: t.p50_ms).spec  # the fastest passing INT8 variant
+        passing += ask(TrialSpec("int8", s.method, s.exclude, t) for t in threads[1:])
+    chosen = _choose(fp32, [t for t in trials.values() if t.met], decisions)
+    if not stopped:
+        stopped = "budget met; more float nodes would only add work" if chosen.spec.precision == "int8" else \
+            "FP32 is the fastest variant that meets the budget"
+    result = TuneResult(str(budget), sorted(trials.values(), key=lambda t: t.index), chosen, decisions, ranking,
+                        str(root), stopped=stopped)
+    if output is not None:
+        result.artifact = str(write_artifact(result, ctx, source_sha, Path(output)))
+    return result
+
+
+def _choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
+    """The fastest trial that met the budget, unless a simpler one is within NOISE of it."""
+    simplest = min(fp32, key=lambda t: t.p50_ms)
+    fastest = min(met, key=lambda t: t.p50_ms)
+    if fastest is simplest:
+        int8 = [t for t in met if t.spec.precision == "int8"]
+        if int8:
+            best8 = min(int8, key=lambda t: t.p50_ms)
+            decisions.append(f"chose {simplest.spec.label()}: {simplest.p50_ms:.3f} ms; the fastest INT8 variant "
+                             f"that meets the budget takes {best8.p50_ms:.3f} ms "
+                             f"({best8.p50_ms / simplest.p50_ms:.2f}x): too small a model, or too little "
+                             "8-bit work, for quantization to pay here")
+        else:
+            decisions.append(f"chose {simplest.spec.label()}: no INT8 variant met the budget")
+        return simplest
+    if fastest.p50_ms > simplest.p50_ms * (1 - NOISE):
+        decisions.append(f"chose {simplest.spec.label()}: {fastest.spec.label()} is only "
+                         f"{(1 - fastest.p50_ms / simplest.p50_ms):.1%} faster, within measurement noise "
+                         f"({NOISE:.0%})")
+        return simplest
+    decisions.append(f"chose {fastest.spec.label()}: {fastest.p50_ms:.3f} ms vs FP32 {simplest.p50_ms:.3f} ms "
+                     f"({simplest.p50_ms / fastest.p50_ms:.2f}x faster) within the budget")
+    return fastest
+
+
+def _ranking(root: Path, space: QuantSpace, evaluator: Evaluator, method: str) -> list[dict]:
+    """The exact sensitivity ranking, recorded in the run directory so a resumed run reuses it."""
+    path = root / f"sensitivity-{method}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
+    r = sensitivity(space, evaluator, mode="exact")
+    ranking = [g.to_dict() for g in r.groups]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ranking))
+    os.replace(tmp, path)
+    return ranking
+
+
+def _metric_text(t: Trial, budget: Budget) -> str:
+    if budget.check is None:
+        return f"user metric {t.metrics.get('user', float('nan')):.4f}"
+    v = t.metrics.get(budget.check.metric)
+    return f"{budget.check.metric} {v:.4f}" if v is not None else "n/a"
+
+
+def _claim(root: Path, config: dict) -> None:
+    path = root / RUN
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None
+        if saved is not None and saved != config:
+            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            raise UsageError(f"run directory {root} holds another tune run (different {', '.join(diff)}); "
+                             "give another --run-dir or delete it")
+        if saved is not None:
+            return
+    tmp = path.with_name(RUN + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1))
+    os.replace(tmp, path)
+
+
+def _source_sha(model: Model) -> str:
+    if model.path is not None and Path(model.path).is_file():
+        return sha256_file(model.path)
+    return hashlib.sha256(model.proto.SerializeToString()).hexdigest()
+
+
+def _feeds_sha(feeds: list[dict[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for f in feeds:
+        for k in sorted(f):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(f[k]).tobytes())
+    return h.hexdigest()
+
+
+def write_artifact(result: TuneResult, ctx: _Context, source_sha: str, output: Path) -> Path:
+    from infertune.report import write_report
+
+    chosen = result.chosen
+    model = ctx.build(chosen.spec)
+    recipe = None
+    if chosen.spec.precision == "int8":
+        recipe = ctx.space(chosen.spec.method).result(chosen.spec.exclude).recipe.to_dict()
+    settings = backends.Settings(intra_op_threads=chosen.spec.threads, graph_optimization=chosen.spec.opt)
+    report = ctx.run_dir / "report.html"
+    write_report(result, report, source=ctx.source, chosen_model=model, feed=ctx.evaluator.feeds[0],
+                 settings=settings)
+    fp32 = result.fp32
+    return save_artifact(output, model, source_sha256=source_sha, settings=settings, recipe=recipe,
+                         accuracy={**{k: v for k, v in chosen.metrics.items() if np.isfinite(v)},
+                                   "budget": result.budget},
+                         latency={"p50_ms": chosen.p50_ms, "fp32_p50_ms": fp32.p50_ms},
+                         decision=" ".join(result.decisions), extra_files={"report.html": report})

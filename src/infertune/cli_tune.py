@@ -1,0 +1,102 @@
+"""``infertune tune``: the fastest variant within a budget, as an artifact with an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from infertune.cli import _dataset, _emit_doc, _fmt, cli, err, json_option, out
+from infertune.quant.methods import METHODS
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from infertune.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{what} must be integers >= 0, got {text!r}")
+    return values
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", "calib_data", required=True, metavar="D", help="Calibration data.")
+@click.option("--eval", "eval_data", metavar="D", help="Evaluation data (default: the calibration data).")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--preprocess", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dims", multiple=True, metavar="NAME=SIZE")
+@click.option("--budget", required=True, metavar="EXPR",
+              help="Accuracy budget against FP32: 'top1_drop<=0.5' (needs labels), 'cosine>=0.999', 'sqnr>=30'.")
+@click.option("--threads", "threads_text", default="0", show_default=True, metavar="T1,T2",
+              help="Intra-op thread counts to try (0 = runtime default).")
+@click.option("--methods", "methods_text", default="auto", show_default=True, metavar="M1,M2",
+              help=f"Calibration methods to try ({', '.join(METHODS)}).")
+@click.option("--max-trials", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
+              help="Stop starting trials after S seconds.")
+@click.option("--latency-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Time spent measuring each trial's latency.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where trials are recorded (default: OUT.run); the same command resumes from it.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The artifact directory (model, manifest.json, report.html).")
+@json_option
+def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, budget, threads_text, methods_text,
+         max_trials, time_budget, latency_seconds, run_dir, output, as_json) -> None:
+    """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
+    from infertune.analysis.sensitivity import Budget
+    from infertune.backends import Settings
+    from infertune.cli_analysis import evaluator_for
+    from infertune.errors import UsageError
+    from infertune.model import Model
+    from infertune.tune import tune as run_tune
+
+    threads = _ints(threads_text, "--threads")
+    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(f"--methods: unknown method {bad[0] if bad else methods_text!r} (known: {', '.join(METHODS)})")
+    b = Budget.parse(budget)
+    m = Model.load(model)
+    calib = _dataset(m, calib_data, preprocess, dims, 8, 0)
+    ev = calib if eval_data is None else _dataset(m, eval_data, preprocess, dims, 8, 0)
+    evaluator = evaluator_for(m, ev, eval_samples, Settings(intra_op_threads=threads[0]))
+    if b.check is not None and b.check.metric == "top1_drop" and evaluator.labels is None:
+        raise UsageError("--budget top1_drop needs labels: an array named 'label' in the evaluation data")
+
+    def shown(t, reused: bool) -> None:
+        if as_json:
+            return
+        tag = "[dim]recorded[/]" if reused else f"{t.seconds:.1f} s"
+        met = "[green]meets[/]" if t.met else "[red]misses[/]"
+        err.print(f"trial {t.index:>2} {escape(t.spec.label()):<40} p50 {t.p50_ms:8.3f} ms  "
+                  f"SQNR {_fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag})")
+
+    r = run_tune(m, calib, evaluator, b, run_dir=run_dir or output.with_name(output.name + ".run"),
+                 threads=threads, methods=methods, max_trials=max_trials, time_budget_s=time_budget,
+                 latency_s=latency_seconds, on_trial=shown, output=output)
+
+    def human() -> None:
+        c = r.chosen
+        out.print(f"[bold green]chosen:[/] {escape(c.spec.label())}: p50 {c.p50_ms:.3f} ms "
+                  f"(FP32 {r.fp32.p50_ms:.3f} ms), budget {escape(r.budget)}")
+        for d in r.decisions:
+            out.print(f"  - {escape(d)}")
+        t = Table(title=f"{len(r.trials)} trials (Pareto front marked *)", title_justify="left")
+        for col in ("#", "variant", "p50 ms", "SQNR dB", "cosine", "met", ""):
+            t.add_column(col, justify="left" if col in ("variant", "") else "right")
+        front = {p.index for p in r.pareto()}
+        for tr in r.trials:
+            t.add_row(str(tr.index), escape(tr.spec.label()), f"{tr.p50_ms:.3f}", _fmt(tr.metrics.get("sqnr_db"), 1),
+                      _fmt(tr.metrics.get("cosine"), 5), "yes" if tr.met else "no",
+                      ("*" if tr.index in front else "") + (" chosen" if tr is c else ""), style=None)
+        out.print(t)
+        out.print(f"artifact: {r.artifact} (report: {Path(r.artifact) / 'report.html'}); trials in {r.run_dir}")
+
+    _emit_doc(r.to_dict(), as_json, None, human)

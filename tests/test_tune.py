@@ -1,0 +1,259 @@
+"""tune: search, resumable journal, artifact with verified hashes, and the HTML report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infertune import artifact, backends
+from infertune.analysis.sensitivity import Budget, Evaluator
+from infertune.data import Dataset
+from infertune.errors import UsageError
+from infertune.model import Model
+from infertune.tune import NOISE, TRIALS, Trial, TrialSpec, _choose, tune
+from models import MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+
+
+def _digits(n_eval: int = 120):
+    m = Model.load(DIGITS / "digits_cnn.onnx")
+    with np.load(DIGITS / "calib.npz") as z:
+        calib = Dataset.from_iterable([{"image": z["image"][i:i + 1]} for i in range(64)])
+    with np.load(DIGITS / "test.npz") as z:
+        feeds = [{"image": z["image"][i:i + 1]} for i in range(n_eval)]
+        labels = z["label"][:n_eval]
+    return m, calib, Evaluator(m, feeds, labels=labels, settings=backends.Settings(intra_op_threads=1))
+
+
+def _trial(i, spec, p50, met=True):
+    return Trial(i, spec, {"sqnr_db": 30.0}, p50, met, 0.1, None)
+
+
+def test_choose_prefers_fp32_within_noise_and_int8_when_clearly_faster():
+    fp = _trial(0, TrialSpec("fp32", threads=1), 10.0)
+    close = _trial(1, TrialSpec("int8", "auto", (), 1), 10.0 * (1 - NOISE / 2))
+    far = _trial(2, TrialSpec("int8", "auto", ("a",), 1), 6.0)
+    log: list[str] = []
+    assert _choose([fp], [fp, close], log) is fp and "within measurement noise" in log[-1]
+    assert _choose([fp], [fp, close, far], log) is far and "faster" in log[-1]
+    slow = _trial(3, TrialSpec("int8", "auto", (), 1), 12.0)
+    assert _choose([fp], [fp, slow], log) is fp and "for quantization to pay" in log[-1]
+
+
+def test_trial_spec_key_is_stable_and_validated():
+    a = TrialSpec("int8", "auto", ("x", "y"), 1)
+    doc = json.loads(json.dumps(Trial(0, a, {}, 1.0, True, 0, None).to_dict()))
+    assert TrialSpec.from_dict(doc["spec"]) == a and doc["key"] == a.key
+    assert a.key != TrialSpec("int8", "auto", ("y", "x"), 1).key
+    with pytest.raises(UsageError):
+        TrialSpec("int4")
+
+
+def test_tune_digits_meets_budget_and_writes_a_verified_artifact(tmp_path):
+    m, calib, ev = _digits()
+    r = tune(m, calib, ev, Budget.parse("top1_drop<=0.5"), run_dir=tmp_path / "run", threads=(1,),
+             latency_s=0.3, output=tmp_path / "art")
+    assert r.chosen.met and r.chosen.metrics["top1_drop"] <= 0.5
+    assert r.chosen.p50_ms <= r.fp32.p50_ms  # never slower than FP32
+    int8 = [t for t in r.trials if t.spec.precision == "int8"]
+    assert int8 and all(t.model_file and (tmp_path / "run" / t.model_file).exists() for t in int8)
+    lines = (tmp_path / "run" / TRIALS).read_text().splitlines()
+    assert len(lines) == len(r.trials) == len({json.loads(x)["key"] for x in lines})
+    a = artifact.load(tmp_path / "art")
+    assert a.manifest["accuracy"]["top1_drop"] == pytest.approx(r.chosen.metrics["top1_drop"])
+    assert a.manifest["source_sha256"] == artifact.sha256_file(DIGITS / "digits_cnn.onnx")
+    assert set(a.manifest["files"]) == {"model.onnx", "report.html"} | ({"recipe.json"} if int8 and
+                                                                        r.chosen.spec.precision == "int8" else set())
+    x = ev.feeds[0]
+    chosen = Model.load(tmp_path / "run" / r.chosen.model_file) if r.chosen.model_file else m
+    np.testing.assert_allclose(next(iter(a.runner().run(x).values())),
+                               next(iter(backends.compile(chosen).run(x).values())), rtol=1e-5, atol=1e-6)
+    assert a.differences == []  # measured on this machine
+
+
+def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path):
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1)
+    assert r.sensitivity and {g["node"] for g in r.sensitivity}  # the ranking was needed
+    excl = [t for t in r.trials if t.spec.exclude]
+    assert excl, "bisection tried some exclusion sets"
+    assert any("sensitivity" in d for d in r.decisions)
+    assert r.chosen.met
+
+
+def test_run_dir_of_another_configuration_is_refused(tmp_path):
+    m, calib, ev = _digits(30)
+    tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.05)
+    with pytest.raises(UsageError, match="another tune run.*budget"):
+        tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.05)
+
+
+def test_resume_reuses_recorded_trials_and_skips_a_torn_line(tmp_path):
+    m, calib, ev = _digits(30)
+    kw = dict(run_dir=tmp_path / "run", threads=(1,), latency_s=0.05)
+    first = tune(m, calib, ev, Budget.parse("sqnr>=45"), **kw)
+    journal = tmp_path / "run" / TRIALS
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    seen = []
+    second = tune(m, calib, ev, Budget.parse("sqnr>=45"), on_trial=lambda t, reused: seen.append(reused), **kw)
+    assert seen.count(False) == 1 and seen.count(True) == len(lines) - 1  # only the torn trial is redone
+    assert [t.spec for t in second.trials] == [t.spec for t in first.trials]
+    assert second.chosen.spec == first.chosen.spec
+    keys = [json.loads(x)["key"] for x in journal.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == len(first.trials)
+
+
+def test_kill_9_mid_run_then_resume_with_the_same_command(tmp_path):
+    """The CLI killed with SIGKILL after its first trials; the same command finishes the run."""
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "infertune", "tune", str(DIGITS / "digits_cnn.onnx"), "--calib",
+           str(DIGITS / "calib.npz"), "--eval", str(DIGITS / "test.npz"), "--eval-samples", "60", "--budget",
+           "sqnr>=45", "--threads", "1", "--latency-seconds", "0.3", "-o", str(out), "--json"]
+    journal = tmp_path / "art.run" / TRIALS
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    if p.poll() is not None:
+        pytest.fail(f"tune finished before it could be killed: {p.stderr.read().decode()[-500:]}")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    before = [json.loads(x)["key"] for x in journal.read_text().splitlines() if x.strip().endswith("}")]
+    assert not out.exists()  # no half-written artifact
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-800:]
+    doc = json.loads(done.stdout)
+    keys = [json.loads(x)["key"] for x in journal.read_text().splitlines()]
+    assert keys[: len(before)] == before and len(keys) == len(set(keys)) == len(doc["trials"])
+    ref = subprocess.run([*cmd[:-3], "-o", str(tmp_path / "ref"), "--json"], capture_output=True, text=True,
+                         timeout=600)
+    assert json.loads(ref.stdout)["chosen"]["spec"] == doc["chosen"]["spec"]
+    assert [t["spec"] for t in json.loads(ref.stdout)["trials"]] == [t["spec"] for t in doc["trials"]]
+    assert artifact.load(out).manifest["kind"] == "infertune-artifact"
+
+
+# ---- artifact -------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    m = Model.from_proto(MODELS["conv"]())
+    path = artifact.save_artifact(tmp_path / "a", m, source_sha256="0" * 64,
+                                  settings=backends.Settings(intra_op_threads=1), recipe={"x": 1},
+                                  accuracy={"cosine": 1.0}, latency={"p50_ms": 1.0})
+    return path
+
+
+def test_artifact_round_trip(saved):
+    a = artifact.load(saved)
+    assert a.settings.intra_op_threads == 1 and a.manifest["recipe"] == "recipe.json"
+    x = np.ones((1, 3, 16, 16), np.float32)
+    np.testing.assert_array_equal(a.runner().run({"x": x})["y"],
+                                  backends.compile(Model.from_proto(MODELS["conv"]())).run({"x": x})["y"])
+
+
+def test_artifact_with_one_changed_byte_is_refused(saved):
+    p = saved / "model.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(artifact.ArtifactError, match="model.onnx was changed after saving"):
+        artifact.load(saved)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "recipe.json").unlink(), "recipe.json is missing"),
+    (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),
+    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    (lambda d: _edit(d, schema_version=99), "schema_version 99"),
+    (lambda d: _edit(d, backend="tensorrt-native"), "needs backend"),
+])
+def test_artifact_damage_is_named(saved, damage, message):
+    damage(saved)
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(saved)
+
+
+def _edit(d: Path, **changes) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    m.update(changes)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_artifact_from_another_machine_loads_with_differences_or_is_refused_when_strict(saved):
+    m = json.loads((saved / "manifest.json").read_text())
+    m["target"].update(cpu="Intel Xeon Platinum", isa=[*m["target"]["isa"], "avx512_vnni"])
+    (saved / "manifest.json").write_text(json.dumps(m))
+    a = artifact.load(saved)
+    assert any("avx512_vnni" in d for d in a.differences) and any("Xeon" in d for d in a.differences)
+    with pytest.raises(artifact.ArtifactError, match="tuned for another target"):
+        artifact.load(saved, strict=True)
+
+
+def test_save_artifact_leaves_nothing_on_failure(tmp_path):
+    m = Model.from_proto(MODELS["conv"]())
+    with pytest.raises(FileNotFoundError):
+        artifact.save_artifact(tmp_path / "a", m, source_sha256="0", settings=backends.Settings(),
+                               extra_files={"report.html": tmp_path / "missing.html"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_tune_bad_input(capsys, tmp_path):
+    from infertune.cli import main
+
+    with np.load(DIGITS / "calib.npz") as z:
+        np.savez(tmp_path / "images.npz", image=z["image"][:16])  # no labels
+    code = main(["tune", str(DIGITS / "digits_cnn.onnx"), "--calib", str(tmp_path / "images.npz"), "--budget",
+                 "top1_drop<=0.5", "-o", str(tmp_path / "o")])
+    assert code == 2 and "needs labels" in capsys.readouterr().err
+    code = main(["tune", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--budget",
+                 "cosine>=0.9", "--methods", "magic", "-o", str(tmp_path / "o")])
+    assert code == 2 and "unknown method" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ---- the report in a real browser ------------------------------------------------------------------
+def _chromium() -> str | None:
+    return next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("INFERTUNE_REQUIRE_BROWSER"):
+            pytest.fail("INFERTUNE_REQUIRE_BROWSER is set but no chromium is installed")
+        pytest.skip("no chromium here (.ci/run installs Debian's chromium and sets INFERTUNE_REQUIRE_BROWSER)")
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1,
+             output=tmp_path / "art")
+    page = tmp_path / "art" / "report.html"
+    text = page.read_text()
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text  # offline
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--allow-file-access-from-files"]
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-rendered="4"' in dom, dom[-2000:]
+    assert 'data-errors=""' in dom
+    assert dom.count('class="trial"') == len(r.trials)
+    assert dom.count('class="chosen-mark"') == 1
+    assert 'class="bar"' in dom and 'class="series"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colors = img.getcolors(maxcolors=1 << 20)
+    assert img.size == (1200, 2400) and colors is not None and len(colors) > 50  # not a blank page

@@ -18,21 +18,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m infertune inspect $(DIGITS)/digits_cnn.onnx -o $(DEMO_OUT)/inspect.json
-	$(PY) -m infertune run $(DIGITS)/digits_cnn.onnx --data $(DIGITS)/test.npz -o $(DEMO_OUT)/reference.npz
-	$(PY) -m infertune compare $(DEMO_OUT)/reference.npz $(DIGITS)/digits_cnn.onnx \
-		--data $(DIGITS)/test.npz --opt-level disable --check 'cosine>=0.99999' \
-		-o $(DEMO_OUT)/compare.json
-	$(PY) -m infertune compare $(DIGITS)/digits_cnn.onnx $(DIGITS)/digits_cnn.onnx \
-		--data $(DIGITS)/test.npz --batch 32 --check 'top1_drop<=0.5' -o $(DEMO_OUT)/accuracy.json
-	$(PY) -m infertune quantize $(DIGITS)/digits_cnn.onnx --data $(DIGITS)/calib.npz --method auto \
-		-o $(DEMO_OUT)/digits_cnn.int8.onnx
-	$(PY) -m infertune compare $(DIGITS)/digits_cnn.onnx $(DEMO_OUT)/digits_cnn.int8.onnx \
-		--data $(DIGITS)/test.npz --batch 60 --check 'top1_drop<=0.5' -o $(DEMO_OUT)/int8_accuracy.json
-	$(PY) -m infertune bench $(DIGITS)/digits_cnn.onnx --data $(DIGITS)/test.npz --threads 1 \
-		--time 2 -o $(DEMO_OUT)/bench.json
-	$(PY) -m infertune bench $(DEMO_OUT)/digits_cnn.int8.onnx --data $(DIGITS)/test.npz --threads 1 \
-		--time 2 -o $(DEMO_OUT)/bench_int8.json
-	@echo "results written to $(DEMO_OUT)/"
+	$(PY) -m infertune tune $(DIGITS)/digits_cnn.onnx --calib $(DIGITS)/calib.npz --eval $(DIGITS)/test.npz \
+		--eval-samples 360 --budget 'top1_drop<=0.5' --threads 1,2 --methods auto,minmax \
+		-o $(DEMO_OUT)/digits-tuned --run-dir $(DEMO_OUT)/digits-tuned.run
+	$(PY) -c "import infertune; a = infertune.load('$(DEMO_OUT)/digits-tuned'); \
+		print('artifact verified:', a.path, a.manifest['latency'], a.differences or 'same machine')"
+	@echo "artifact and report: $(DEMO_OUT)/digits-tuned/ (open report.html in a browser)"
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -148,3 +148,58 @@ def test_cli_sensitivity_layerwise_and_budget(planted_files, tmp_path, capsys):
     assert main(["quantize", str(model), "--data", str(data), "--method", "minmax", "--budget", "cosine>=1.5",
                  "-o", str(never)]) == 1
     assert "not met even with every node in float" in capsys.readouterr().err and not never.exists()
+
+
+def _ort_qdq_nsr(x: np.ndarray, scale, zp, axis: int | None = None) -> float:
+    """Oracle: ONNX Runtime's own QuantizeLinear -> DequantizeLinear on x."""
+    import onnxruntime as ort
+
+    attrs = {} if axis is None else {"axis": axis}
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        [numpy_helper.from_array(np.asarray(scale, np.float32), "s"), numpy_helper.from_array(zp, "z")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return float(np.sum((x.astype(np.float64) - y) ** 2) / np.sum(x.astype(np.float64) ** 2))
+
+
+def test_fast_mode_noise_terms_match_onnx_runtime_qdq(setup):
+    from infertune.analysis.sensitivity import ActivationNoise, _weight_nsr
+
+    m, q, feeds = setup
+    space = QuantSpace(m, q)
+    full = space.build()
+    consts = {i.name: numpy_helper.to_array(i) for i in full.graph.initializer}
+    noise = ActivationNoise(full)
+    assert noise.params, "the Q/DQ model has activation Q/DQ"
+    known = set(m.tensor_order()) | {i.name for i in m.inputs}
+    names = [t for t in noise.params if t in known]  # what layerwise exposes: the float model's tensors
+    assert names
+    exposed = backends_run(m, [t for t in names if t not in {i.name for i in m.inputs}], feeds)
+    for f in exposed:
+        noise.add(f)
+    got = noise.nsr()
+    for t in names:
+        q = next(n for n in full.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
+        x = np.concatenate([f[t] for f in exposed])
+        assert got[t] == pytest.approx(_ort_qdq_nsr(x, consts[q.input[1]], consts[q.input[2]]), rel=1e-4, abs=1e-12)
+    w_nsr = _weight_nsr(space.source, full)
+    src = space.source.constant_tensors()
+    for n in full.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in consts:
+            reader = next(r for r in full.graph.node if n.output[0] in r.input)
+            w = src[n.input[0].removesuffix("_quantized")].astype(np.float32)
+            axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+            per_channel = consts[n.input[1]].size > 1
+            oracle = _ort_qdq_nsr(w, consts[n.input[1]], consts[n.input[2]], axis if per_channel else None)
+            assert w_nsr[reader.name] == pytest.approx(oracle, rel=1e-3, abs=1e-12)
+
+
+def backends_run(model, names, feeds):
+    from infertune import backends
+
+    runner = backends.compile(model.with_outputs(names, keep_original=False))
+    return [{**f, **runner.run(f)} for f in feeds]

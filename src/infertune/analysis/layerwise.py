@@ -42,6 +42,7 @@ class TensorError:
     upstream_db: float  # worst SQNR among its producer's inputs, before their own quantization (inf if none)
     signal_power: float = 0.0  # sum of squares of the reference values
     noise_power: float = 0.0  # sum of squared differences
+    raw_sqnr_db: float | None = None  # before its own Q/DQ (None: the candidate does not quantize it)
 
     @property
     def drop_db(self) -> float:
@@ -114,7 +115,10 @@ def layerwise(
     max_samples: int | None = None,
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
+    on_reference: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> LayerwiseResult:
+    """Compare every tensor (see the module docstring); ``on_reference`` sees the reference's
+    exposed tensors of each feed (for statistics that need the float values themselves)."""
     ref = reference if isinstance(reference, Model) else Model.load(reference)
     cand = candidate if isinstance(candidate, Model) else Model.load(candidate)
     mapping = tensor_map(ref, cand)
@@ -135,6 +139,8 @@ def layerwise(
         if clean is None:
             continue
         r_out, c_out = ref_run.run(clean), cand_run.run(clean)
+        if on_reference is not None:
+            on_reference({**clean, **r_out})
         for t, c in exposed.items():
             acc[t].add(r_out[t], np.asarray(c_out[c], np.float32), name=t)
         for t in raw:
@@ -157,7 +163,7 @@ def layerwise(
         m = a.metrics()
         rows.append(TensorError(t, node.name if node is not None else None, node.op_type if node is not None else None,
                                 db[t], m["cosine"], float(m["max_abs"] or 0.0), min(ups) if ups else math.inf,
-                                a.sum_sq_ref, a.sum_sq_err))
+                                a.sum_sq_ref, a.sum_sq_err, raw_db.get(t)))
     first = next((r for r in rows if r.sqnr_db < threshold_db and r.upstream_db >= threshold_db), None)
     return LayerwiseResult(ref.name, cand.name, n, threshold_db, rows, first, validator.warnings())
 

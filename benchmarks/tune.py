@@ -1,0 +1,208 @@
+"""infertune tune against the peers, each model under its own budget, measured in one run.
+
+    .venv/bin/python benchmarks/tune.py [--models digits,rec,minilm] [--peers ort-minmax,ort-minmax-u8,nncf]
+
+Budgets (against FP32, on held-out inputs):
+- digits CNN: top-1 drop <= 0.5 points on the labelled test split;
+- rapidocr rec: decoded text identical to FP32's on >= 97% of held-out rendered lines;
+- all-MiniLM-L6-v2: sentence-embedding cosine >= 0.995 (mean over held-out sentences).
+
+tune searches with 64 calibration samples (seed 0) and decides on the evaluation set (seed 1);
+then every variant (FP32, tune's choice, each peer quantizer's output) is measured side by side
+on a fresh held-out set (seed 2): fidelity, and p50 latency at 1 and 2 threads (variants
+interleaved, best of 3 rounds). Writes benchmarks/results/tune.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs, run_worker  # noqa: E402
+from infertune import backends  # noqa: E402
+from infertune._io import write_json, write_text  # noqa: E402
+from infertune.analysis.sensitivity import Budget, Evaluator  # noqa: E402
+from infertune.data import Dataset  # noqa: E402
+from infertune.fingerprint import environment  # noqa: E402
+from infertune.model import Model  # noqa: E402
+from infertune.tune import tune  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PEERS = ["ort-minmax", "ort-minmax-u8", "nncf"]
+EVAL_N = {"digits": 360, "rec": 100, "minilm": 64}
+CHECK_N = {"digits": 360, "rec": 200, "minilm": 128}
+BUDGET_TEXT = {"digits": "top-1 drop <= 0.5", "rec": "text identical on >= 97% of lines",
+               "minilm": "embedding cosine >= 0.995"}
+
+
+def text_agreement(ref: list[dict], got: list[dict]) -> float:
+    from benchmarks import realmodels
+
+    key = next(iter(ref[0]))
+    same = [realmodels.ctc_decode(r[key])[0].strip() == realmodels.ctc_decode(g[key])[0].strip()
+            for r, g in zip(ref, got, strict=True)]
+    return float(np.mean(same))
+
+
+def embedding_cosine(data: list[dict]):
+    from benchmarks import realmodels
+
+    def fn(ref: list[dict], got: list[dict]) -> float:
+        key = next(iter(ref[0]))
+        cos = []
+        for r, g, f in zip(ref, got, data, strict=True):
+            a = realmodels.mean_pool(r[key], f["attention_mask"])[0]
+            b = realmodels.mean_pool(g[key], f["attention_mask"])[0]
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        return float(np.mean(cos))
+
+    return fn
+
+
+def budget_for(name: str, data: list[dict]) -> Budget:
+    if name == "digits":
+        return Budget.parse("top1_drop<=0.5")
+    if name == "rec":
+        return Budget(fn=text_agreement, fn_min=0.97)
+    return Budget(fn=embedding_cosine(data), fn_min=0.995)
+
+
+def meets(name: str, row: dict) -> bool:
+    if name == "digits":
+        return row.get("top1_drop", 99) <= 0.5
+    if name == "rec":
+        return row.get("text_agree", 0) >= 97.0
+    return row.get("embedding_cosine_mean", 0) >= 0.995
+
+
+def run(name: str, peers: list[str], work: Path) -> dict:
+    print(f"== {name}", flush=True)
+    src = model_path(name)
+    m = Model.load(src)
+    settings = backends.Settings(intra_op_threads=1)
+    ev_feeds = feeds(name, EVAL_N[name], seed=1)
+    labels = None
+    if name == "digits":
+        with np.load(ROOT / "examples" / "digits" / "test.npz") as z:
+            ev_feeds = [{"image": z["image"][i:i + 1]} for i in range(180)]
+            labels = z["label"][:180]
+    evaluator = Evaluator(m, ev_feeds, labels=labels, settings=settings)
+    budget = budget_for(name, ev_feeds)
+    t0 = time.perf_counter()
+
+    def shown(t, reused):
+        print(f"   trial {t.index:>2} {t.spec.label():<42} p50 {t.p50_ms:8.3f} ms  user/sqnr "
+              f"{t.metrics.get('user', t.metrics.get('sqnr_db')):.4f}  {'meets' if t.met else 'misses'}", flush=True)
+
+    r = tune(m, Dataset.from_iterable(feeds(name, 64, seed=0, lazy=True)), evaluator, budget,
+             run_dir=work / f"{name}.run", threads=(1, 2), methods=("auto",), on_trial=shown,
+             output=work / f"{name}.tuned", latency_s=1.0)
+    tune_s = time.perf_counter() - t0
+    print(f"   chose {r.chosen.spec.label()} in {tune_s:.0f} s, {len(r.trials)} trials", flush=True)
+    paths = {"fp32": src, "infertune-tune": work / f"{name}.tuned" / "model.onnx"}
+    rows: dict[str, dict] = {"fp32": {"variant": "fp32"}, "infertune-tune": {
+        "variant": "infertune-tune", "chosen": r.chosen.spec.label(), "trials": len(r.trials),
+        "tune_seconds": tune_s, "excluded": list(r.chosen.spec.exclude)}}
+    for q in peers:
+        out = work / f"{name}-{q}.onnx"
+        res = run_worker(name, q, 64, out)
+        rows[q] = {"variant": q, **res}
+        if "error" not in res:
+            paths[q] = out
+        print(f"   {q}: {res}", flush=True)
+    if name == "digits":
+        with np.load(ROOT / "examples" / "digits" / "test.npz") as z:
+            data = [{"image": z["image"][i:i + 1]} for i in range(180, 360)]
+            check_labels = z["label"][180:360]
+    else:
+        data, check_labels = feeds(name, CHECK_N[name], seed=2), None
+    ref = outputs(src, data)
+    for k, p in list(paths.items()):
+        try:
+            rows[k].update(fidelity(name, ref, outputs(p, data), data, check_labels))
+        except Exception as e:  # noqa: BLE001 - a model ORT cannot run is a result too
+            rows[k]["error"] = f"does not run: {str(e).splitlines()[0][:200]}"
+            paths.pop(k)
+    if name == "digits":
+        base = rows["fp32"]["top1"]
+        for row in rows.values():
+            if "top1" in row:
+                row["top1_drop"] = base - row["top1"]
+    for k, lat in latencies(paths, data[0]).items():
+        rows[k].update(lat)
+    for row in rows.values():
+        row["meets_budget"] = meets(name, row) and "error" not in row
+    return {"model": name, "budget": BUDGET_TEXT[name], "tune": r.to_dict(), "rows": list(rows.values())}
+
+
+def markdown(results: list[dict], env: dict) -> str:
+    cpu = env["machine"]["cpu"]
+    lines = ["# tune vs peers, each under its budget", "",
+             f"{cpu['model']}, {cpu['logical_cores']} cores, {' '.join(cpu['isa'])}; onnxruntime "
+             f"{env['versions'].get('onnxruntime')}; generated by `benchmarks/tune.py`. Fidelity on held-out inputs "
+             "tune never saw; latency p50 of one input, variants interleaved, best of 3 rounds.", ""]
+    for res in results:
+        lines += [f"## {res['model']} (budget: {res['budget']})", "",
+                  "| variant | p50 ms 1 thread | p50 ms 2 threads | fidelity | meets budget |", "|---|---|---|---|---|"]
+        for row in res["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['variant']} | — | — | {row['error'][:80]} | no |")
+                continue
+            fid = (f"top-1 {row['top1']:.2f}% (drop {row['top1_drop']:.2f})" if "top1" in row else
+                   f"text identical {row['text_agree']:.1f}%, cosine {row['cosine']:.4f}" if "text_agree" in row else
+                   f"embedding cosine {row['embedding_cosine_mean']:.4f} / min {row['embedding_cosine_min']:.4f}")
+            lines.append(f"| {row['variant']} | {row['p50_ms_1t']:.3f} | {row['p50_ms_2t']:.3f} | {fid} | "
+                         f"{'yes' if row['meets_budget'] else 'no'} |")
+        t = res["tune"]
+        tr = next(r for r in res["rows"] if r["variant"] == "infertune-tune")
+        lines += ["", f"tune chose **{t['chosen']['label']}** after {len(t['trials'])} trials "
+                      f"({tr['tune_seconds']:.0f} s); stopped: {t['stopped']}.", ""]
+        lines += [f"- {d}" for d in t["decisions"]]
+        lines += ["", verdict(res), ""]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(res: dict) -> str:
+    rows = {r["variant"]: r for r in res["rows"]}
+    ours = rows["infertune-tune"]
+    if "error" in ours or not ours["meets_budget"]:
+        return "**Target NOT met**: tune's choice does not meet the budget on the held-out check."
+    peers = [r for k, r in rows.items() if k != "infertune-tune" and r.get("meets_budget")]
+    out = []
+    for th in ("1t", "2t"):
+        key = f"p50_ms_{th}"
+        fp32 = rows["fp32"][key]
+        slower = [r["variant"] for r in peers if r[key] < ours[key]]
+        out.append(f"{th}: {ours[key]:.3f} ms vs FP32 {fp32:.3f} ms ({fp32 / ours[key]:.2f}x); "
+                   + ("faster than every peer that meets the budget" if not slower else
+                      f"slower than {', '.join(slower)}"))
+    return "**Result**: " + "; ".join(out) + "."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="digits,rec,minilm")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    args = ap.parse_args()
+    env = environment()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="infertune-tune-bench-") as d:
+        for name in args.models.split(","):
+            results.append(run(name, [p for p in args.peers.split(",") if p], Path(d)))
+    write_json(RESULTS / "tune.json", {"environment": env, "results": results})
+    write_text(RESULTS / "tune.md", markdown(results, env))
+    print(markdown(results, env))
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

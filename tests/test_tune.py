@@ -161,6 +161,7 @@ def test_kill_9_mid_run_then_resume_with_the_same_command(tmp_path):
     assert keys[: len(before)] == before and len(keys) == len(set(keys)) == len(doc["trials"])
     ref = subprocess.run([*cmd[:-3], "-o", str(tmp_path / "ref"), "--json"], capture_output=True, text=True,
                          timeout=600)
+    assert ref.returncode == 0, ref.stderr[-800:]
     assert json.loads(ref.stdout)["chosen"]["spec"] == doc["chosen"]["spec"]
     assert [t["spec"] for t in json.loads(ref.stdout)["trials"]] == [t["spec"] for t in doc["trials"]]
     assert artifact.load(out).manifest["kind"] == "infertune-artifact"

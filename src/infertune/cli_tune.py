@@ -75,8 +75,9 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
             return
         tag = "[dim]recorded[/]" if reused else f"{t.seconds:.1f} s"
         met = "[green]meets[/]" if t.met else "[red]misses[/]"
+        note = f" [dim]{escape(t.note)}[/]" if t.note else ""
         err.print(f"trial {t.index:>2} {escape(t.spec.label()):<40} p50 {t.p50_ms:8.3f} ms  "
-                  f"SQNR {_fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag})")
+                  f"SQNR {_fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
 
     r = run_tune(m, calib, evaluator, b, run_dir=run_dir or output.with_name(output.name + ".run"),
                  threads=threads, methods=methods, max_trials=max_trials, time_budget_s=time_budget,

@@ -38,7 +38,7 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
@@ -58,13 +58,14 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> No
             np.savez(f, **arrays)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy values, paths, sets and result dataclasses."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
-    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+    return str(obj)

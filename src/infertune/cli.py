@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infertune import backends
-from infertune._io import write_json, write_npz
+from infertune._io import json_default, write_json, write_npz
 from infertune.errors import (
     EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
@@ -116,19 +116,11 @@ def _emit_doc(doc: dict, as_json: bool, output: Path | None, human: Callable[[],
     if output is not None:
         write_json(output, doc)
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=_json_default))
+        click.echo(json.dumps(doc, indent=2, default=json_default))
     else:
         human()
         if output is not None:
             err.print(f"wrote {output}")
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return str(o)
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from infertune import backends
-from infertune._io import write_text
+from infertune._io import json_default, write_text
 from infertune.data import Dataset
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def render(data: dict) -> str:
     """The HTML page for ``data`` (from ``report_data``)."""
     r = data["result"]
     chosen = r["chosen"]
-    doc = json.dumps(_finite(data), default=_json_default, allow_nan=False).replace("</", "<\\/")
+    doc = json.dumps(_finite(data), default=json_default, allow_nan=False).replace("</", "<\\/")
     decisions = "".join(f"<li>{html.escape(d)}</li>" for d in r["decisions"])
     rows = "".join(
         f"<tr class='{'chosen' if t['index'] == chosen['index'] else ''}'><td>{t['index']}</td>"
@@ -104,11 +104,3 @@ def _finite(o):
     if isinstance(o, (float, np.floating)) and not np.isfinite(o):
         return None
     return o
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return str(o)

@@ -213,12 +213,17 @@ class ActivationNoise:
             x = tensors.get(t)
             if x is None or x.dtype.kind != "f":
                 continue
-            x = x.astype(np.float64)
-            finite = np.isfinite(x)
-            x = np.where(finite, x, 0.0)
-            deq = (np.clip(np.rint(x / scale) + zp, lo, hi) - zp) * scale
-            self.noise[t] += float(np.sum((x - deq) ** 2))
-            self.signal[t] += float(np.sum(x**2))
+            x = np.asarray(x, np.float32).ravel()
+            if not np.isfinite(x).all():
+                x = np.where(np.isfinite(x), x, np.float32(0))
+            deq = np.rint(x / np.float32(scale))
+            deq += np.float32(zp)
+            np.clip(deq, lo, hi, out=deq)
+            deq -= np.float32(zp)
+            deq *= np.float32(scale)
+            deq -= x  # now the error
+            self.noise[t] += float(np.dot(deq, deq))
+            self.signal[t] += float(np.dot(x, x))
 
     def nsr(self) -> dict[str, float]:
         return {t: self.noise[t] / self.signal[t] for t in self.params if self.signal[t] > 0}

@@ -1,0 +1,50 @@
+"""``infertune doctor``: versions, devices and ISA checked against the compatibility table."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from infertune.cli import _emit_doc, cli, json_option, out, output_option
+from infertune.errors import CheckFailed
+
+STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
+
+
+@cli.command()
+@json_option
+@output_option
+def doctor(as_json, output) -> None:
+    """Will it run here, and run well? Exit 1 when a problem is found (each with its fix)."""
+    from infertune.doctor import doctor as run_doctor
+
+    r = run_doctor()
+    p = r.probe
+
+    def human() -> None:
+        t = Table(title="this machine", title_justify="left", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        c = p["cpu"]
+        t.add_row("python", f"{p['python']} ({p['platform']})")
+        t.add_row("cpu", f"{c['model']}, {c['logical_cores']} cores, {' '.join(c['isa']) or 'no SIMD flags read'}")
+        for dist, v in p["packages"].items():
+            if v:
+                t.add_row(dist, v)
+        t.add_row("ORT providers", ", ".join(p["ort_providers"]))
+        cu = p["cuda"]
+        t.add_row("CUDA driver", f"{cu['driver_version'] or '—'} (supports CUDA {cu['driver_cuda'] or '—'})")
+        t.add_row("CUDA runtime / cuDNN", f"{cu['runtime'] or '—'} / {cu['cudnn'] or '—'}")
+        for g in p["gpus"]:
+            t.add_row("GPU", f"{g['name']}, compute capability {g['compute_capability']}, "
+                             f"{g.get('sm_count') or '?'} SMs, {g['memory_mib']} MiB")
+        out.print(t)
+        for f in r.findings:
+            fix = f" [bold]fix:[/] {escape(f.fix)}" if f.fix else ""
+            out.print(f"[{STYLE[f.severity]}]{f.severity}[/] {f.topic}: {escape(f.message)}.{fix}")
+        out.print("[green]no problem found[/]" if not r.errors else f"[red]{len(r.errors)} problem(s) found[/]")
+
+    _emit_doc(r.to_dict(), as_json, output, human)
+    if r.errors:
+        raise CheckFailed(f"doctor found {len(r.errors)} problem(s): " + "; ".join(f.message for f in r.errors),
+                          r.to_dict())

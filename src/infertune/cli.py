@@ -382,7 +382,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
-from infertune import cli_analysis, cli_doctor, cli_perf, cli_quantize, cli_tune  # noqa: E402, F401  (register their commands on the group)
+from infertune import cli_analysis, cli_doctor, cli_export, cli_perf, cli_quantize, cli_tune  # noqa: E402, F401  (register their commands on the group)
 
 
 def main(argv: list[str] | None = None) -> int:

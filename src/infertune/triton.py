@@ -1,0 +1,103 @@
+"""Export a verified artifact as a Triton Inference Server model repository.
+
+    REPO/NAME/config.pbtxt     backend, max_batch_size, inputs and outputs, dynamic batching,
+                               instance groups, the ONNX Runtime backend's thread settings
+    REPO/NAME/1/model.onnx     the artifact's model (its hash checked on the way)
+
+Batching: when every input and output has a symbolic leading dim, Triton owns that dim
+(``max_batch_size`` > 0, dims listed without it) and may batch requests dynamically; otherwise
+``max_batch_size`` is 0 and the dims are given in full. Symbolic dims are -1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from infertune.artifact import load, sha256_file
+from infertune.errors import UsageError
+from infertune.model import TensorInfo
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
+                "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+                "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
+                "bool": "TYPE_BOOL", "string": "TYPE_STRING", "object": "TYPE_STRING"}
+BACKENDS = {"ort": "onnxruntime", "openvino": "openvino"}
+
+
+def export_triton(artifact: str | os.PathLike[str], repo: str | os.PathLike[str], *, name: str | None = None,
+                  max_batch_size: int = 8, instances: int | None = None, queue_delay_us: int = 100) -> Path:
+    """Write ``repo/name`` (see the module docstring); returns the model directory."""
+    a = load(artifact)
+    backend = BACKENDS.get(a.manifest.get("backend", "ort"))
+    if backend is None:
+        raise UsageError(f"no Triton backend for artifacts of backend {a.manifest.get('backend')!r}")
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(artifact).resolve().name)
+    if max_batch_size < 0 or queue_delay_us < 0 or (instances is not None and instances < 1):
+        raise UsageError("max_batch_size and queue delay must be >= 0 and instances >= 1")
+    dest = Path(repo) / name
+    config = config_pbtxt(name, a.model.inputs, a.model.outputs, backend=backend, settings=a.manifest["settings"],
+                          max_batch_size=max_batch_size, instances=instances or _instances(a.manifest),
+                          queue_delay_us=queue_delay_us, gpu=bool(a.manifest.get("target", {}).get("gpus")))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(a.path / a.manifest["model"], tmp / "1" / "model.onnx")
+        if sha256_file(tmp / "1" / "model.onnx") != a.manifest["files"][a.manifest["model"]]:
+            raise UsageError(f"{a.path}: the model changed while it was being copied")
+        (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _instances(manifest: dict) -> int:
+    """As many instances as fit the cores measured, given the threads each was tuned with."""
+    threads = int(manifest["settings"].get("intra_op_threads") or 0)
+    cores = int(manifest.get("target", {}).get("logical_cores") or 1)
+    return max(1, cores // threads) if threads else 1
+
+
+def config_pbtxt(name: str, inputs: list[TensorInfo], outputs: list[TensorInfo], *, backend: str, settings: dict,
+                 max_batch_size: int, instances: int, queue_delay_us: int, gpu: bool = False) -> str:
+    batched = max_batch_size > 0 and all(_leading_symbolic(t) for t in [*inputs, *outputs])
+    mbs = max_batch_size if batched else 0
+    lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {mbs}"]
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        entries = []
+        for t in tensors:
+            if t.dtype not in TRITON_TYPES or t.shape is None:
+                raise UsageError(f"{kind} {t.name!r}: Triton needs a known dtype and rank (got {t.dtype}, "
+                                 f"shape {t.shape})")
+            dims = list(t.shape[1:] if batched else t.shape)
+            entries.append(f'  {{\n    name: "{t.name}"\n    data_type: {TRITON_TYPES[t.dtype]}\n'
+                           f'    dims: [ {", ".join(str(d) if isinstance(d, int) and d > 0 else "-1" for d in dims)} ]'
+                           "\n  }")
+        lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
+    if batched:
+        preferred = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= mbs]
+        lines.append(f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+                     f"  max_queue_delay_microseconds: {queue_delay_us}\n}}")
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {'KIND_GPU' if gpu else 'KIND_CPU'}\n"
+                 "  }\n]")
+    params = {"intra_op_thread_count": settings.get("intra_op_threads") or 0,
+              "inter_op_thread_count": settings.get("inter_op_threads") or 0,
+              "execution_mode": 1 if settings.get("execution_mode") == "parallel" else 0}
+    if backend == "onnxruntime":
+        for k, v in params.items():
+            lines.append(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}')
+        if settings.get("graph_optimization") == "disable":
+            lines.append("optimization {\n  graph { level: -1 }\n}")
+    return "\n".join(lines) + "\n"
+
+
+def _leading_symbolic(t: TensorInfo) -> bool:
+    return bool(t.shape) and not (isinstance(t.shape[0], int) and t.shape[0] > 0)

@@ -93,6 +93,7 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {
     "ort": _Entry("infertune.backends.ort", "OrtBackend", "onnxruntime", None),
+    "openvino": _Entry("infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino"),
 }
 
 

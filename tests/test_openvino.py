@@ -1,0 +1,73 @@
+"""OpenVINO backend: same outputs as ONNX Runtime on FP32 models; Q/DQ models run; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infertune import backends
+from infertune.data import Dataset, synthetic_feed
+from infertune.errors import BackendUnavailable, DataError
+from infertune.model import Model
+from infertune.quant.quantize import quantize
+from models import MODELS
+
+pytest.importorskip("openvino", reason="openvino is in the dev extra")
+
+
+@pytest.mark.parametrize("name", ["conv", "small_cnn", "gemm", "attention", "two_inputs"])
+def test_fp32_outputs_match_onnx_runtime(name):
+    m = Model.from_proto(MODELS[name]())
+    feed = synthetic_feed(m, dims={d: 2 for i in m.inputs for d in i.symbolic_dims}, rng=np.random.default_rng(0))
+    ov = backends.compile(m, backends.Settings(intra_op_threads=1), backend="openvino")
+    ref = backends.compile(m).run(feed)
+    got = ov.run(feed)
+    assert ov.backend == "openvino" and set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+def test_qdq_model_runs_on_openvino_close_to_fp32():
+    m = Model.from_proto(MODELS["small_cnn"]())
+    rng = np.random.default_rng(1)
+    q = quantize(m, Dataset.from_arrays({"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)}),
+                 stability_halves=0)
+    x = {"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)}
+    ref = backends.compile(m).run(x)["logits"].ravel()
+    got = backends.compile(q.model, backend="openvino").run(x)["logits"].ravel()
+    cos = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert 0.98 < cos < 1.0  # quantized (not exact), but close
+
+
+def test_outputs_are_owned_arrays():
+    m = Model.from_proto(MODELS["conv"]())
+    r = backends.compile(m, backend="openvino")
+    a = r.run({"x": np.ones((1, 3, 16, 16), np.float32)})["y"]
+    b = r.run({"x": np.zeros((1, 3, 16, 16), np.float32)})["y"]
+    assert not np.shares_memory(a, b) and a.max() > b.max()
+
+
+def test_thread_setting_reaches_openvino():
+    from infertune.backends.openvino import compile_config
+
+    assert compile_config(backends.Settings(intra_op_threads=3))["INFERENCE_NUM_THREADS"] == "3"
+    assert "INFERENCE_NUM_THREADS" not in compile_config(backends.Settings())
+    assert compile_config(backends.Settings())["INFERENCE_PRECISION_HINT"] == "f32"
+    m = Model.from_proto(MODELS["conv"]())
+    r = backends.compile(m, backends.Settings(intra_op_threads=1), backend="openvino")
+    assert int(r.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+def test_bad_feed_is_a_data_error():
+    m = Model.from_proto(MODELS["conv"]())
+    with pytest.raises(DataError, match="OpenVINO rejected"):
+        backends.compile(m, backend="openvino").run({"x": np.ones((1, 5, 16, 16), np.float32)})
+
+
+def test_missing_openvino_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    with pytest.raises(BackendUnavailable, match=r"infertune\[openvino\]"):
+        backends.compile(Model.from_proto(MODELS["conv"]()), backend="openvino")

@@ -37,6 +37,8 @@ def _ints(text: str, what: str) -> list[int]:
               help="Intra-op thread counts to try (0 = runtime default).")
 @click.option("--methods", "methods_text", default="auto", show_default=True, metavar="M1,M2",
               help=f"Calibration methods to try ({', '.join(METHODS)}).")
+@click.option("--runtimes", "runtimes_text", default="auto", show_default=True, metavar="R1,R2",
+              help="Runtimes to try: ort, openvino; 'auto' = ort plus openvino when it is installed.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
               help="Stop starting trials after S seconds.")
@@ -48,7 +50,7 @@ def _ints(text: str, what: str) -> list[int]:
               help="The artifact directory (model, manifest.json, report.html).")
 @json_option
 def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, budget, threads_text, methods_text,
-         max_trials, time_budget, latency_seconds, run_dir, output, as_json) -> None:
+         runtimes_text, max_trials, time_budget, latency_seconds, run_dir, output, as_json) -> None:
     """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
     from infertune.analysis.sensitivity import Budget
     from infertune.backends import Settings
@@ -62,6 +64,12 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UsageError(f"--methods: unknown method {bad[0] if bad else methods_text!r} (known: {', '.join(METHODS)})")
+    from infertune import backends
+
+    if runtimes_text == "auto":
+        runtimes = [r for r in ("ort", "openvino") if backends.available().get(r)]
+    else:
+        runtimes = [r.strip() for r in runtimes_text.split(",") if r.strip()]
     b = Budget.parse(budget)
     m = Model.load(model)
     calib = _dataset(m, calib_data, preprocess, dims, 8, 0)
@@ -80,13 +88,13 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
                   f"SQNR {_fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
 
     r = run_tune(m, calib, evaluator, b, run_dir=run_dir or output.with_name(output.name + ".run"),
-                 threads=threads, methods=methods, max_trials=max_trials, time_budget_s=time_budget,
+                 threads=threads, methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget,
                  latency_s=latency_seconds, on_trial=shown, output=output)
 
     def human() -> None:
         c = r.chosen
         out.print(f"[bold green]chosen:[/] {escape(c.spec.label())}: p50 {c.p50_ms:.3f} ms "
-                  f"(FP32 {r.fp32.p50_ms:.3f} ms), budget {escape(r.budget)}")
+                  f"(FP32 {r.p50(r.fp32):.3f} ms), budget {escape(r.budget)}")
         for d in r.decisions:
             out.print(f"  - {escape(d)}")
         t = Table(title=f"{len(r.trials)} trials (Pareto front marked *)", title_justify="left")
@@ -96,7 +104,7 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         for tr in r.trials:
             t.add_row(str(tr.index), escape(tr.spec.label()), f"{tr.p50_ms:.3f}", _fmt(tr.metrics.get("sqnr_db"), 1),
                       _fmt(tr.metrics.get("cosine"), 5), "yes" if tr.met else "no",
-                      ("*" if tr.index in front else "") + (" chosen" if tr is c else ""), style=None)
+                      ("*" if tr.index in front else "") + (" chosen" if tr.index == c.index else ""))
         out.print(t)
         out.print(f"artifact: {r.artifact} (report: {Path(r.artifact) / 'report.html'}); trials in {r.run_dir}")
 

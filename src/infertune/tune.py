@@ -53,6 +53,7 @@ NOISE = 0.03
 RUNOFF_ROUNDS = 3
 RUNOFF_FINALISTS = 3
 TRIALS = "trials.jsonl"
+RUNTIME_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
 RUN = "run.json"
 
 
@@ -63,6 +64,7 @@ class TrialSpec:
     exclude: tuple[str, ...] = ()  # nodes kept in float (int8)
     threads: int = 0
     opt: str = "all"
+    backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "int8"):
@@ -74,14 +76,15 @@ class TrialSpec:
 
     def label(self) -> str:
         t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
+        on = "" if self.backend == "ort" else f" on {RUNTIME_NAMES.get(self.backend, self.backend)}"
         if self.precision == "fp32":
-            return f"FP32, {t}"
-        return f"INT8 {self.method}, {len(self.exclude)} in float, {t}"
+            return f"FP32{on}, {t}"
+        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
-                   d.get("opt", "all"))
+                   d.get("opt", "all"), d.get("backend", "ort"))
 
 
 @dataclass
@@ -133,9 +136,13 @@ class TuneResult:
     runoff: dict[str, float] = field(default_factory=dict)  # trial key -> p50 ms re-measured, interleaved
     environment: dict = field(default_factory=environment)
 
+    def p50(self, t: Trial) -> float:
+        """The trial's latency as the choice saw it: re-measured in the runoff when it took part."""
+        return self.runoff.get(t.spec.key, t.p50_ms)
+
     @property
     def fp32(self) -> Trial:
-        return min((t for t in self.trials if t.spec.precision == "fp32"), key=lambda t: t.p50_ms)
+        return min((t for t in self.trials if t.spec.precision == "fp32"), key=self.p50)
 
     def pareto(self) -> list[Trial]:
         """Trials no other trial beats on both latency and accuracy (output SQNR)."""
@@ -178,17 +185,18 @@ class _Context:
     def run_trial(self, spec: TrialSpec) -> Trial:
         start = time.perf_counter()
         model = self.build(spec)
-        metrics = self.evaluator.evaluate(model)
+        metrics = self.evaluator.evaluate(model, backend=spec.backend)
         if self.budget.fn is not None:
-            metrics["user"] = float(self.budget.fn(self.evaluator.ref_outputs, self.evaluator._run(model)))
+            metrics["user"] = float(self.budget.fn(self.evaluator.ref_outputs,
+                                                   self.evaluator._run(model, spec.backend)))
         settings = backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)
-        lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), settings=settings, warmup=5,
-                    time_budget_s=self.latency_s)
+        lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), backend=spec.backend, settings=settings,
+                    warmup=5, time_budget_s=self.latency_s)
         rel, note, met = None, "", self.budget.met(metrics)
         if model is not self.source:
             rel = f"models/{spec.key}.onnx"
             model.save(self.run_dir / rel)
-        elif spec.precision == "int8":
+        elif spec.precision == "int8" and spec.backend == "ort":
             # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
             # which does not count as an INT8 variant meeting the budget
             note, met = "nothing left to quantize: the float model", False
@@ -224,12 +232,17 @@ class _Journal:
 
 def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evaluator, budget: Budget, *,
          run_dir: str | os.PathLike[str], threads: Sequence[int] = (0,), methods: Sequence[str] = ("auto",),
+         runtimes: Sequence[str] = ("ort",),
          max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
          executor: Executor | None = None, on_trial: Callable[[Trial, bool], None] | None = None,
          output: str | os.PathLike[str] | None = None) -> TuneResult:
     """Search (see the module docstring); with ``output``, write the artifact there."""
-    if not threads or not methods:
-        raise UsageError("tune needs at least one thread count and one calibration method")
+    if not threads or not methods or not runtimes:
+        raise UsageError("tune needs at least one thread count, calibration method and runtime")
+    if runtimes[0] != "ort":
+        raise UsageError("the first runtime must be 'ort': INT8 placement and the search run on ONNX Runtime")
+    for r in runtimes:
+        backends.get_backend(r)  # unknown or not installed: a clear error before any trial
     if max_trials < 1:
         raise UsageError(f"max_trials must be >= 1, got {max_trials}")
     source = model if isinstance(model, Model) else Model.load(model)
@@ -238,7 +251,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     (root / "models").mkdir(exist_ok=True)
     source_sha = _source_sha(source)
     _claim(root, {"source_sha256": source_sha, "budget": str(budget), "threads": list(threads),
-                  "methods": list(methods), "eval_sha256": _feeds_sha(evaluator.feeds)})
+                  "methods": list(methods), "runtimes": list(runtimes), "eval_sha256": _feeds_sha(evaluator.feeds)})
     journal = _Journal(root)
     ctx = _Context(source, calib, evaluator, budget, root, latency_s)
     ctx.next_index = max((t.index for t in journal.done.values()), default=-1) + 1
@@ -273,7 +286,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
                 on_trial(t, False)
         return [trials[s.key] for s in specs if s.key in trials]
 
-    fp32 = ask(TrialSpec("fp32", threads=t) for t in threads)
+    fp32 = ask(TrialSpec("fp32", threads=t, backend=r) for r in runtimes for t in threads)
     first = threads[0]
     int8 = ask(TrialSpec("int8", method=m, threads=first) for m in methods)
     ranking: list[dict] = []
@@ -301,9 +314,10 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
                              f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
         else:
             decisions.append(f"no INT8 variant with fewer than all {len(order)} nodes in float met {budget}")
-    if passing and len(threads) > 1 and not stopped:
-        s = min(passing, key=lambda t: t.p50_ms).spec  # the fastest passing INT8 variant
-        passing += ask(TrialSpec("int8", s.method, s.exclude, t) for t in threads[1:])
+    if passing and (len(threads) > 1 or len(runtimes) > 1) and not stopped:
+        s = min(passing, key=lambda t: t.p50_ms).spec  # the fastest passing INT8 variant, on every runtime
+        passing += ask(TrialSpec("int8", s.method, s.exclude, t, backend=r) for r in runtimes for t in threads
+                       if (r, t) != ("ort", first))
     met = [t for t in trials.values() if t.met]
     runoff = _runoff(ctx, root, met, fp32)
     if runoff:
@@ -312,8 +326,8 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
                              f"{trials[k].spec.label()} {v:.3f} ms" for k, v in sorted(runoff.items(),
                                                                                     key=lambda kv: kv[1])))
         final = {k: replace(trials[k], p50_ms=v) for k, v in runoff.items()}
+        # the chosen trial carries its runoff p50: the number the choice was made on
         chosen = _choose([final[t.spec.key] for t in fp32 if t.spec.key in final], list(final.values()), decisions)
-        chosen = trials[chosen.spec.key]
     else:
         chosen = _choose(fp32, met, decisions)
     if not stopped:
@@ -350,11 +364,13 @@ def _runoff(ctx: _Context, root: Path, met: list[Trial], fp32: list[Trial]) -> d
             pass
     one = Dataset.from_iterable(ctx.evaluator.feeds[:1])
     built = {t.spec.key: (ctx.build(t.spec), backends.Settings(intra_op_threads=t.spec.threads,
-                                                               graph_optimization=t.spec.opt)) for t in finalists}
+                                                               graph_optimization=t.spec.opt), t.spec.backend)
+             for t in finalists}
     best: dict[str, float] = {}
     for _ in range(RUNOFF_ROUNDS):
-        for key, (model, settings) in built.items():
-            p50 = bench(model, one, settings=settings, warmup=5, time_budget_s=ctx.latency_s).latency_ms.p50
+        for key, (model, settings, backend) in built.items():
+            p50 = bench(model, one, backend=backend, settings=settings, warmup=5,
+                        time_budget_s=ctx.latency_s).latency_ms.p50
             best[key] = min(best.get(key, float("inf")), p50)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"keys": keys, "p50_ms": best}))
@@ -454,10 +470,11 @@ def write_artifact(result: TuneResult, ctx: _Context, source_sha: str, output: P
     settings = backends.Settings(intra_op_threads=chosen.spec.threads, graph_optimization=chosen.spec.opt)
     report = ctx.run_dir / "report.html"
     write_report(result, report, source=ctx.source, chosen_model=model, feed=ctx.evaluator.feeds[0],
-                 settings=settings)
+                 settings=settings, backend=chosen.spec.backend)
     fp32 = result.fp32
     return save_artifact(output, model, source_sha256=source_sha, settings=settings, recipe=recipe,
+                         backend=chosen.spec.backend,
                          accuracy={**{k: v for k, v in chosen.metrics.items() if np.isfinite(v)},
                                    "budget": result.budget},
-                         latency={"p50_ms": chosen.p50_ms, "fp32_p50_ms": fp32.p50_ms},
+                         latency={"p50_ms": result.p50(chosen), "fp32_p50_ms": result.p50(fp32)},
                          decision=" ".join(result.decisions), extra_files={"report.html": report})

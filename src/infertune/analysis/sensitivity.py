@@ -87,13 +87,14 @@ class Evaluator:
             raise UsageError("the evaluation set is empty")
         self.ref_outputs = self._run(self.reference)
 
-    def _run(self, model: Model) -> list[dict[str, np.ndarray]]:
-        runner = backends.compile(model, self.settings)
+    def _run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
+        runner = backends.compile(model, self.settings, backend=backend)
         self.passes += 1
         return [runner.run(f) for f in self.feeds]
 
-    def evaluate(self, model: Model) -> dict[str, float]:
-        outs = self._run(model)
+    def evaluate(self, model: Model, backend: str = "ort") -> dict[str, float]:
+        """Accuracy of ``model`` run on ``backend`` against the reference's outputs."""
+        outs = self._run(model, backend)
         sig = err = 0.0
         cosines = []
         for r, c in zip(self.ref_outputs, outs, strict=True):

@@ -112,7 +112,7 @@ class SweepResult:
 
 def sweep(model: Model | str | os.PathLike[str], data: Dataset | None = None, axes: dict[str, list] | None = None, *,
           settings: backends.Settings | None = None, seconds: float = 1.0, warmup: int = 3,
-          progress: Progress | None = None) -> SweepResult:
+          progress: Progress | None = None, backend: str = "ort") -> SweepResult:
     """Measure every combination of ``axes`` (missing axes take ``settings``' value / 1)."""
     if seconds <= 0:
         raise UsageError(f"seconds per point must be > 0, got {seconds}")
@@ -128,16 +128,16 @@ def sweep(model: Model | str | os.PathLike[str], data: Dataset | None = None, ax
     points = []
     for i, (b, t, s, opt) in enumerate(combos):
         cfg = replace(base, intra_op_threads=t, graph_optimization=opt)
-        points.append(_measure(m, cfg, feeds[b], b, s, seconds, warmup))
+        points.append(_measure(m, cfg, feeds[b], b, s, seconds, warmup, backend))
         if progress:
             progress(i + 1, len(combos))
     return SweepResult(m.name, grid, points, knees(points, grid), seconds)
 
 
 def _measure(model: Model, cfg: backends.Settings, feed: dict, batch: int, sessions: int, seconds: float,
-             warmup: int) -> SweepPoint:
+             warmup: int, backend: str = "ort") -> SweepPoint:
     reset = _reset_peak_rss()
-    runners = [backends.compile(model, cfg) for _ in range(sessions)]
+    runners = [backends.compile(model, cfg, backend=backend) for _ in range(sessions)]
     for r in runners:
         for _ in range(warmup):
             r.run(feed)

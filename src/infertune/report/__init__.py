@@ -32,21 +32,27 @@ SWEEP_BATCHES = (1, 4, 16)
 
 
 def report_data(result: TuneResult, *, source: Model, chosen_model: Model, feed: dict[str, np.ndarray],
-                settings: backends.Settings, profile_runs: int = 30, sweep_seconds: float = 0.3) -> dict:
-    """Everything the page shows, measured now for the chosen variant and FP32."""
+                settings: backends.Settings, backend: str = "ort", profile_runs: int = 30,
+                sweep_seconds: float = 0.3) -> dict:
+    """Everything the page shows, measured now for the chosen variant and FP32.
+
+    Per-op times come from ONNX Runtime's profiler: for a variant chosen on another runtime
+    only the FP32 breakdown on ONNX Runtime is shown."""
     from infertune.bench.profile import profile
     from infertune.bench.sweep import sweep
 
     one = Dataset.from_iterable([feed])
-    ops = {}
+    ops: dict[str, dict[str, float]] = {"chosen": {}}
     for label, m in (("fp32", source), ("chosen", chosen_model)):
+        if label == "chosen" and backend != "ort":
+            continue
         p = profile(m, one, settings=settings, runs=profile_runs)
         ops[label] = {o.op_type: o.mean_us for o in p.op_types}
     batches = [b for b in SWEEP_BATCHES if _batchable(chosen_model)] or [1]
     data = Dataset.from_iterable([{k: np.repeat(v, b, axis=0) for k, v in feed.items()} for b in [max(batches)]])
     threads = sorted({t.spec.threads for t in result.trials}) or [settings.intra_op_threads]
     sw = sweep(chosen_model, _split(data, max(batches)), {"batch": batches, "threads": threads},
-               settings=settings, seconds=sweep_seconds)
+               settings=settings, seconds=sweep_seconds, backend=backend)
     return {"result": result.to_dict(), "op_types": ops, "sweep": sw.to_dict()}
 
 

@@ -267,7 +267,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     assert 'data-rendered="4"' in dom, dom[-2000:]
     assert 'data-errors=""' in dom
-    assert dom.count('class="trial"') == len(r.trials)
+    assert dom.count('class="trial"') == len([t for t in r.trials if not t.note.startswith("failed")])
     assert dom.count('class="chosen-mark"') == 1
     assert 'class="bar"' in dom and 'class="series"' in dom
     shot = tmp_path / "report.png"
@@ -300,3 +300,24 @@ def test_tune_runtime_errors(tmp_path):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "a", runtimes=("openvino",))
     with pytest.raises(UsageError, match="unknown backend"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "b", runtimes=("ort", "tvm"))
+
+
+def test_a_variant_that_cannot_run_on_a_runtime_is_a_failed_trial_not_a_crash(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from infertune.backends import openvino as ov_backend
+    from infertune.errors import ModelError
+
+    real = ov_backend.OpenVinoRunner.__init__
+
+    def picky(self, model, settings):
+        if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+            raise ModelError("OpenVINO cannot compile it (simulated)")
+        real(self, model, settings)
+
+    monkeypatch.setattr(ov_backend.OpenVinoRunner, "__init__", picky)
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1,),
+             runtimes=("ort", "openvino"), latency_s=0.05)
+    (failed,) = [t for t in r.trials if t.note.startswith("failed")]
+    assert failed.spec.backend == "openvino" and failed.spec.precision == "int8" and not failed.met
+    assert "simulated" in failed.note and failed not in r.pareto() and r.chosen.met

@@ -43,7 +43,7 @@ from infertune.analysis.sensitivity import Budget, Evaluator, QuantSpace, sensit
 from infertune.artifact import save_artifact, sha256_file
 from infertune.bench.latency import bench
 from infertune.data import Dataset
-from infertune.errors import UsageError
+from infertune.errors import InfertuneError, UsageError
 from infertune.fingerprint import environment
 from infertune.model import Model
 from infertune.quant.quantize import quantize
@@ -146,10 +146,11 @@ class TuneResult:
 
     def pareto(self) -> list[Trial]:
         """Trials no other trial beats on both latency and accuracy (output SQNR)."""
+        ran = [t for t in self.trials if "sqnr_db" in t.metrics]
         front = []
-        for t in self.trials:
+        for t in ran:
             if not any(o.p50_ms <= t.p50_ms and o.metrics["sqnr_db"] >= t.metrics["sqnr_db"]
-                       and (o.p50_ms < t.p50_ms or o.metrics["sqnr_db"] > t.metrics["sqnr_db"]) for o in self.trials):
+                       and (o.p50_ms < t.p50_ms or o.metrics["sqnr_db"] > t.metrics["sqnr_db"]) for o in ran):
                 front.append(t)
         return sorted(front, key=lambda t: t.p50_ms)
 
@@ -184,6 +185,17 @@ class _Context:
 
     def run_trial(self, spec: TrialSpec) -> Trial:
         start = time.perf_counter()
+        try:
+            return self._measure(spec, start)
+        except InfertuneError as e:  # this variant cannot run on this runtime: a result, not a crash
+            return Trial(self._next(), spec, {}, float("inf"), False, time.perf_counter() - start, None,
+                         f"failed: {str(e)[:300]}")
+
+    def _next(self) -> int:
+        self.next_index += 1
+        return self.next_index - 1
+
+    def _measure(self, spec: TrialSpec, start: float) -> Trial:
         model = self.build(spec)
         metrics = self.evaluator.evaluate(model, backend=spec.backend)
         if self.budget.fn is not None:
@@ -200,9 +212,7 @@ class _Context:
             # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
             # which does not count as an INT8 variant meeting the budget
             note, met = "nothing left to quantize: the float model", False
-        index = self.next_index
-        self.next_index += 1
-        return Trial(index, spec, metrics, lat.latency_ms.p50, met, time.perf_counter() - start, rel, note)
+        return Trial(self._next(), spec, metrics, lat.latency_ms.p50, met, time.perf_counter() - start, rel, note)
 
 
 class _Journal:

@@ -41,7 +41,7 @@
 
   function scatter() {
     const r = data.result, W = 760, H = 360;
-    const trials = r.trials;
+    const trials = r.trials.filter((t) => t.p50_ms !== null && !(t.note || "").startsWith("failed"));
     const finite = trials.map((t) => t.metrics.sqnr_db).filter((v) => v !== null && isFinite(v));
     const top = finite.length ? Math.max(...finite) + 10 : 60;
     const y = (t) => (t.metrics.sqnr_db === null || !isFinite(t.metrics.sqnr_db) ? top : t.metrics.sqnr_db);

@@ -52,8 +52,7 @@ class OpenVinoRunner:
                     ov_model = core().read_model(str(path))
             self.compiled = core().compile_model(ov_model, "CPU", compile_config(settings))
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"OpenVINO cannot compile {model.name}: {first}") from None
+            raise ModelError(f"OpenVINO cannot compile {model.name}: {_reason(e)}") from None
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self.request = self.compiled.create_infer_request()
@@ -62,10 +61,15 @@ class OpenVinoRunner:
         try:
             self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"OpenVINO rejected the feed: {first}") from None
+            raise DataError(f"OpenVINO rejected the feed: {_reason(e)}") from None
         return {name: np.array(self.request.get_output_tensor(i).data, copy=True)
                 for i, name in enumerate(self.output_names)}
+
+
+def _reason(e: Exception) -> str:
+    """OpenVINO's messages start with the C++ source location; the reason is in the lines after it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]
+    return (" ".join(lines) or type(e).__name__)[:400]
 
 
 class OpenVinoBackend:

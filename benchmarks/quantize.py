@@ -154,11 +154,11 @@ def run_worker(name: str, quantizer: str, calib_n: int, out: Path, timeout: int 
 
 
 # ---- measurement ---------------------------------------------------------------------------------
-def outputs(path: Path, data: list[dict]) -> list[dict[str, np.ndarray]]:
+def outputs(path: Path, data: list[dict], backend: str = "ort") -> list[dict[str, np.ndarray]]:
     from infertune import backends
     from infertune.model import Model
 
-    runner = backends.compile(Model.load(path), backends.Settings(intra_op_threads=1))
+    runner = backends.compile(Model.load(path), backends.Settings(intra_op_threads=1), backend=backend)
     return [runner.run(f) for f in data]
 
 
@@ -193,8 +193,10 @@ def fidelity(name: str, ref: list[dict], got: list[dict], data: list[dict], labe
     return out
 
 
-def latencies(paths: dict[str, Path], feed: dict, rounds: int = 3, budget_s: float = 1.0) -> dict[str, dict]:
-    """p50 per variant and thread count; variants interleaved, best of ``rounds`` p50s."""
+def latencies(paths: dict[str, Path], feed: dict, rounds: int = 3, budget_s: float = 1.0,
+              runtimes: dict[str, str] | None = None) -> dict[str, dict]:
+    """p50 per variant and thread count; variants interleaved, best of ``rounds`` p50s.
+    ``runtimes``: the backend of each variant (default ort)."""
     from infertune import backends
     from infertune.bench.latency import bench
     from infertune.data import Dataset
@@ -206,7 +208,7 @@ def latencies(paths: dict[str, Path], feed: dict, rounds: int = 3, budget_s: flo
         for _ in range(rounds):
             for k, m in models.items():
                 r = bench(m, Dataset.from_iterable([feed]), settings=backends.Settings(intra_op_threads=threads),
-                          warmup=5, time_budget_s=budget_s)
+                          warmup=5, time_budget_s=budget_s, backend=(runtimes or {}).get(k, "ort"))
                 key = f"p50_ms_{threads}t"
                 out[k][key] = min(out[k].get(key, float("inf")), r.latency_ms.p50)
     return out

@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/tune.py [--models digits,rec,minilm] [--peers ort-minmax,ort-minmax-u8,nncf]
 
+tune searches ONNX Runtime and OpenVINO. Rows: FP32 on each runtime, tune's choice on its runtime,
+each peer quantizer's output on ONNX Runtime (NNCF's also on OpenVINO, the runtime it targets).
+
 Budgets (against FP32, on held-out inputs):
 - digits CNN: top-1 drop <= 0.5 points on the labelled test split;
 - rapidocr rec: decoded text identical to FP32's on >= 97% of held-out rendered lines;
@@ -100,17 +103,22 @@ def run(name: str, peers: list[str], work: Path) -> dict:
     t0 = time.perf_counter()
 
     def shown(t, reused):
+        value = t.metrics.get("user", t.metrics.get("sqnr_db"))
         print(f"   trial {t.index:>2} {t.spec.label():<42} p50 {t.p50_ms:8.3f} ms  user/sqnr "
-              f"{t.metrics.get('user', t.metrics.get('sqnr_db')):.4f}  {'meets' if t.met else 'misses'}", flush=True)
+              f"{'—' if value is None else f'{value:.4f}'}  {'meets' if t.met else 'misses'} {t.note}", flush=True)
 
     r = tune(m, Dataset.from_iterable(feeds(name, 64, seed=0, lazy=True)), evaluator, budget,
-             run_dir=work / f"{name}.run", threads=(1, 2), methods=("auto",), on_trial=shown,
+             run_dir=work / f"{name}.run", threads=(1, 2), methods=("auto",), runtimes=("ort", "openvino"),
+             on_trial=shown,
              output=work / f"{name}.tuned", latency_s=1.0)
     tune_s = time.perf_counter() - t0
     print(f"   chose {r.chosen.spec.label()} in {tune_s:.0f} s, {len(r.trials)} trials", flush=True)
-    paths = {"fp32": src, "infertune-tune": work / f"{name}.tuned" / "model.onnx"}
-    rows: dict[str, dict] = {"fp32": {"variant": "fp32"}, "infertune-tune": {
-        "variant": "infertune-tune", "chosen": r.chosen.spec.label(), "trials": len(r.trials),
+    paths = {"fp32": src, "fp32-openvino": src, "infertune-tune": work / f"{name}.tuned" / "model.onnx"}
+    runtimes = {"fp32-openvino": "openvino", "infertune-tune": r.chosen.spec.backend}
+    rows: dict[str, dict] = {"fp32": {"variant": "fp32"}, "fp32-openvino": {"variant": "fp32-openvino"},
+                             "infertune-tune": {
+        "variant": "infertune-tune", "chosen": r.chosen.spec.label(), "runtime": r.chosen.spec.backend,
+        "trials": len(r.trials),
         "tune_seconds": tune_s, "excluded": list(r.chosen.spec.exclude)}}
     for q in peers:
         out = work / f"{name}-{q}.onnx"
@@ -118,6 +126,9 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         rows[q] = {"variant": q, **res}
         if "error" not in res:
             paths[q] = out
+            if q == "nncf":  # NNCF's Q/DQ model is made for OpenVINO: measure it there too
+                paths["nncf-openvino"], runtimes["nncf-openvino"] = out, "openvino"
+                rows["nncf-openvino"] = {"variant": "nncf-openvino", **res}
         print(f"   {q}: {res}", flush=True)
     if name == "digits":
         with np.load(ROOT / "examples" / "digits" / "test.npz") as z:
@@ -128,7 +139,7 @@ def run(name: str, peers: list[str], work: Path) -> dict:
     ref = outputs(src, data)
     for k, p in list(paths.items()):
         try:
-            rows[k].update(fidelity(name, ref, outputs(p, data), data, check_labels))
+            rows[k].update(fidelity(name, ref, outputs(p, data, runtimes.get(k, "ort")), data, check_labels))
         except Exception as e:  # noqa: BLE001 - a model ORT cannot run is a result too
             rows[k]["error"] = f"does not run: {str(e).splitlines()[0][:200]}"
             paths.pop(k)
@@ -137,7 +148,7 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         for row in rows.values():
             if "top1" in row:
                 row["top1_drop"] = base - row["top1"]
-    for k, lat in latencies(paths, data[0], rounds=5).items():
+    for k, lat in latencies(paths, data[0], rounds=5, runtimes=runtimes).items():
         rows[k].update(lat)
     for row in rows.values():
         row["meets_budget"] = meets(name, row) and "error" not in row
@@ -179,7 +190,8 @@ def verdict(res: dict) -> str:
     peers = [r for k, r in rows.items() if k != "infertune-tune" and r.get("meets_budget")]
     out = []
     if ours.get("chosen", "").startswith("FP32"):
-        out.append("tune returned the FP32 model itself (its rows differ only by measurement noise)")
+        out.append(f"tune returned the FP32 model itself, run on {ours.get('runtime', 'ort')} (rows of the same "
+                   "model and runtime differ only by measurement noise)")
     for th in ("1t", "2t"):
         key = f"p50_ms_{th}"
         fp32 = rows["fp32"][key]

@@ -39,6 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from infertune import backends
+from infertune._io import write_json
 from infertune.analysis.sensitivity import Budget, Evaluator, QuantSpace, sensitivity
 from infertune.artifact import save_artifact, sha256_file
 from infertune.bench.latency import bench
@@ -382,9 +383,7 @@ def _runoff(ctx: _Context, root: Path, met: list[Trial], fp32: list[Trial]) -> d
             p50 = bench(model, one, backend=backend, settings=settings, warmup=5,
                         time_budget_s=ctx.latency_s).latency_ms.p50
             best[key] = min(best.get(key, float("inf")), p50)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"keys": keys, "p50_ms": best}))
-    os.replace(tmp, path)
+    write_json(path, {"keys": keys, "p50_ms": best})
     return best
 
 
@@ -423,9 +422,7 @@ def _ranking(root: Path, space: QuantSpace, evaluator: Evaluator, method: str) -
             pass
     r = sensitivity(space, evaluator, mode="exact")
     ranking = [g.to_dict() for g in r.groups]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ranking))
-    os.replace(tmp, path)
+    write_json(path, ranking)
     return ranking
 
 
@@ -449,9 +446,7 @@ def _claim(root: Path, config: dict) -> None:
                              "give another --run-dir or delete it")
         if saved is not None:
             return
-    tmp = path.with_name(RUN + ".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, path)
+    write_json(path, config)
 
 
 def _source_sha(model: Model) -> str:

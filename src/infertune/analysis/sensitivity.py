@@ -231,23 +231,22 @@ class ActivationNoise:
 
 
 def propagated_scores(space: QuantSpace, full: Model, rows: Sequence,
-                      act_nsr: dict[str, float] | None = None) -> dict[str, float]:
+                      act_nsr: dict[str, float]) -> dict[str, float]:
     """Fast sensitivity: the noise each group injects, times how much the graph amplifies it.
 
     From one layerwise run of the fully quantized model: a quantized activation's own Q/DQ adds
-    the NSR ``act_nsr`` measures on the float values (without it: NSR(after) - NSR(before) in
-    the quantized run); a group's weights add their quantization NSR (computed
-    from the Q/DQ constants, no data). Each node's noise gain is what its output carries beyond
-    its own weights' noise, over the worst NSR at its inputs (for Add, Sub, Sum and Concat, per
-    input: its signal power over the output's, since their noise simply adds); a reverse pass over the graph
-    turns these into the gain from every tensor to the model outputs (1 at an output, the
-    largest over a tensor's readers elsewhere). A group's score: the noise of its input Q/DQ
-    times their gain, plus its weight noise times the gain of its output.
+    the NSR ``act_nsr`` measures on the float values (``ActivationNoise``); a group's weights add
+    their quantization NSR (computed from the Q/DQ constants, no data). Each node's noise gain is
+    what its output carries beyond its own weights' noise, over the worst NSR at its inputs (for
+    Add, Sub, Sum and Concat, per input: its signal power over the output's, since their noise
+    simply adds); a reverse pass over the graph turns these into the gain from every tensor to
+    the model outputs (1 at an output, the largest over a tensor's readers elsewhere). A group's
+    score: the noise of its input Q/DQ times their gain, plus its weight noise times the gain of
+    its output.
     """
     src = space.source
     after = {r.tensor: _nsr(r.sqnr_db) for r in rows}
     before = {r.tensor: _nsr(r.raw_sqnr_db) if r.raw_sqnr_db is not None else after[r.tensor] for r in rows}
-    act_local = act_nsr if act_nsr is not None else {t: max(after[t] - before[t], 0.0) for t in after}
     w_nsr = _weight_nsr(src, full)
     nodes = {n.name: n for n in src.graph.node}
     readers: dict[str, list] = {}
@@ -286,7 +285,7 @@ def propagated_scores(space: QuantSpace, full: Model, rows: Sequence,
         if node is None:
             continue
         out_gain = max((to_output.get(o, 0.0) for o in nodes[last[g]].output), default=0.0)
-        injected = sum(act_local.get(i, 0.0) * to_output.get(i, 0.0) for i in node.input)
+        injected = sum(act_nsr.get(i, 0.0) * to_output.get(i, 0.0) for i in node.input)
         scores[g] = injected + w_nsr.get(g, 0.0) * out_gain
     return scores
 

@@ -33,6 +33,7 @@ import onnx
 from onnx import helper
 
 from infertune import backends
+from infertune._io import write_text
 from infertune.data import Dataset, batched
 from infertune.errors import UsageError
 from infertune.fingerprint import environment
@@ -246,7 +247,4 @@ def _shapes(entries: list | None) -> list:
 
 
 def _write_trace(events: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

@@ -23,10 +23,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from infertune import backends
+from infertune._io import write_json
 from infertune.bench.profile import ProfileResult
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
 from infertune.model_stats import inspect_model
+from infertune.quant.fusion import INT8_KERNELS
 
 GEMM_N = 1024
 OP_CLASS = {
@@ -70,10 +72,7 @@ def ceilings(threads: int = 0, *, refresh: bool = False) -> Ceilings:
     settings = backends.Settings(intra_op_threads=threads)
     result = Ceilings(threads, _gemm_gflops(TensorProto.FLOAT, settings), _gemm_gflops(TensorProto.UINT8, settings),
                       _bandwidth_gbs(), ort_version, c["model"], c["isa"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
-    os.replace(tmp, path)
+    write_json(path, result.to_dict())
     return result
 
 
@@ -172,16 +171,14 @@ def roofline(source: Model, prof: ProfileResult, ceil: Ceilings) -> Roofline:
         cls = SOURCE_CLASS.get(op)
         if cls:
             flops_by_class[cls] = flops_by_class.get(cls, 0) + f
-    int8_kernels = {"QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-                    "DynamicQuantizeMatMul"}
     rows = []
     for cls, flops in flops_by_class.items():
         kernels = [n for n in prof.nodes if n.op_type in OP_CLASS[cls]]
         us = sum(n.mean_us for n in kernels)
-        int8 = sum(n.mean_us for n in kernels if n.op_type in int8_kernels) > us / 2
+        int8 = sum(n.mean_us for n in kernels if n.op_type in INT8_KERNELS) > us / 2
         gflops = flops / us / 1e3 if us else 0.0
         peak = ceil.int8_gops if int8 else ceil.fp32_gflops
         rows.append(OpClassRoof(cls, flops, us, gflops, gflops / peak if peak else 0.0))
-    model_int8 = any(n.op_type in int8_kernels for n in prof.nodes)
+    model_int8 = any(n.op_type in INT8_KERNELS for n in prof.nodes)
     total = stats.flops
     return Roofline(ceil, total, total / prof.run_us / 1e3 if prof.run_us else 0.0, model_int8, rows)

@@ -49,20 +49,14 @@ def report_data(result: TuneResult, *, source: Model, chosen_model: Model, feed:
         p = profile(m, one, settings=settings, runs=profile_runs)
         ops[label] = {o.op_type: o.mean_us for o in p.op_types}
     batches = [b for b in SWEEP_BATCHES if _batchable(chosen_model)] or [1]
-    data = Dataset.from_iterable([{k: np.repeat(v, b, axis=0) for k, v in feed.items()} for b in [max(batches)]])
     threads = sorted({t.spec.threads for t in result.trials}) or [settings.intra_op_threads]
-    sw = sweep(chosen_model, _split(data, max(batches)), {"batch": batches, "threads": threads},
+    sw = sweep(chosen_model, Dataset.from_iterable([feed] * max(batches)), {"batch": batches, "threads": threads},
                settings=settings, seconds=sweep_seconds, backend=backend)
     return {"result": result.to_dict(), "op_types": ops, "sweep": sw.to_dict()}
 
 
 def _batchable(model: Model) -> bool:
     return all(i.shape and isinstance(i.shape[0], str) for i in model.inputs)
-
-
-def _split(data: Dataset, n: int) -> Dataset:
-    (big,) = list(data)
-    return Dataset.from_iterable([{k: v[i:i + 1] for k, v in big.items()} for i in range(n)])
 
 
 def render(data: dict) -> str:

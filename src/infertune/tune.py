@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -303,7 +304,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     ranking: list[dict] = []
     passing = [t for t in int8 if t.met]
     if int8 and not passing and not stopped:
-        best = max(int8, key=lambda t: t.metrics["sqnr_db"])
+        best = max(int8, key=lambda t: t.metrics.get("sqnr_db", -math.inf))  # a failed trial has no metrics
         decisions.append(f"no INT8 variant met {budget} with every node quantized (best: {best.spec.method}, "
                          f"{_metric_text(best, budget)}); ranking {best.spec.method}'s nodes by sensitivity")
         space = ctx.space(best.spec.method)

@@ -24,7 +24,7 @@ from infertune.bench.profile import ProfileResult, profile
 from infertune.data import Dataset
 from infertune.fingerprint import cpu, environment
 from infertune.model import Model
-from infertune.quant.fusion import INT8_KERNELS
+from infertune.quant.fusion import FLOAT_COMPUTE, INT8_KERNELS
 
 SCHEMA_VERSION = 1
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -154,8 +154,7 @@ def variant_facts(source: Model, optimized: onnx.ModelProto, prof: ProfileResult
         model=source.name, run_us=prof.run_us, node_sum_us=prof.node_sum_us,
         op_types={o.op_type: o.mean_us for o in prof.op_types},
         int8_kernels=sum(1 for n in g.node if n.op_type in INT8_KERNELS),
-        float_compute=sum(1 for n in g.node if n.op_type in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm",
-                                                             "FusedGemm")),
+        float_compute=sum(1 for n in g.node if n.op_type in FLOAT_COMPUTE),
         unfused_q=sum(1 for n in qdq_nodes if n.op_type == "QuantizeLinear"),
         unfused_dq=sum(1 for n in qdq_nodes if n.op_type == "DequantizeLinear"),
         weight_dq=sum(1 for n in qdq_nodes if n.op_type == "DequantizeLinear" and n.input[0] in consts),

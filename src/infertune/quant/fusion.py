@@ -17,6 +17,7 @@ import onnx
 from infertune import backends
 from infertune.model import Model
 
+FLOAT_COMPUTE = frozenset({"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NchwcConv"})
 INT8_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
                           "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
                           "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
@@ -59,6 +60,5 @@ def fusion_report(model: Model, settings: backends.Settings | None = None) -> Fu
         unfused_dequantize=ops["DequantizeLinear"],
         boundary=boundary,
         int8_kernels=sum(c for op, c in ops.items() if op in INT8_KERNELS),
-        float_compute=sum(ops[o] for o in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
-                                           "NchwcConv")),
+        float_compute=sum(ops[o] for o in FLOAT_COMPUTE),
     )

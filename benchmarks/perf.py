@@ -19,6 +19,7 @@ Writes benchmarks/results/perf.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs 
 from infertune import backends  # noqa: E402
 from infertune._io import write_json, write_text  # noqa: E402
 from infertune.analysis.explain import explain  # noqa: E402
-from infertune.bench.latency import allocation_per_call, bench  # noqa: E402
+from infertune.bench.latency import allocation_per_call, side_by_side  # noqa: E402
 from infertune.bench.profile import profile  # noqa: E402
 from infertune.bench.roofline import ceilings, roofline  # noqa: E402
 from infertune.bench.sweep import sweep  # noqa: E402
@@ -41,7 +42,7 @@ from infertune.model import Model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REPEATS = 3
-PREALLOC_ROUNDS = 7  # the two runners differ by a few percent at most; 3 rounds were within this machine's noise
+PREALLOC_SECONDS = 20  # x --seconds of alternating calls
 SWEEP_BATCH = {"digits": [1, 8, 32, 128], "rec": [1, 2, 4, 8], "minilm": [1, 2, 4, 8]}
 
 
@@ -85,18 +86,23 @@ def sweeps(name: str, seconds: float) -> dict:
     return r.to_dict()
 
 
-def prealloc(name: str) -> dict:
+def prealloc(name: str, seconds: float) -> dict:
+    """Allocation per call of each runner, then their latency side by side, call by call in alternation.
+
+    (Best-of-rounds p50s of separately timed sessions differed by up to 10 % either way on this machine.)
+    """
     m = Model.load(model_path(name))
     feed = feeds(name, 1, seed=1)[0]
-    out = {"model": name}
-    for label, pre in (("plain", False), ("preallocated", True)):
-        s = backends.Settings(intra_op_threads=1, preallocate=pre)
-        out[label] = allocation_per_call(backends.compile(m, s), feed).to_dict()
-    for _ in range(PREALLOC_ROUNDS):  # interleaved rounds, best p50 of each
-        for label, pre in (("plain", False), ("preallocated", True)):
-            r = bench(m, Dataset.from_iterable([feed]),
-                      settings=backends.Settings(intra_op_threads=1, preallocate=pre), warmup=5, time_budget_s=1.0)
-            out[label]["p50_ms"] = min(out[label].get("p50_ms", float("inf")), r.latency_ms.p50)
+    runners = {label: backends.compile(m, backends.Settings(intra_op_threads=1, preallocate=pre))
+               for label, pre in (("plain", False), ("preallocated", True))}
+    out: dict = {"model": name}
+    for label, runner in runners.items():
+        out[label] = allocation_per_call(runner, feed).to_dict()
+    timing = side_by_side(runners, feed, time_budget_s=PREALLOC_SECONDS * seconds)
+    for label in runners:
+        out[label]["p50_ms"] = timing.latency_ms[label].p50
+    out["rounds"] = timing.rounds
+    out["ratio_p50"] = timing.ratio_p50["preallocated"]
     return out
 
 
@@ -209,35 +215,55 @@ def markdown(doc: dict) -> str:
         ap = e["applied_explain"]["b"]
         lines += ["", f"After applying: {ap['unfused_quantize']} Q / {ap['unfused_dequantize']} DQ unfused "
                       f"({ap['qdq_us'] / 1000:.2f} ms), {ap['int8_kernels']} int8 kernels.", ""]
-    lines += [f"## Preallocated runner (I/O binding) vs plain run, 1 thread, best p50 of {PREALLOC_ROUNDS} "
-              "interleaved rounds",
+    lines += ["## Preallocated runner (I/O binding) vs plain run, 1 thread, call by call in alternation",
               "",
-              "| model | plain p50 ms | preallocated p50 ms | plain: fresh output bytes / call | preallocated | "
-              "plain: Python heap bytes / call | preallocated |", "|---|---|---|---|---|---|---|"]
+              "p50 of each runner over the same rounds; ratio: median over rounds of preallocated / plain call time.",
+              "",
+              "| model | rounds | plain p50 ms | preallocated p50 ms | ratio | plain: fresh output bytes / call | "
+              "preallocated | plain: Python heap bytes / call | preallocated |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["prealloc"]:
         p, q = r["plain"], r["preallocated"]
-        lines.append(f"| {r['model']} | {p['p50_ms']:.3f} | {q['p50_ms']:.3f} | {p['output_bytes']:.0f} | "
-                     f"{q['output_bytes']:.0f} | {p['python_bytes']:.0f} | {q['python_bytes']:.0f} |")
+        lines.append(f"| {r['model']} | {r['rounds']} | {p['p50_ms']:.3f} | {q['p50_ms']:.3f} | {r['ratio_p50']:.3f} | "
+                     f"{p['output_bytes']:.0f} | {q['output_bytes']:.0f} | {p['python_bytes']:.0f} | "
+                     f"{q['python_bytes']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("coverage", "roofline", "sweeps", "prealloc", "explain")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits,rec,minilm")
     ap.add_argument("--seconds", type=float, default=1.0, help="Seconds per sweep point.")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="Measure only these; the others are kept from the committed perf.json.")
     args = ap.parse_args()
     names = args.models.split(",")
-    doc: dict = {"environment": environment(), "ceilings": ceilings(1).to_dict(),
-                 "ceilings_2_threads": ceilings(2).to_dict(), "coverage": [], "roofline": [], "sweeps": [],
-                 "prealloc": []}
+    sections = args.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    previous = RESULTS / "perf.json"
+    doc: dict = json.loads(previous.read_text()) if set(sections) != set(SECTIONS) else {}
+    env = environment()
+    doc["environment"] = env
+    doc.setdefault("measured", {})
+    doc["ceilings"], doc["ceilings_2_threads"] = ceilings(1).to_dict(), ceilings(2).to_dict()
+    steps = {"coverage": coverage, "roofline": lambda n: [roof(n)], "sweeps": lambda n: [sweeps(n, args.seconds)],
+             "prealloc": lambda n: [prealloc(n, args.seconds)]}
+    for section in steps:
+        if section in sections:
+            doc[section] = []
+            doc["measured"][section] = env["machine"]
     for name in names:
         print(f"== {name}", flush=True)
-        doc["coverage"] += coverage(name)
-        doc["roofline"].append(roof(name))
-        doc["sweeps"].append(sweeps(name, args.seconds))
-        doc["prealloc"].append(prealloc(name))
-    if "rec" in names:
+        for section, step in steps.items():
+            if section in sections:
+                doc[section] += step(name)
+    if "rec" in names and "explain" in sections:
         print("== explain", flush=True)
+        doc["measured"]["explain"] = env["machine"]
         with tempfile.TemporaryDirectory(prefix="infertune-perf-") as d:
             doc["explain"] = explain_and_apply(Path(d))
     write_json(RESULTS / "perf.json", doc)

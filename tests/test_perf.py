@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from infertune import backends
 from infertune.analysis.explain import explain, isa_facts
 from infertune.bench import roofline as rl
-from infertune.bench.latency import allocation_per_call
+from infertune.bench.latency import allocation_per_call, side_by_side
 from infertune.bench.profile import kernel_overhead_us, profile, summarize
 from infertune.bench.sweep import knee_of, parse_sweep, sweep
 from infertune.data import Dataset
@@ -145,6 +146,36 @@ def test_preallocated_outputs_are_reused():
     bound = backends.compile(m, backends.Settings(preallocate=True))
     x = np.ones((1, 256), np.float32)
     assert bound.run({"x": x})["y"] is bound.run({"x": 2 * x})["y"]
+
+
+def test_side_by_side_alternates_and_measures_the_difference():
+    m = _wide()
+    plain = backends.compile(m, ONE_THREAD)
+    calls: list[str] = []
+
+    class Slower:  # the same runner plus a 2 ms sleep per call
+        backend, input_names, output_names = plain.backend, plain.input_names, plain.output_names
+
+        def run(self, feeds):
+            calls.append("slow")
+            time.sleep(0.002)
+            return plain.run(feeds)
+
+    class Logged:
+        backend, input_names, output_names = plain.backend, plain.input_names, plain.output_names
+
+        def run(self, feeds):
+            calls.append("fast")
+            return plain.run(feeds)
+
+    feed = {"x": np.ones((1, 256), np.float32)}
+    r = side_by_side({"fast": Logged(), "slow": Slower()}, feed, warmup=1, time_budget_s=0.05)
+    assert r.rounds >= 10 and r.latency_ms["fast"].p50 < r.latency_ms["slow"].p50
+    assert r.ratio_p50["fast"] == 1.0 and r.ratio_p50["slow"] > 1.5
+    timed = calls[2:]  # after one warm-up call each
+    assert timed[:4] == ["fast", "slow", "slow", "fast"]  # the order flips every round
+    with pytest.raises(UsageError, match="two runners"):
+        side_by_side({"fast": Logged()}, feed)
 
 
 # ---- explain --------------------------------------------------------------------------------------

@@ -175,6 +175,48 @@ def first_feed(model: Model, data: Dataset, name: str, batch_size: int) -> dict[
 
 
 @dataclass(frozen=True)
+class SideBySide:
+    """Runners timed call by call in alternation on one feed (the order flips every round).
+
+    Separate runs of two runners differ by more than their real difference on a busy or
+    frequency-scaling machine; alternating calls share the same conditions. ``ratio_p50``:
+    median over rounds of each runner's call time divided by the first runner's.
+    """
+
+    rounds: int
+    latency_ms: dict[str, LatencyStats]
+    ratio_p50: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"rounds": self.rounds, "ratio_p50": self.ratio_p50,
+                "latency_ms": {k: v.to_dict() for k, v in self.latency_ms.items()}}
+
+
+def side_by_side(runners: dict[str, backends.Runner], feed: dict[str, np.ndarray], *, warmup: int = 5,
+                 time_budget_s: float = DEFAULT_TIME_BUDGET_S) -> SideBySide:
+    """Time ``runners`` alternately on ``feed`` for ``time_budget_s`` (at least 10 rounds)."""
+    if len(runners) < 2:
+        raise UsageError("side_by_side needs at least two runners")
+    labels = list(runners)
+    for r in runners.values():
+        for _ in range(warmup):
+            r.run(feed)
+    samples: dict[str, list[int]] = {k: [] for k in labels}
+    clock = time.perf_counter_ns
+    start, rounds = clock(), 0
+    while rounds < MIN_ITERATIONS or clock() - start < time_budget_s * 1e9:
+        for k in (labels if rounds % 2 == 0 else labels[::-1]):
+            t0 = clock()
+            runners[k].run(feed)
+            samples[k].append(clock() - t0)
+        rounds += 1
+    ns = {k: np.asarray(v, dtype=np.int64) for k, v in samples.items()}
+    base = ns[labels[0]].astype(np.float64)
+    return SideBySide(rounds, {k: LatencyStats.from_ns(v) for k, v in ns.items()},
+                      {k: float(np.median(v / base)) for k, v in ns.items()})
+
+
+@dataclass(frozen=True)
 class Allocation:
     """What one steady-state ``run`` call allocates, measured over ``calls`` calls.
 

@@ -180,6 +180,17 @@ def masked_matmul() -> onnx.ModelProto:
     return _model(nodes, [x, mask], [y1, y2], [_w("W1", (8, 4), 16), _w("W2", (8, 4), 17)], "masked_matmul")
 
 
+def mlp_bias() -> onnx.ModelProto:
+    """x[N,8,16] -> MatMul -> Add(bias) -> MatMul -> y: ort-cpu quantizes the bias Add, OpenVINO refuses that."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16])
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+             helper.make_node("MatMul", ["hb", "W2"], ["y"], name="mm2")]
+    return _model(nodes, [x], [y], [_w("W1", (16, 16), 18, 0.3), _w("b", (16,), 19, 1.0), _w("W2", (16, 16), 20, 0.3)],
+                  "mlp_bias")
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv": conv,
     "grouped_conv": grouped_conv,
@@ -192,4 +203,5 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "two_inputs": two_inputs,
     "small_cnn": small_cnn,
     "masked_matmul": masked_matmul,
+    "mlp_bias": mlp_bias,
 }

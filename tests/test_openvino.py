@@ -7,7 +7,7 @@ import pytest
 
 from infertune import backends
 from infertune.data import Dataset, synthetic_feed
-from infertune.errors import BackendUnavailable, DataError
+from infertune.errors import BackendUnavailable, DataError, ModelError
 from infertune.model import Model
 from infertune.quant.quantize import quantize
 from models import MODELS
@@ -25,6 +25,22 @@ def test_fp32_outputs_match_onnx_runtime(name):
     assert ov.backend == "openvino" and set(got) == set(ref)
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_placement_leaves_the_bias_add_float_where_ort_cpu_placement_is_refused():
+    m = Model.from_proto(MODELS["mlp_bias"]())
+    rng = np.random.default_rng(2)
+    data = Dataset.from_arrays({"x": rng.standard_normal((16, 8, 16)).astype(np.float32)})
+    x = {"x": rng.standard_normal((2, 8, 16)).astype(np.float32)}
+    ort_cpu = quantize(m, data, target="ort-cpu", stability_halves=0)
+    assert "bias" in ort_cpu.plan.quantized_nodes  # QLinearAdd on ONNX Runtime
+    with pytest.raises(ModelError, match="bias"):  # OpenVINO's AddTransformation refuses a quantized bias
+        backends.compile(ort_cpu.model, backend="openvino").run(x)
+    ov = quantize(m, data, target="openvino", stability_halves=0)
+    assert ov.plan.quantized_nodes == ["mm1", "mm2"]
+    got = backends.compile(ov.model, backend="openvino").run(x)["y"].ravel()
+    ref = backends.compile(m).run(x)["y"].ravel()
+    assert 0.99 < float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) < 1.0
 
 
 def test_qdq_model_runs_on_openvino_close_to_fp32():

@@ -87,6 +87,23 @@ def test_sensitivity_ranks_the_planted_layer_first(setup, mode):
     assert r.baseline["sqnr_db"] < 25
 
 
+def test_exact_sensitivity_on_openvino_evaluates_there(setup, monkeypatch):
+    pytest.importorskip("openvino")
+    m, _, feeds = setup
+    rng = np.random.default_rng(0)
+    calib = Dataset.from_arrays({"x": rng.standard_normal((32, 4, 8, 8)).astype(np.float32)})
+    space = QuantSpace(m, quantize(m, calib, method="minmax", target="openvino", observe_all=True,
+                                   stability_halves=0))
+    ev = Evaluator(m, feeds)
+    ran_on = []
+    real = ev._run
+    monkeypatch.setattr(ev, "_run", lambda model, backend="ort": ran_on.append(backend) or real(model, backend))
+    r = sensitivity(space, ev, mode="exact", backend="openvino")
+    assert r.ranking[0] == "conv_b" and ran_on == ["openvino"] * (1 + len(space.groups))
+    with pytest.raises(UsageError, match="use exact mode to rank on openvino"):
+        sensitivity(space, ev, mode="fast", backend="openvino")
+
+
 def test_mixed_precision_excludes_it_and_meets_the_budget(setup):
     m, q, feeds = setup
     space = QuantSpace(m, q)

@@ -288,16 +288,19 @@ def test_tune_tries_openvino_and_evaluates_on_it(tmp_path, monkeypatch):
              runtimes=("ort", "openvino"), output=tmp_path / "art")
     ov = [t for t in r.trials if t.spec.backend == "openvino"]
     assert {t.spec.precision for t in ov} == {"fp32", "int8"}
+    assert {t.spec.target for t in r.trials if t.spec.precision == "int8"} == {"ort-cpu", "openvino"}
+    assert all(t.spec.target == "openvino" for t in ov if t.spec.precision == "int8")  # placed for OpenVINO
     fp32_ov = next(t for t in ov if t.spec.precision == "fp32")
     assert 60 < fp32_ov.metrics["sqnr_db"] < float("inf")  # measured on OpenVINO, not copied from ORT
     a = artifact.load(tmp_path / "art")
     assert a.manifest["backend"] == r.chosen.spec.backend and a.runner().backend == r.chosen.spec.backend
 
 
-def test_tune_runtime_errors(tmp_path):
+def test_tune_runtime_errors(tmp_path, monkeypatch):
     m, calib, ev = _digits(10)
-    with pytest.raises(UsageError, match="first runtime must be 'ort'"):
-        tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "a", runtimes=("openvino",))
+    monkeypatch.setitem(backends._REGISTRY, "toy", backends._REGISTRY["ort"])  # runs, but no placement known
+    with pytest.raises(UsageError, match="no INT8 placement for runtime 'toy'"):
+        tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "a", runtimes=("ort", "toy"))
     with pytest.raises(UsageError, match="unknown backend"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "b", runtimes=("ort", "tvm"))
 

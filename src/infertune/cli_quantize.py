@@ -35,7 +35,8 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
               help="Range method for every activation (auto: per tensor).")
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
               help="ort-cpu: uint8 activations placed for ONNX Runtime's CPU fusions; "
-                   "tensorrt: int8 symmetric per TensorRT's explicit-quantization rules.")
+                   "tensorrt: int8 symmetric per TensorRT's explicit-quantization rules; "
+                   "openvino: uint8 on the inputs of the ops OpenVINO quantizes (no quantized bias Add).")
 @click.option("--exclude", multiple=True, metavar="NODE|op:TYPE|re:REGEX",
               help="Keep nodes in float, by name, op type or regex on the name (repeatable).")
 @click.option("--override", "overrides", multiple=True, metavar="TENSOR=METHOD",

@@ -2,10 +2,14 @@
 
 The search, cheapest first:
 
-1. FP32 at every thread count asked for (the reference: it always meets the budget);
-2. INT8 (target placement, one calibration per method asked for) with nothing excluded;
-3. if no INT8 variant meets the budget: the exact sensitivity ranking of the best method's
-   groups, then bisection over how many of the most sensitive groups stay float;
+1. FP32 on every runtime at every thread count asked for (the reference: it always meets the
+   budget);
+2. per runtime, INT8 placed for that runtime (``PLACEMENT``: what its graph optimiser fuses or
+   accepts; one calibration per method asked for) with nothing excluded, evaluated on it;
+3. if no INT8 variant meets the budget there: the exact sensitivity ranking of the best method's
+   groups measured on that runtime (kernels differ: OpenVINO's int8 convolutions on a CPU
+   without VNNI lose more than ONNX Runtime's), then bisection over how many of the most
+   sensitive groups stay float;
 4. the passing INT8 variant at the other thread counts.
 
 It stops when the budget is met by the fewest exclusions (more exclusions only add float work),
@@ -56,6 +60,7 @@ RUNOFF_ROUNDS = 3
 RUNOFF_FINALISTS = 3
 TRIALS = "trials.jsonl"
 RUNTIME_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
+PLACEMENT = {"ort": "ort-cpu", "openvino": "openvino"}  # runtime -> Q/DQ placement target
 RUN = "run.json"
 
 
@@ -67,10 +72,15 @@ class TrialSpec:
     threads: int = 0
     opt: str = "all"
     backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
+    target: str = ""  # Q/DQ placement (int8); empty: the backend's own (PLACEMENT)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "int8"):
             raise UsageError(f"precision must be fp32 or int8, got {self.precision!r}")
+        if self.precision == "int8" and not self.target:
+            if self.backend not in PLACEMENT:
+                raise UsageError(f"no INT8 placement known for runtime {self.backend!r}")
+            object.__setattr__(self, "target", PLACEMENT[self.backend])
 
     @property
     def key(self) -> str:
@@ -85,8 +95,10 @@ class TrialSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
+        # journals from before per-runtime placement built every INT8 variant for ort-cpu
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
-                   d.get("opt", "all"), d.get("backend", "ort"))
+                   d.get("opt", "all"), d.get("backend", "ort"),
+                   d.get("target", "ort-cpu" if d["precision"] == "int8" else ""))
 
 
 @dataclass
@@ -172,18 +184,20 @@ class _Context:
                  latency_s: float) -> None:
         self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
         self.run_dir, self.latency_s = run_dir, latency_s
-        self.spaces: dict[str, QuantSpace] = {}
+        self.spaces: dict[tuple[str, str], QuantSpace] = {}
         self.next_index = 0
 
-    def space(self, method: str) -> QuantSpace:
-        if method not in self.spaces:
-            q = quantize(self.source, self.calib, method=method, observe_all=True, stability_halves=0,
-                         settings=self.evaluator.settings)
-            self.spaces[method] = QuantSpace(self.source, q)
-        return self.spaces[method]
+    def space(self, method: str, target: str) -> QuantSpace:
+        if (method, target) not in self.spaces:
+            q = quantize(self.source, self.calib, method=method, target=target, observe_all=True,
+                         stability_halves=0, settings=self.evaluator.settings)
+            self.spaces[method, target] = QuantSpace(self.source, q)
+        return self.spaces[method, target]
 
     def build(self, spec: TrialSpec) -> Model:
-        return self.source if spec.precision == "fp32" else self.space(spec.method).build(spec.exclude)
+        if spec.precision == "fp32":
+            return self.source
+        return self.space(spec.method, spec.target).build(spec.exclude)
 
     def run_trial(self, spec: TrialSpec) -> Trial:
         start = time.perf_counter()
@@ -210,7 +224,7 @@ class _Context:
         if model is not self.source:
             rel = f"models/{spec.key}.onnx"
             model.save(self.run_dir / rel)
-        elif spec.precision == "int8" and spec.backend == "ort":
+        elif spec.precision == "int8":
             # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
             # which does not count as an INT8 variant meeting the budget
             note, met = "nothing left to quantize: the float model", False
@@ -251,10 +265,10 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     """Search (see the module docstring); with ``output``, write the artifact there."""
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
-    if runtimes[0] != "ort":
-        raise UsageError("the first runtime must be 'ort': INT8 placement and the search run on ONNX Runtime")
     for r in runtimes:
         backends.get_backend(r)  # unknown or not installed: a clear error before any trial
+        if r not in PLACEMENT:
+            raise UsageError(f"tune has no INT8 placement for runtime {r!r} (known: {', '.join(PLACEMENT)})")
     if max_trials < 1:
         raise UsageError(f"max_trials must be >= 1, got {max_trials}")
     source = model if isinstance(model, Model) else Model.load(model)
@@ -298,22 +312,28 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
                 on_trial(t, False)
         return [trials[s.key] for s in specs if s.key in trials]
 
-    fp32 = ask(TrialSpec("fp32", threads=t, backend=r) for r in runtimes for t in threads)
-    first = threads[0]
-    int8 = ask(TrialSpec("int8", method=m, threads=first) for m in methods)
-    ranking: list[dict] = []
-    passing = [t for t in int8 if t.met]
-    if int8 and not passing and not stopped:
-        best = max(int8, key=lambda t: t.metrics.get("sqnr_db", -math.inf))  # a failed trial has no metrics
-        decisions.append(f"no INT8 variant met {budget} with every node quantized (best: {best.spec.method}, "
-                         f"{_metric_text(best, budget)}); ranking {best.spec.method}'s nodes by sensitivity")
-        space = ctx.space(best.spec.method)
-        ranking = _ranking(root, space, evaluator, best.spec.method)
-        order = [r["node"] for r in ranking]
+    def search_int8(runtime: str) -> list[Trial]:
+        """INT8 on ``runtime``: every method; if none meets the budget, bisection over its ranking."""
+        on = "" if runtime == "ort" else f" on {RUNTIME_NAMES.get(runtime, runtime)}"
+        int8 = ask(TrialSpec("int8", method=m, threads=first, backend=runtime) for m in methods)
+        passing = [t for t in int8 if t.met]
+        ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
+        if passing or not ran or stopped:
+            return passing
+        best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
+        decisions.append(f"no INT8 variant{on} met {budget} with every node quantized (best: {best.spec.method}, "
+                         f"{_metric_text(best, budget)}); ranking {best.spec.method}'s nodes by sensitivity{on}")
+        space = ctx.space(best.spec.method, best.spec.target)
+        rankings[runtime] = _ranking(root, space, evaluator, best.spec.method, runtime)
+        order = [r["node"] for r in rankings[runtime]]
+
+        def spec(k: int) -> TrialSpec:
+            return replace(best.spec, exclude=tuple(order[:k]))
+
         lo, hi = 0, len(order)  # k = lo fails; k = hi: the float model, which meets
         while hi - lo > 1 and not stopped:
             mid = (lo + hi) // 2
-            (t,) = ask([TrialSpec("int8", best.spec.method, tuple(order[:mid]), first)]) or (None,)
+            (t,) = ask([spec(mid)]) or (None,)
             if t is None:
                 break
             if t.met:
@@ -321,15 +341,22 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
             else:
                 lo = mid
         if hi < len(order):
-            passing = [trials[TrialSpec("int8", best.spec.method, tuple(order[:hi]), first).key]]
-            decisions.append(f"kept the {hi} most sensitive node(s) in float to meet {budget}: "
+            decisions.append(f"kept the {hi} most sensitive node(s) in float{on} to meet {budget}: "
                              f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
-        else:
-            decisions.append(f"no INT8 variant with fewer than all {len(order)} nodes in float met {budget}")
-    if passing and (len(threads) > 1 or len(runtimes) > 1) and not stopped:
-        s = min(passing, key=lambda t: t.p50_ms).spec  # the fastest passing INT8 variant, on every runtime
-        passing += ask(TrialSpec("int8", s.method, s.exclude, t, backend=r) for r in runtimes for t in threads
-                       if (r, t) != ("ort", first))
+            return [trials[spec(hi).key]]
+        decisions.append(f"no INT8 variant{on} with fewer than all {len(order)} nodes in float met {budget}")
+        return []
+
+    fp32 = ask(TrialSpec("fp32", threads=t, backend=r) for r in runtimes for t in threads)
+    first = threads[0]
+    rankings: dict[str, list[dict]] = {}
+    for runtime in runtimes:
+        if stopped:
+            break
+        passing = search_int8(runtime)
+        if passing and len(threads) > 1 and not stopped:
+            s = min(passing, key=lambda t: t.p50_ms).spec  # the fastest passing INT8 variant, every thread count
+            ask(replace(s, threads=t) for t in threads if t != first)
     met = [t for t in trials.values() if t.met]
     runoff = _runoff(ctx, root, met, fp32)
     if runoff:
@@ -345,6 +372,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     if not stopped:
         stopped = "budget met; more float nodes would only add work" if chosen.spec.precision == "int8" else \
             "FP32 is the fastest variant that meets the budget"
+    ranking = rankings.get(chosen.spec.backend) or next(iter(rankings.values()), [])
     result = TuneResult(str(budget), sorted(trials.values(), key=lambda t: t.index), chosen, decisions, ranking,
                         str(root), stopped=stopped, runoff=runoff)
     if output is not None:
@@ -413,15 +441,15 @@ def _choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
     return fastest
 
 
-def _ranking(root: Path, space: QuantSpace, evaluator: Evaluator, method: str) -> list[dict]:
-    """The exact sensitivity ranking, recorded in the run directory so a resumed run reuses it."""
-    path = root / f"sensitivity-{method}.json"
+def _ranking(root: Path, space: QuantSpace, evaluator: Evaluator, method: str, runtime: str) -> list[dict]:
+    """The exact sensitivity ranking on ``runtime``, recorded in the run directory for a resumed run."""
+    path = root / f"sensitivity-{method}-{runtime}.json"
     if path.exists():
         try:
             return json.loads(path.read_text())
         except ValueError:
             pass
-    r = sensitivity(space, evaluator, mode="exact")
+    r = sensitivity(space, evaluator, mode="exact", backend=runtime)
     ranking = [g.to_dict() for g in r.groups]
     write_json(path, ranking)
     return ranking
@@ -472,7 +500,7 @@ def write_artifact(result: TuneResult, ctx: _Context, source_sha: str, output: P
     model = ctx.build(chosen.spec)
     recipe = None
     if chosen.spec.precision == "int8":
-        recipe = ctx.space(chosen.spec.method).result(chosen.spec.exclude).recipe.to_dict()
+        recipe = ctx.space(chosen.spec.method, chosen.spec.target).result(chosen.spec.exclude).recipe.to_dict()
     settings = backends.Settings(intra_op_threads=chosen.spec.threads, graph_optimization=chosen.spec.opt)
     report = ctx.run_dir / "report.html"
     write_report(result, report, source=ctx.source, chosen_model=model, feed=ctx.evaluator.feeds[0],

@@ -145,18 +145,22 @@ class SensitivityResult:
 
 
 def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
-                progress: Progress | None = None) -> SensitivityResult:
+                progress: Progress | None = None, backend: str = "ort") -> SensitivityResult:
+    """Rank ``space``'s groups, most sensitive first; ``exact`` evaluates each variant on ``backend``."""
     if mode not in ("exact", "fast"):
         raise UsageError(f"sensitivity mode must be exact or fast, got {mode!r}")
+    if mode == "fast" and backend != "ort":
+        raise UsageError("fast sensitivity propagates noise through ONNX Runtime's activations; "
+                         f"use exact mode to rank on {backend}")
     start = time.perf_counter()
     passes_before = evaluator.passes - 1  # the reference pass is part of every mode's cost
     full = space.build()
     ops = {n: space.op_types[n] for n in space.groups}
     scores: dict[str, float] = {}
     if mode == "exact":
-        baseline = evaluator.evaluate(full)
+        baseline = evaluator.evaluate(full, backend)
         for i, g in enumerate(space.groups):
-            scores[g] = evaluator.evaluate(space.build([o for o in space.groups if o != g]))["nsr"]
+            scores[g] = evaluator.evaluate(space.build([o for o in space.groups if o != g]), backend)["nsr"]
             if progress:
                 progress(i + 1, len(space.groups))
         passes = evaluator.passes - passes_before

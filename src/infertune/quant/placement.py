@@ -73,6 +73,10 @@ TARGETS: dict[str, TargetRules] = {
         input_only_ops=frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Add"}),
     ),
 }
+# OpenVINO's low-precision transformations take Q/DQ on the inputs of the ops they quantize and
+# refuse a quantized constant operand of Add/Mul (a bias): TensorRT's placement, uint8 asymmetric.
+TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
+                                     "activation_dtype": "uint8", "activation_symmetric": False})
 
 # op type -> index of the weight input, and how to find its output-channel axis
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
@@ -54,6 +55,30 @@ def test_fixed_shape_model_is_not_batched_by_triton(tmp_path):
     c = _parse(export_triton(_artifact(tmp_path, proto), tmp_path / "repo", name="ids"))
     assert c.max_batch_size == 0 and not c.HasField("dynamic_batching")
     assert list(c.input[0].dims) == [2, -1] and c.input[0].data_type == model_config_pb2.TYPE_INT64
+
+
+def test_gpu_artifact_is_served_on_gpu_instances_with_the_tensorrt_accelerator(tmp_path):
+    from infertune.data import Dataset
+    from infertune.quant.quantize import quantize
+
+    m = Model.from_proto(MODELS["conv"]())
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    settings = backends.Settings(options={"fp16": "1", "workspace_mib": "256"})
+    for model, backend, precision in ((m, "ort-tensorrt", "FP16"),
+                                      (quantize(m, Dataset.from_arrays({"x": x}), target="tensorrt",
+                                                stability_halves=0).model, "tensorrt", "INT8"),
+                                      (m, "ort-cuda", None)):
+        a = artifact.save_artifact(tmp_path / backend, model, source_sha256="0" * 64, settings=settings,
+                                   backend=backend)
+        c = _parse(export_triton(a, tmp_path / "repo"))
+        assert c.backend == "onnxruntime" and c.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        accelerators = c.optimization.execution_accelerators.gpu_execution_accelerator
+        if precision is None:
+            assert not accelerators
+            continue
+        (trt,) = accelerators
+        assert trt.name == "tensorrt" and dict(trt.parameters) == {
+            "precision_mode": precision, "max_workspace_size_bytes": str(256 * 2**20)}
 
 
 def test_tampered_artifact_is_not_exported(tmp_path):

@@ -49,11 +49,16 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def target_fingerprint() -> dict:
-    """What a measured latency depends on: CPU, ISA flags, cores, runtime versions."""
+def target_fingerprint(backend: str = "ort") -> dict:
+    """What a measured latency depends on: CPU, ISA flags, cores, runtime versions (and GPUs)."""
     c = cpu()
-    return {"cpu": c["model"], "arch": c["arch"], "isa": c["isa"], "logical_cores": c["logical_cores"],
-            "versions": versions()}
+    out = {"cpu": c["model"], "arch": c["arch"], "isa": c["isa"], "logical_cores": c["logical_cores"],
+           "versions": versions(("openvino", "onnxruntime-gpu", "tensorrt"))}
+    if backend in backends.GPU_BACKENDS:
+        from infertune.doctor import probe
+
+        out["gpus"] = probe()["gpus"]
+    return out
 
 
 def save_artifact(directory: str | os.PathLike[str], model: Model, *, source_sha256: str,
@@ -75,7 +80,7 @@ def save_artifact(directory: str | os.PathLike[str], model: Model, *, source_sha
             "schema_version": SCHEMA_VERSION, "kind": "infertune-artifact",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": MODEL_FILE, "source_sha256": source_sha256, "recipe": RECIPE_FILE if recipe is not None else None,
-            "backend": backend, "settings": settings.to_dict(), "target": target_fingerprint(),
+            "backend": backend, "settings": settings.to_dict(), "target": target_fingerprint(backend),
             "accuracy": accuracy or {}, "latency": latency or {}, "decision": decision, "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))

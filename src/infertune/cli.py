@@ -6,6 +6,7 @@ User errors print one line without a traceback; anything else is a bug and keeps
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from infertune.errors import (
     EXIT_CHECK_FAILED,
     CheckFailed,
     InfertuneError,
+    UsageError,
 )
 
 out = Console(highlight=False)
@@ -62,6 +64,16 @@ def data_options(f: Callable) -> Callable:
 
 
 def backend_options(f: Callable) -> Callable:
+    """--backend plus the runtime settings, handed to the command as one ``settings`` argument."""
+
+    @functools.wraps(f)
+    def with_settings(*args, threads: int, inter_threads: int, opt_level: str, execution_mode: str,
+                      backend_option: tuple[str, ...], **kwargs):
+        kwargs["settings"] = backends.Settings(intra_op_threads=threads, inter_op_threads=inter_threads,
+                                               graph_optimization=opt_level, execution_mode=execution_mode,
+                                               options=_parse_options(backend_option))
+        return f(*args, **kwargs)
+
     for opt in reversed([
         click.option("--backend", default="ort", show_default=True,
                      help=f"Runtime backend ({', '.join(backends.names())})."),
@@ -73,16 +85,23 @@ def backend_options(f: Callable) -> Callable:
                      default="all", show_default=True, help="Graph optimisation level."),
         click.option("--execution-mode", type=click.Choice(backends.EXECUTION_MODES),
                      default="sequential", show_default=True),
+        click.option("--option", "backend_option", multiple=True, metavar="KEY=VALUE",
+                     help="Backend option (repeatable): session.* for ONNX Runtime, UPPER_CASE OpenVINO "
+                          "properties, GPU options (fp16, engine_cache, timing_cache, cuda_graph, "
+                          "builder_optimization_level, profile_shapes, streams, ...)."),
     ]):
-        f = opt(f)
-    return f
+        with_settings = opt(with_settings)
+    return with_settings
 
 
-def _settings(threads: int, inter_threads: int, opt_level: str, execution_mode: str,
-              optimized_model_path: str | None = None) -> backends.Settings:
-    return backends.Settings(intra_op_threads=threads, inter_op_threads=inter_threads,
-                             graph_optimization=opt_level, execution_mode=execution_mode,
-                             optimized_model_path=optimized_model_path)
+def _parse_options(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _dataset(model, data, preprocess, dims, samples, seed):
@@ -229,8 +248,7 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
 @json_option
 @output_option
 def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, seed, batch,
-            atol, rtol, checks, layerwise, threshold_db, backend, threads, inter_threads, opt_level,
-            execution_mode, as_json, output) -> None:
+            atol, rtol, checks, layerwise, threshold_db, backend, settings, as_json, output) -> None:
     """Compare CANDIDATE's outputs with REFERENCE (an ONNX model or saved outputs .npz)."""
     from infertune.analysis.compare import compare as run_compare
     from infertune.data import batched
@@ -238,7 +256,6 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
 
     cand = Model.load(candidate)
     ds = batched(_dataset(cand, data, preprocess, dims, samples, seed), batch)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode)
     if layerwise:
         from infertune.cli_analysis import run_layerwise
 
@@ -300,8 +317,7 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
 @json_option
 @output_option
 def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, iterations,
-          time_budget, save_optimized, preallocate, sweep_axes, backend, threads, inter_threads, opt_level,
-          execution_mode, as_json, output) -> None:
+          time_budget, save_optimized, preallocate, sweep_axes, backend, settings, as_json, output) -> None:
     """Latency percentiles and throughput of MODEL (or a sweep over settings)."""
     from dataclasses import replace
 
@@ -312,8 +328,8 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
     m = Model.load(model)
     ds = None if data in (None, "synthetic") else _dataset(m, data, preprocess, dims, samples,
                                                              seed)
-    settings = replace(_settings(threads, inter_threads, opt_level, execution_mode,
-                                 str(save_optimized) if save_optimized else None), preallocate=preallocate)
+    settings = replace(settings, optimized_model_path=str(save_optimized) if save_optimized else None,
+                       preallocate=preallocate)
     if sweep_axes:
         from infertune.cli_perf import run_sweep
 
@@ -327,8 +343,8 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
     def human() -> None:
         lat = r.latency_ms
         shapes = ", ".join(f"{k} {v}" for k, v in r.input_shapes.items())
-        out.print(f"[bold]{r.model}[/] on {r.backend} ({shapes}; threads "
-                  f"{threads or 'default'}, opt {opt_level}): {r.iterations} runs in "
+        out.print(f"[bold]{r.model}[/] on {r.backend} ({shapes}; threads {settings.intra_op_threads or 'default'}, "
+                  f"opt {settings.graph_optimization}): {r.iterations} runs in "
                   f"{r.wall_s:.2f} s after {r.warmup} warm-up")
         t = Table()
         for c in ("min", "p50", "p90", "p99", "mean", "std", "CoV", "throughput"):
@@ -355,8 +371,7 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the outputs (.npz, one array per output, rows = samples).")
 @backend_options
-def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backend, threads,
-        inter_threads, opt_level, execution_mode) -> None:
+def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backend, settings) -> None:
     """Run MODEL on data and save its outputs (a reference for `compare`)."""
     import numpy as np
 
@@ -365,7 +380,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
 
     m = Model.load(model)
     ds = batched(_dataset(m, data, preprocess, dims, samples, seed), batch)
-    runner = backends.compile(m, _settings(threads, inter_threads, opt_level, execution_mode),
+    runner = backends.compile(m, settings,
                               backend=backend)
     validator = FeedValidator(m, nonfinite="keep")
     collected: dict[str, list] = {n: [] for n in runner.output_names}

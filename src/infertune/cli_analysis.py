@@ -14,7 +14,6 @@ from infertune.cli import (
     _dataset,
     _emit_doc,
     _fmt,
-    _settings,
     backend_options,
     cli,
     data_options,
@@ -68,13 +67,12 @@ def _db(v: float) -> str:
 @json_option
 @output_option
 def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, eval_samples, mode, method, target,
-                exclude, top, backend, threads, inter_threads, opt_level, execution_mode, as_json, output) -> None:
+                exclude, top, backend, settings, as_json, output) -> None:
     """Rank MODEL's quantized nodes by their effect on the outputs (exact or fast)."""
     from infertune.analysis.sensitivity import sensitivity as run_sensitivity
     from infertune.model import Model
 
     m = Model.load(model)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode)
     space, evaluator = build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
                                    target, exclude, settings, as_json)
     with progress_bar(f"sensitivity ({mode})", not as_json) as update:

@@ -1,7 +1,11 @@
-"""``infertune doctor``: versions, devices and ISA checked against the compatibility table."""
+"""``infertune doctor`` (this machine against the compatibility table) and ``infertune preflight``
+(an engine or artifact against this machine)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import click
 from rich.markup import escape
 from rich.table import Table
 
@@ -39,12 +43,36 @@ def doctor(as_json, output) -> None:
             t.add_row("GPU", f"{g['name']}, compute capability {g['compute_capability']}, "
                              f"{g.get('sm_count') or '?'} SMs, {g['memory_mib']} MiB")
         out.print(t)
-        for f in r.findings:
-            fix = f" [bold]fix:[/] {escape(f.fix)}" if f.fix else ""
-            out.print(f"[{STYLE[f.severity]}]{f.severity}[/] {f.topic}: {escape(f.message)}.{fix}")
-        out.print("[green]no problem found[/]" if not r.errors else f"[red]{len(r.errors)} problem(s) found[/]")
+        _print_findings(r.findings)
 
     _emit_doc(r.to_dict(), as_json, output, human)
-    if r.errors:
-        raise CheckFailed(f"doctor found {len(r.errors)} problem(s): " + "; ".join(f.message for f in r.errors),
-                          r.to_dict())
+    _fail_on_errors("doctor", r.findings, r.to_dict())
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+@output_option
+def preflight(path: Path, as_json, output) -> None:
+    """Will the TensorRT engine or infertune artifact at PATH load and run well here? Read, not tried."""
+    from infertune.preflight import preflight as run_preflight
+
+    findings = run_preflight(path)
+    doc = {"schema_version": 1, "kind": "preflight", "path": str(path),
+           "ok": not any(f.severity == "error" for f in findings), "findings": [f.to_dict() for f in findings]}
+    _emit_doc(doc, as_json, output, lambda: _print_findings(findings))
+    _fail_on_errors("preflight", findings, doc)
+
+
+def _print_findings(findings) -> None:
+    for f in findings:
+        fix = f" [bold]fix:[/] {escape(f.fix)}" if f.fix else ""
+        out.print(f"[{STYLE[f.severity]}]{f.severity}[/] {f.topic}: {escape(f.message)}.{fix}")
+    errors = [f for f in findings if f.severity == "error"]
+    out.print("[green]no problem found[/]" if not errors else f"[red]{len(errors)} problem(s) found[/]")
+
+
+def _fail_on_errors(what: str, findings, doc: dict) -> None:
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise CheckFailed(f"{what} found {len(errors)} problem(s): " + "; ".join(f.message for f in errors), doc)

@@ -12,7 +12,6 @@ from infertune.cli import (
     _dataset,
     _emit_doc,
     _fmt,
-    _settings,
     backend_options,
     cli,
     data_options,
@@ -69,14 +68,13 @@ def run_sweep(model, ds, specs, settings, seconds, as_json: bool, output) -> Non
 @json_option
 @output_option
 def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, warmup, trace, save_optimized,
-            with_roofline, top, backend, threads, inter_threads, opt_level, execution_mode, as_json, output) -> None:
+            with_roofline, top, backend, settings, as_json, output) -> None:
     """Per-node and per-op-type time of MODEL on the graph ONNX Runtime executes."""
     from infertune.bench.profile import profile as run_profile
     from infertune.model import Model
 
     m = Model.load(model)
     ds = None if data in (None, "synthetic") else _dataset(m, data, preprocess, dims, samples, seed)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode)
     with progress_bar("profiling", not as_json) as update:
         r = run_profile(m, ds, settings=settings, batch_size=batch, runs=runs, warmup=warmup, trace=trace,
                         optimized_model=save_optimized, progress=update)
@@ -86,7 +84,7 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
         from infertune.bench.roofline import ceilings, roofline
 
         with progress_bar("measuring ceilings", not as_json):
-            roof = roofline(m, r, ceilings(threads))
+            roof = roofline(m, r, ceilings(settings.intra_op_threads))
         doc["roofline"] = roof.to_dict()
 
     def human() -> None:
@@ -129,8 +127,8 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
 @backend_options
 @json_option
 @output_option
-def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs, backend, threads, inter_threads,
-            opt_level, execution_mode, as_json, output) -> None:
+def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs, backend, settings, as_json,
+            output) -> None:
     """Why B (e.g. INT8) is slower or faster than A (e.g. FP32): per op type, unfused Q/DQ, suggestions."""
     from infertune.analysis.explain import explain as run_explain
     from infertune.model import Model
@@ -138,7 +136,6 @@ def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs
     ma = Model.load(a)
     mb = Model.load(b)
     ds = None if data in (None, "synthetic") else _dataset(ma, data, preprocess, dims, samples, seed)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode)
     with progress_bar("profiling both", not as_json):
         r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs)
 

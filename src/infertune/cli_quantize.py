@@ -13,7 +13,6 @@ from infertune.cli import (
     _dataset,
     _emit_doc,
     _fmt,
-    _settings,
     backend_options,
     cli,
     data_options,
@@ -71,8 +70,8 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
               help="The quantized .onnx; its recipe goes beside it as NAME.recipe.json.")
 def quantize(model: Path, data, preprocess, dims, samples, seed, method, target, exclude, overrides,
              percentile, bins, calib_batch, max_samples, reduce_range, stability_halves,
-             stability_threshold, recipe_file, force, budget, eval_data, eval_samples, rank, backend, threads,
-             inter_threads, opt_level, execution_mode, as_json, output) -> None:
+             stability_threshold, recipe_file, force, budget, eval_data, eval_samples, rank, backend, settings,
+             as_json, output) -> None:
     """Quantize MODEL to INT8 (Q/DQ) with calibration on --data; write OUT and OUT.recipe.json."""
     from infertune._io import atomic_path, write_json
     from infertune.errors import UsageError
@@ -88,7 +87,6 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
     if output.resolve() == model.resolve():
         raise UsageError("-o would overwrite the input model")
     m = Model.load(model)
-    settings = _settings(threads, inter_threads, opt_level, execution_mode)
     budget_result = None
     if recipe_file is not None:
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)

@@ -4,6 +4,11 @@
                                instance groups, the ONNX Runtime backend's thread settings
     REPO/NAME/1/model.onnx     the artifact's model (its hash checked on the way)
 
+GPU artifacts (``ort-cuda``, ``ort-tensorrt``, ``tensorrt``) are served by Triton's ONNX Runtime
+backend on ``KIND_GPU`` instances; the TensorRT ones with its TensorRT accelerator (precision INT8
+for a Q/DQ model, else FP16 or FP32 as tuned; the tuned workspace), so the engine is built for the
+serving GPU rather than shipped for the tuning one.
+
 Batching: when every input and output has a symbolic leading dim, Triton owns that dim
 (``max_batch_size`` > 0, dims listed without it) and may batch requests dynamically; otherwise
 ``max_batch_size`` is 0 and the dims are given in full. Symbolic dims are -1.
@@ -18,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 from infertune.artifact import load, sha256_file
+from infertune.backends import GPU_BACKENDS
+from infertune.backends.gpu import GpuOptions, is_quantized
 from infertune.errors import UsageError
 from infertune.model import TensorInfo
 
@@ -25,14 +32,16 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
                 "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
                 "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
                 "bool": "TYPE_BOOL", "string": "TYPE_STRING", "object": "TYPE_STRING"}
-BACKENDS = {"ort": "onnxruntime", "openvino": "openvino"}
+BACKENDS = {"ort": "onnxruntime", "openvino": "openvino", "ort-cuda": "onnxruntime", "ort-tensorrt": "onnxruntime",
+            "tensorrt": "onnxruntime"}
 
 
 def export_triton(artifact: str | os.PathLike[str], repo: str | os.PathLike[str], *, name: str | None = None,
                   max_batch_size: int = 8, instances: int | None = None, queue_delay_us: int = 100) -> Path:
     """Write ``repo/name`` (see the module docstring); returns the model directory."""
     a = load(artifact)
-    backend = BACKENDS.get(a.manifest.get("backend", "ort"))
+    runtime = a.manifest.get("backend", "ort")
+    backend = BACKENDS.get(runtime)
     if backend is None:
         raise UsageError(f"no Triton backend for artifacts of backend {a.manifest.get('backend')!r}")
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(artifact).resolve().name)
@@ -41,7 +50,8 @@ def export_triton(artifact: str | os.PathLike[str], repo: str | os.PathLike[str]
     dest = Path(repo) / name
     config = config_pbtxt(name, a.model.inputs, a.model.outputs, backend=backend, settings=a.manifest["settings"],
                           max_batch_size=max_batch_size, instances=instances or _instances(a.manifest),
-                          queue_delay_us=queue_delay_us, gpu=bool(a.manifest.get("target", {}).get("gpus")))
+                          queue_delay_us=queue_delay_us, gpu=runtime in GPU_BACKENDS,
+                          tensorrt=_tensorrt_accelerator(a) if runtime in ("ort-tensorrt", "tensorrt") else None)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
     try:
@@ -59,6 +69,15 @@ def export_triton(artifact: str | os.PathLike[str], repo: str | os.PathLike[str]
     return dest
 
 
+def _tensorrt_accelerator(a) -> dict[str, str]:
+    """Parameters of Triton's ONNX Runtime TensorRT accelerator, from what the artifact was tuned with."""
+    options = GpuOptions.from_settings(a.settings)
+    params = {"precision_mode": "INT8" if is_quantized(a.model) else "FP16" if options.fp16 else "FP32"}
+    if options.workspace_mib:
+        params["max_workspace_size_bytes"] = str(options.workspace_mib * 2**20)
+    return params
+
+
 def _instances(manifest: dict) -> int:
     """As many instances as fit the cores measured, given the threads each was tuned with."""
     threads = int(manifest["settings"].get("intra_op_threads") or 0)
@@ -67,7 +86,8 @@ def _instances(manifest: dict) -> int:
 
 
 def config_pbtxt(name: str, inputs: list[TensorInfo], outputs: list[TensorInfo], *, backend: str, settings: dict,
-                 max_batch_size: int, instances: int, queue_delay_us: int, gpu: bool = False) -> str:
+                 max_batch_size: int, instances: int, queue_delay_us: int, gpu: bool = False,
+                 tensorrt: dict[str, str] | None = None) -> str:
     batched = max_batch_size > 0 and all(_leading_symbolic(t) for t in [*inputs, *outputs])
     mbs = max_batch_size if batched else 0
     lines = [f'name: "{name}"', f'backend: "{backend}"', f"max_batch_size: {mbs}"]
@@ -94,8 +114,13 @@ def config_pbtxt(name: str, inputs: list[TensorInfo], outputs: list[TensorInfo],
     if backend == "onnxruntime":
         for k, v in params.items():
             lines.append(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}')
-        if settings.get("graph_optimization") == "disable":
-            lines.append("optimization {\n  graph { level: -1 }\n}")
+        optimization = ["  graph { level: -1 }"] if settings.get("graph_optimization") == "disable" else []
+        if tensorrt:
+            params = "".join(f'\n        parameters {{ key: "{k}" value: "{v}" }}' for k, v in tensorrt.items())
+            optimization.append("  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
+                                f'        name: "tensorrt"{params}\n      }}\n    ]\n  }}')
+        if optimization:
+            lines.append("optimization {\n" + "\n".join(optimization) + "\n}")
     return "\n".join(lines) + "\n"
 
 

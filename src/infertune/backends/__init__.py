@@ -94,7 +94,12 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "ort": _Entry("infertune.backends.ort", "OrtBackend", "onnxruntime", None),
     "openvino": _Entry("infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino"),
+    # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks its providers
+    "ort-cuda": _Entry("infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime", "gpu"),
+    "ort-tensorrt": _Entry("infertune.backends.ort_gpu", "OrtTensorrtBackend", "onnxruntime", "gpu"),
+    "tensorrt": _Entry("infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "gpu"),
 }
+GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
 
 
 def register(name: str, module: str, cls: str, requires: str, extra: str | None) -> None:

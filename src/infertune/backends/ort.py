@@ -45,37 +45,50 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return so
 
 
+def create_session(model: Model, settings: Settings,
+                   providers: list[tuple[str, dict[str, str]]] | None = None) -> ort.InferenceSession:
+    """An InferenceSession for ``model`` with ``settings`` on ``providers`` (default: CPU), or a clear error."""
+    so = session_options(settings)
+    tmp_optimized: Path | None = None
+    if settings.optimized_model_path:
+        target = Path(settings.optimized_model_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_optimized = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        so.optimized_model_filepath = str(tmp_optimized)
+    source: str | bytes
+    if model.proto.ByteSize() < _PROTO_LIMIT:
+        source = model.to_bytes()
+    elif model.path is not None and not model.renamed_nodes:
+        source = str(model.path)
+    else:
+        raise ModelError(f"{model.name}: a model over 2 GB must be run from its file, unmodified")
+    chain = providers or [("CPUExecutionProvider", {})]
+    try:
+        session = ort.InferenceSession(source, sess_options=so, providers=[p for p, _ in chain],
+                                       provider_options=[o for _, o in chain])
+    except Exception as e:  # noqa: BLE001 - ORT raises several pybind types for bad models
+        if tmp_optimized is not None:
+            tmp_optimized.unlink(missing_ok=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"ONNX Runtime cannot load {model.name}: {first}") from None
+    if tmp_optimized is not None:
+        os.replace(tmp_optimized, settings.optimized_model_path)
+    return session
+
+
+def rejected_feed(e: Exception) -> DataError:
+    first = str(e).strip().splitlines()[0]
+    return DataError(f"ONNX Runtime rejected the feed: {first}")
+
+
+FEED_ERRORS = (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail)
+
+
 class OrtRunner:
     backend = "ort"
 
     def __init__(self, model: Model, settings: Settings) -> None:
-        so = session_options(settings)
-        tmp_optimized: Path | None = None
-        if settings.optimized_model_path:
-            target = Path(settings.optimized_model_path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp_optimized = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            so.optimized_model_filepath = str(tmp_optimized)
-        source: str | bytes
-        if model.proto.ByteSize() < _PROTO_LIMIT:
-            source = model.to_bytes()
-        elif model.path is not None and not model.renamed_nodes:
-            source = str(model.path)
-        else:
-            raise ModelError(
-                f"{model.name}: a model over 2 GB must be run from its file, unmodified"
-            )
-        try:
-            self.session = ort.InferenceSession(
-                source, sess_options=so, providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # noqa: BLE001 - ORT raises several pybind types for bad models
-            if tmp_optimized is not None:
-                tmp_optimized.unlink(missing_ok=True)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"ONNX Runtime cannot load {model.name}: {first}") from None
-        if tmp_optimized is not None:
-            os.replace(tmp_optimized, settings.optimized_model_path)
+        self.session = create_session(model, settings)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._bound = _Bound(self.session, self.output_names) if settings.preallocate else None
@@ -85,10 +98,8 @@ class OrtRunner:
             if self._bound is not None:
                 return self._bound.run(feeds)
             outs = self.session.run(self.output_names, feeds)
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-                ort.capi.onnxruntime_pybind11_state.Fail) as e:
-            first = str(e).strip().splitlines()[0]
-            raise DataError(f"ONNX Runtime rejected the feed: {first}") from None
+        except FEED_ERRORS as e:
+            raise rejected_feed(e) from None
         return dict(zip(self.output_names, outs, strict=True))
 
 

@@ -1,0 +1,173 @@
+"""preflight: will this TensorRT engine or infertune artifact load, and run well, here? Read, not tried.
+
+Deserializing an engine built for another TensorRT version or GPU fails with a terse error at
+best; preflight reads what it was built for and compares it with this machine's probe
+(``doctor.probe()``, or a recorded one) before anything is loaded:
+
+- a TensorRT engine built by infertune has a build record beside it (``<engine>.json``, written by
+  ``backends.tensorrt``): TensorRT version and the version-compatible flag, hardware-compatibility
+  level, the GPU (name, compute capability, SMs) and CUDA runtime it was built with. TensorRT's
+  documented rules: a standard engine loads only on the exact TensorRT version that built it; a
+  version-compatible one on that version or later. Without hardware compatibility it runs only on
+  the GPU model it was built on; ``ampere+`` on any compute capability >= 8.0; ``same-cc`` on the
+  same compute capability. Tactics are timed on the build GPU: another GPU of the same compute
+  capability loads it but may run it slower. An engine without a record cannot be judged without
+  deserializing it, and preflight says so;
+- an artifact (``manifest.json``): every file's hash, the backend's package, the runtime
+  versions, CPU architecture and ISA flags, and for GPU backends the GPU it was measured on.
+
+Findings use doctor's ``Finding`` (error / warning / info, each with its fix).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from infertune.artifact import MANIFEST, ArtifactError, read_manifest, verify_files
+from infertune.backends import GPU_BACKENDS
+from infertune.doctor import SEVERITIES, Finding, _ver
+from infertune.errors import UsageError
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+BACKEND_PACKAGES = {"ort": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"), "openvino": ("openvino",),
+                    "ort-cuda": ("onnxruntime-gpu",), "ort-tensorrt": ("onnxruntime-gpu",),
+                    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")}
+BACKEND_EXTRA = {"openvino": "openvino", "ort-cuda": "gpu", "ort-tensorrt": "gpu", "tensorrt": "gpu"}
+
+
+def preflight(path: str | Path, probe: dict | None = None) -> list[Finding]:
+    """Findings for the engine file or artifact directory at ``path``, most severe first."""
+    from infertune.doctor import probe as probe_here
+
+    p = Path(path)
+    here = probe if probe is not None else probe_here()
+    if p.is_dir():
+        try:
+            manifest = read_manifest(p)
+        except ArtifactError as e:
+            return [Finding("error", "artifact", str(e), "point at an infertune artifact directory")]
+        findings = [Finding("error", "artifact", problem, "re-export the artifact; never edit it by hand")
+                    for problem in verify_files(p, manifest)]
+        return _sorted(findings + check_artifact(manifest, here))
+    if p.is_file():
+        record = p.with_suffix(".json")
+        if record.is_file():
+            try:
+                data = json.loads(record.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                return [Finding("error", "engine", f"build record {record} is not valid JSON: {e}", "rebuild")]
+            return _sorted(check_engine(data, here))
+        if p.suffix in ENGINE_SUFFIXES:
+            return [Finding("warning", "engine", f"{p.name} has no build record ({record.name}): what it was built "
+                            "for cannot be read without deserializing it with TensorRT",
+                            "rebuild it with infertune (--backend tensorrt --option engine_cache=DIR), which writes "
+                            "the record")]
+    raise UsageError(f"{p} is neither an artifact directory (with {MANIFEST}) nor a TensorRT engine file")
+
+
+def check_engine(record: dict, here: dict) -> list[Finding]:
+    if record.get("kind") != "infertune-tensorrt-engine":
+        return [Finding("error", "engine", "the build record is not an infertune TensorRT engine record", "rebuild")]
+    out: list[Finding] = []
+    built = str(record.get("tensorrt") or "")
+    pk = here.get("packages", {})
+    trt_here = next((pk[k] for k in BACKEND_PACKAGES["tensorrt"] if pk.get(k)), None)
+    if not trt_here:
+        out.append(Finding("error", "tensorrt", f"TensorRT is not installed; the engine was built with {built}",
+                           f"pip install 'tensorrt=={built}'"))
+    elif record.get("version_compatible"):
+        if _ver(trt_here) < _ver(built):
+            out.append(Finding("error", "tensorrt", f"version-compatible engine built with TensorRT {built} cannot "
+                               f"load on the older {trt_here}", f"pip install 'tensorrt>={built}'"))
+        elif _ver(trt_here) != _ver(built):
+            out.append(Finding("info", "tensorrt", f"version-compatible engine from TensorRT {built} on {trt_here}: "
+                               "it loads through the lean runtime it carries, possibly slower than a native build",
+                               "rebuild with this TensorRT for full speed"))
+    elif _ver(trt_here) != _ver(built):
+        out.append(Finding("error", "tensorrt", f"engine built with TensorRT {built}, {trt_here} is installed: a "
+                           "standard engine loads only on the exact version that built it",
+                           f"pip install 'tensorrt=={built}', rebuild it here, or build with version_compatible=true"))
+    out += _gpu_findings(record.get("gpu") or {}, here.get("gpus", []), record.get("hardware_compatibility", "none"))
+    runtime, driver = record.get("cuda_runtime"), (here.get("cuda") or {}).get("driver_cuda")
+    if runtime and driver and _ver(driver)[:2] < _ver(runtime)[:2]:
+        out.append(Finding("error", "driver", f"the driver supports CUDA up to {driver}; the engine's TensorRT ran on "
+                           f"CUDA {runtime}", f"update the NVIDIA driver to one for CUDA {runtime} or later"))
+    return out
+
+
+def _gpu_findings(built: dict, gpus: list[dict], level: str) -> list[Finding]:
+    name, cc = built.get("name", "?"), str(built.get("compute_capability", ""))
+    if not gpus:
+        return [Finding("error", "gpu", f"no NVIDIA GPU here; the engine was built on {name} (compute capability "
+                        f"{cc})", "run it on a machine with a GPU, or use a CPU backend")]
+    g = gpus[0]
+    cc_here = str(g.get("compute_capability", ""))
+    if level == "ampere+":
+        if _ver(cc_here) < (8, 0):
+            return [Finding("error", "gpu", f"hardware-compatible (Ampere+) engine, but {g.get('name')} has compute "
+                            f"capability {cc_here} < 8.0", "rebuild the engine on this GPU")]
+        if _ver(cc_here) != _ver(cc):
+            return [Finding("info", "gpu", f"Ampere+ engine built on {name} ({cc}) runs on {g.get('name')} "
+                            f"({cc_here}) with the tactics that level allows, often slower than a native build",
+                            "rebuild on this GPU for full speed")]
+        return []
+    if _ver(cc_here) != _ver(cc):
+        return [Finding("error", "gpu", f"engine built for compute capability {cc} ({name}); {g.get('name')} here has "
+                        f"{cc_here}", "rebuild it here, or build with hardware_compatibility=ampere+")]
+    if level == "none" and (g.get("name") != name or (built.get("sm_count") and g.get("sm_count")
+                                                       and built["sm_count"] != g["sm_count"])):
+        return [Finding("warning", "gpu", f"engine timed on {name} ({built.get('sm_count') or '?'} SMs); this is "
+                        f"{g.get('name')} ({g.get('sm_count') or '?'} SMs): it loads, but its tactics may be "
+                        "slow here", "rebuild it on this GPU")]
+    return []
+
+
+def check_artifact(manifest: dict, here: dict) -> list[Finding]:
+    out: list[Finding] = []
+    backend = manifest.get("backend", "ort")
+    pk = here.get("packages", {})
+    target = manifest.get("target") or {}
+    wanted = BACKEND_PACKAGES.get(backend)
+    if wanted is None:
+        out.append(Finding("error", "backend", f"the artifact runs on backend {backend!r}, unknown to this infertune",
+                           "upgrade infertune"))
+    elif not any(pk.get(d) for d in wanted):
+        extra = BACKEND_EXTRA.get(backend)
+        out.append(Finding("error", "backend", f"the artifact runs on {backend}, which needs {' or '.join(wanted)}",
+                           f"pip install 'infertune[{extra}]'" if extra else f"pip install {wanted[0]}"))
+    for lib, v in (target.get("versions") or {}).items():
+        now = pk.get(lib) or (pk.get("onnxruntime-gpu") if lib == "onnxruntime" else None)
+        if lib in ("onnxruntime", "openvino", "tensorrt") and now and now != v:
+            out.append(Finding("warning", lib, f"latency was measured with {lib} {v}; {now} is installed",
+                               "re-run infertune tune here, or install the same version"))
+    cpu = here.get("cpu", {})
+    if target.get("arch") and cpu.get("arch") and target["arch"] != cpu["arch"]:
+        out.append(Finding("warning", "cpu", f"tuned on {target['arch']}, this is {cpu['arch']}: the model runs, but "
+                           "every measured number belongs to the other machine", "re-run infertune tune here"))
+    missing = sorted(set(target.get("isa", [])) - set(cpu.get("isa", [])))
+    if missing and backend not in GPU_BACKENDS:
+        vnni = [f for f in missing if "vnni" in f or "amx" in f]
+        why = "INT8 kernels lose their dot-product instructions" if vnni else "kernels fall back to narrower vectors"
+        out.append(Finding("warning", "cpu", f"ISA flags the artifact was tuned with are missing here: "
+                           f"{', '.join(missing)} ({why}); it runs, slower than measured",
+                           "re-run infertune tune here: it may pick FP32 instead"))
+    if target.get("cpu") and cpu.get("model") and target["cpu"] != cpu["model"] and not missing:
+        out.append(Finding("info", "cpu", f"tuned on {target['cpu']!r}, this is {cpu['model']!r}", ""))
+    if backend in GPU_BACKENDS:
+        built = (target.get("gpus") or [{}])[0]
+        gpus = here.get("gpus", [])
+        if not gpus:
+            out.append(Finding("error", "gpu", f"the artifact runs on {backend} and no NVIDIA GPU is here",
+                               "run it on a GPU machine, or re-run infertune tune with a CPU runtime"))
+        elif built and (gpus[0].get("name"), str(gpus[0].get("compute_capability"))) != (
+                built.get("name"), str(built.get("compute_capability"))):
+            out.append(Finding("warning", "gpu", f"measured on {built.get('name')} (compute capability "
+                               f"{built.get('compute_capability')}); this is {gpus[0].get('name')} "
+                               f"({gpus[0].get('compute_capability')}): engines are rebuilt here and latency will "
+                               "differ", "re-run infertune tune here"))
+    return out
+
+
+def _sorted(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))

@@ -82,7 +82,8 @@ def test_tune_digits_meets_budget_and_writes_a_verified_artifact(tmp_path):
     assert a.differences == []  # measured on this machine
 
 
-def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path):
+def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
+    _steady_clock(monkeypatch)  # INT8 faster than FP32, so exclusions are worth searching
     m, calib, ev = _digits(60)
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1)
     assert r.sensitivity and {g["node"] for g in r.sensitivity}  # the ranking was needed
@@ -90,6 +91,23 @@ def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path):
     assert excl, "bisection tried some exclusion sets"
     assert any("sensitivity" in d for d in r.decisions)
     assert r.chosen.met
+
+
+def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkeypatch):
+    import infertune.tune as tune_module
+
+    class Lat:
+        def __init__(self, p50):
+            self.latency_ms = type("L", (), {"p50": p50})()
+
+    # every DQ node costs time: the fully quantized model is the slowest variant
+    monkeypatch.setattr(tune_module, "bench", lambda model, data, **_: Lat(
+        1.0 + 0.01 * sum(n.op_type == "DequantizeLinear" for n in model.graph.node)))
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",))
+    assert [t.spec.precision for t in r.trials] == ["fp32", "int8"] and not r.sensitivity
+    assert any("no faster than FP32" in d and "not ranking" in d for d in r.decisions)
+    assert r.chosen.spec.precision == "fp32"
 
 
 def test_run_dir_of_another_configuration_is_refused(tmp_path):
@@ -250,12 +268,13 @@ def _chromium() -> str | None:
     return next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
 
 
-def test_report_renders_in_headless_chromium(tmp_path):
+def test_report_renders_in_headless_chromium(tmp_path, monkeypatch):
     browser = _chromium()
     if browser is None:
         if os.environ.get("INFERTUNE_REQUIRE_BROWSER"):
             pytest.fail("INFERTUNE_REQUIRE_BROWSER is set but no chromium is installed")
         pytest.skip("no chromium here (.ci/run installs Debian's chromium and sets INFERTUNE_REQUIRE_BROWSER)")
+    _steady_clock(monkeypatch)  # INT8 faster than FP32: the search ranks nodes, so every chart has data
     m, calib, ev = _digits(60)
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1,
              output=tmp_path / "art")

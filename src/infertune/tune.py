@@ -321,6 +321,12 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
         if passing or not ran or stopped:
             return passing
         best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
+        quickest = min(ran, key=lambda t: t.p50_ms)
+        floor = min(t.p50_ms for t in fp32 if t.spec.threads == first)
+        if quickest.p50_ms >= floor:  # nodes kept in float only add work: nothing here can beat FP32
+            decisions.append(f"no INT8 variant{on} met {budget} with every node quantized, and even that one takes "
+                             f"{quickest.p50_ms:.3f} ms, no faster than FP32's {floor:.3f} ms: not ranking its nodes")
+            return []
         decisions.append(f"no INT8 variant{on} met {budget} with every node quantized (best: {best.spec.method}, "
                          f"{_metric_text(best, budget)}); ranking {best.spec.method}'s nodes by sensitivity{on}")
         space = ctx.space(best.spec.method, best.spec.target)

@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/sensitivity.py
 	$(PY) benchmarks/perf.py
+	$(PY) benchmarks/backends.py
 	$(PY) benchmarks/tune.py
 
 lint: $(STAMP)

@@ -22,15 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import realmodels  # noqa: E402
+from benchmarks.results_io import save_results  # noqa: E402
 from infertune import backends  # noqa: E402
-from infertune._io import write_json, write_text  # noqa: E402
 from infertune.backends.ort import session_options  # noqa: E402
 from infertune.bench.latency import bench  # noqa: E402
 from infertune.data import Dataset  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
 from infertune.model import Model  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def bare_p50_ms(session, feed: dict, budget_s: float, warmup: int = 10) -> float:
@@ -78,7 +76,6 @@ def main() -> None:
                     args.budget),
             measure("rapidocr rec (PP-OCRv4)", realmodels.rapidocr_rec(), rec_feed, args.rounds, args.budget)]
     env = environment()
-    write_json(RESULTS / "bench_overhead.json", {"environment": env, "results": rows})
     lines = ["# bench overhead: `infertune bench` p50 vs a bare `session.run` loop", "",
              f"{env['machine']['cpu']['model']}; onnxruntime {env['versions'].get('onnxruntime')}; 1 thread, "
              f"batch 1; median of {args.rounds} interleaved rounds of {args.budget:g} s each. "
@@ -88,8 +85,7 @@ def main() -> None:
         shapes = ", ".join(f"{k} {v}" for k, v in r["input_shapes"].items())
         lines.append(f"| {r['model']} | {shapes} | {r['infertune_p50_ms']:.4f} | {r['bare_p50_ms']:.4f} | "
                      f"{r['ratio']:.3f} | {'yes' if r['within_5pct'] else 'no'} |")
-    write_text(RESULTS / "bench_overhead.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results("bench_overhead", {"environment": env, "results": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs  # noqa: E402
+from benchmarks.results_io import RESULTS, save_results  # noqa: E402
 from infertune import backends  # noqa: E402
-from infertune._io import write_json, write_text  # noqa: E402
 from infertune.analysis.explain import explain  # noqa: E402
 from infertune.bench.latency import allocation_per_call, side_by_side  # noqa: E402
 from infertune.bench.profile import profile  # noqa: E402
@@ -40,7 +39,6 @@ from infertune.data import Dataset  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
 from infertune.model import Model  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 REPEATS = 3
 PREALLOC_SECONDS = 20  # x --seconds of alternating calls
 SWEEP_BATCH = {"digits": [1, 8, 32, 128], "rec": [1, 2, 4, 8], "minilm": [1, 2, 4, 8]}
@@ -266,10 +264,7 @@ def main() -> None:
         doc["measured"]["explain"] = env["machine"]
         with tempfile.TemporaryDirectory(prefix="infertune-perf-") as d:
             doc["explain"] = explain_and_apply(Path(d))
-    write_json(RESULTS / "perf.json", doc)
-    write_text(RESULTS / "perf.md", markdown(doc))
-    print(markdown(doc))
-    os.sync()
+    save_results("perf", doc, markdown(doc))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -32,7 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "benchmarks" / "results"
 QUANTIZERS = ["infertune-auto", "infertune-entropy", "ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
 
 
@@ -333,7 +331,6 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(1)
         return
-    from infertune._io import write_json, write_text
     from infertune.fingerprint import environment
 
     env = environment()
@@ -342,11 +339,9 @@ def main() -> None:
         for name in args.models.split(","):
             results.append(bench_model(name, args.calib, args.quantizers.split(","), Path(d),
                                        args.eval if name != "digits" else 360))
-    doc = {"environment": env, "results": results}
-    write_json(RESULTS / "quantize.json", doc)
-    write_text(RESULTS / "quantize.md", markdown(results, env))
-    print(markdown(results, env))
-    os.sync()
+    from benchmarks.results_io import save_results
+
+    save_results("quantize", {"environment": env, "results": results}, markdown(results, env))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, model_path  # noqa: E402
+from benchmarks.results_io import save_results  # noqa: E402
 from infertune import backends  # noqa: E402
-from infertune._io import write_json, write_text  # noqa: E402
 from infertune.analysis.sensitivity import (  # noqa: E402
     Budget,
     Evaluator,
@@ -37,7 +37,6 @@ from infertune.fingerprint import environment  # noqa: E402
 from infertune.model import Model  # noqa: E402
 from infertune.quant.quantize import quantize  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 BUDGET = "cosine>=0.999"
 
 
@@ -107,10 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     env = environment()
     results = [run(n, args.calib, args.eval) for n in args.models.split(",")]
-    write_json(RESULTS / "sensitivity.json", {"environment": env, "results": results})
-    text = markdown(results, env)
-    write_text(RESULTS / "sensitivity.md", text)
-    print(text)
+    save_results("sensitivity", {"environment": env, "results": results}, markdown(results, env))
 
 
 if __name__ == "__main__":

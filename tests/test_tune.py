@@ -110,6 +110,28 @@ def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkey
     assert r.chosen.spec.precision == "fp32"
 
 
+def test_a_budget_met_only_by_the_luck_of_the_draw_is_not_met(tmp_path):
+    m, calib, ev = _digits(120)
+    q = tune_module_quantize(m, calib)
+    outs = ev._run(q)
+    point = ev.score(outs)
+    assert "confidence" not in point and point == ev.evaluate(q)  # one way to compute the metrics
+    edge = Budget.parse(f"sqnr>={point['sqnr_db'] - 0.01:.4f}")  # met, but only just
+    easy = Budget.parse(f"sqnr>={point['sqnr_db'] - 10:.4f}")
+    assert 0.2 < ev.score(outs, edge, resamples=200)["confidence"] < 0.8
+    assert ev.score(outs, easy, resamples=200)["confidence"] == 1.0
+    fn = Budget(fn=lambda ref, got: float(np.mean([r["logits"].argmax() == g["logits"].argmax()
+                                                   for r, g in zip(ref, got, strict=True)])), fn_min=0.0)
+    s = ev.score(outs, fn, resamples=50)
+    assert 0.9 < s["user"] <= 1.0 and s["confidence"] == 1.0  # the function is called on each resample
+
+
+def tune_module_quantize(m, calib):
+    from infertune.quant.quantize import quantize
+
+    return quantize(m, calib, stability_halves=0).model
+
+
 def test_run_dir_of_another_configuration_is_refused(tmp_path):
     m, calib, ev = _digits(30)
     tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.05)

@@ -94,26 +94,72 @@ class Evaluator:
 
     def evaluate(self, model: Model, backend: str = "ort") -> dict[str, float]:
         """Accuracy of ``model`` run on ``backend`` against the reference's outputs."""
-        outs = self._run(model, backend)
-        sig = err = 0.0
-        cosines = []
-        for r, c in zip(self.ref_outputs, outs, strict=True):
+        return self.score(self._run(model, backend))
+
+    def score(self, outs: list[dict[str, np.ndarray]], budget: Budget | None = None,
+              resamples: int = 0) -> dict[str, float]:
+        """Metrics of ``outs`` (one dict per feed) against the reference outputs.
+
+        With a function ``budget``, its value is ``user``. With ``resamples``, and when the budget
+        holds, ``confidence`` is the share of bootstrap resamples of the evaluation feeds (seeded:
+        the same for every model) on which it still holds: a variant that meets a budget only by
+        the luck of which samples were drawn scores low there.
+        """
+        per = _PerSample(self.ref_outputs, outs, self.labels)
+        out = per.metrics(np.arange(len(outs)))
+        if budget is not None and budget.fn is not None:
+            out["user"] = float(budget.fn(self.ref_outputs, outs))
+        if budget is not None and resamples and budget.met(out):
+            rng = np.random.default_rng(0)
+            held = 0
+            for _ in range(resamples):
+                idx = rng.integers(0, len(outs), len(outs))
+                m = per.metrics(idx)
+                if budget.fn is not None:
+                    m["user"] = float(budget.fn([self.ref_outputs[i] for i in idx], [outs[i] for i in idx]))
+                held += budget.met(m)
+            out["confidence"] = held / resamples
+        return out
+
+
+class _PerSample:
+    """Per evaluation feed: signal and error power, cosine per output, top-1 hits; metrics of any subset."""
+
+    def __init__(self, refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]],
+                 labels: np.ndarray | None) -> None:
+        n = len(refs)
+        self.sig, self.err = np.zeros(n), np.zeros(n)
+        self.cos: list[list[float]] = []
+        for j, (r, c) in enumerate(zip(refs, outs, strict=True)):
+            cos = []
             for k, ref in r.items():
                 a, b = ref.astype(np.float64).ravel(), np.asarray(c[k], np.float64).ravel()
-                sig += float(a @ a)
-                err += float((a - b) @ (a - b))
+                self.sig[j] += float(a @ a)
+                self.err[j] += float((a - b) @ (a - b))
                 na, nb = np.linalg.norm(a), np.linalg.norm(b)
-                cosines.append(1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
-        nsr = err / sig if sig else 0.0
-        out = {"nsr": nsr, "sqnr_db": math.inf if nsr == 0 else -10 * math.log10(nsr),
-               "cosine": float(np.mean(cosines)), "cosine_min": float(np.min(cosines))}
-        if self.labels is not None:
-            key = next(iter(self.ref_outputs[0]))
-            ref_pred = np.concatenate([r[key].reshape(-1, r[key].shape[-1]).argmax(-1) for r in self.ref_outputs])
+                cos.append(1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
+            self.cos.append(cos)
+        self.hits: np.ndarray | None = None
+        if labels is not None:
+            key = next(iter(refs[0]))
+            rows = [r[key].reshape(-1, r[key].shape[-1]).shape[0] for r in refs]
+            ref_pred = np.concatenate([r[key].reshape(-1, r[key].shape[-1]).argmax(-1) for r in refs])
             pred = np.concatenate([c[key].reshape(-1, c[key].shape[-1]).argmax(-1) for c in outs])
-            labels = self.labels[: len(pred)]
-            out["top1"] = 100.0 * float(np.mean(pred == labels))
-            out["top1_drop"] = 100.0 * float(np.mean(ref_pred == labels)) - out["top1"]
+            lab = labels[: len(pred)]
+            ends = np.cumsum(rows)[:-1]
+            self.hits = np.array([[a.sum(), b.sum(), len(a)] for a, b in
+                                  zip(np.split(pred == lab, ends), np.split(ref_pred == lab, ends), strict=True)])
+
+    def metrics(self, idx: np.ndarray) -> dict[str, float]:
+        sig, err = float(self.sig[idx].sum()), float(self.err[idx].sum())
+        nsr = err / sig if sig else 0.0
+        cos = [c for i in idx for c in self.cos[i]]
+        out = {"nsr": nsr, "sqnr_db": math.inf if nsr == 0 else -10 * math.log10(nsr),
+               "cosine": float(np.mean(cos)), "cosine_min": float(np.min(cos))}
+        if self.hits is not None:
+            hit, ref_hit, rows = self.hits[idx].sum(axis=0)
+            out["top1"] = 100.0 * hit / rows
+            out["top1_drop"] = 100.0 * ref_hit / rows - out["top1"]
         return out
 
 

@@ -139,7 +139,6 @@ def test_ort_gpu_backends_refuse_a_cpu_only_onnxruntime(static_conv):
 
 
 def test_native_tensorrt_without_the_package_names_the_extra(static_conv):
-    pytest.importorskip("numpy")
     try:
         import tensorrt  # noqa: F401, TID251 - only probing whether it is installed
     except ImportError:
@@ -180,7 +179,9 @@ def test_cli_option_flag_reaches_the_backend(capsys, static_conv, tmp_path):
     code = main(["bench", str(path), "--backend", "ort-cuda", "--option", "cuda_graph=1", "--iterations", "2"])
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert code == 0
+    else:
         assert code == 3 and "onnxruntime-gpu" in capsys.readouterr().err
 
 

@@ -96,8 +96,8 @@ def test_exact_sensitivity_on_openvino_evaluates_there(setup, monkeypatch):
                                    stability_halves=0))
     ev = Evaluator(m, feeds)
     ran_on = []
-    real = ev._run
-    monkeypatch.setattr(ev, "_run", lambda model, backend="ort": ran_on.append(backend) or real(model, backend))
+    real = ev.run
+    monkeypatch.setattr(ev, "run", lambda model, backend="ort": ran_on.append(backend) or real(model, backend))
     r = sensitivity(space, ev, mode="exact", backend="openvino")
     assert r.ranking[0] == "conv_b" and ran_on == ["openvino"] * (1 + len(space.groups))
     with pytest.raises(UsageError, match="use exact mode to rank on openvino"):

@@ -19,7 +19,8 @@ from infertune.analysis.sensitivity import Budget, Evaluator
 from infertune.data import Dataset
 from infertune.errors import UsageError
 from infertune.model import Model
-from infertune.tune import NOISE, TRIALS, Trial, TrialSpec, _choose, tune
+from infertune.trials import TRIALS, Trial, TrialSpec
+from infertune.tune import NOISE, _choose, tune
 from models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkey
 def test_a_budget_met_only_by_the_luck_of_the_draw_is_not_met(tmp_path):
     m, calib, ev = _digits(120)
     q = tune_module_quantize(m, calib)
-    outs = ev._run(q)
+    outs = ev.run(q)
     point = ev.score(outs)
     assert "confidence" not in point and point == ev.evaluate(q)  # one way to compute the metrics
     edge = Budget.parse(f"sqnr>={point['sqnr_db'] - 0.01:.4f}")  # met, but only just

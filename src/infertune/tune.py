@@ -40,10 +40,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +56,16 @@ from infertune.errors import InfertuneError, UsageError
 from infertune.fingerprint import environment
 from infertune.model import Model
 from infertune.quant.quantize import quantize
+from infertune.trials import (
+    PLACEMENT,
+    RUNTIME_NAMES,
+    Executor,
+    Journal,
+    LocalExecutor,
+    Trial,
+    TrialSpec,
+    claim_run_dir,
+)
 
 SCHEMA_VERSION = 1
 NOISE = 0.03
@@ -64,83 +73,6 @@ CONFIDENCE = 0.9  # share of bootstrap resamples of the evaluation set on which 
 RESAMPLES = 200
 RUNOFF_ROUNDS = 3
 RUNOFF_FINALISTS = 3
-TRIALS = "trials.jsonl"
-RUNTIME_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
-PLACEMENT = {"ort": "ort-cpu", "openvino": "openvino"}  # runtime -> Q/DQ placement target
-RUN = "run.json"
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    precision: str  # "fp32" | "int8"
-    method: str = ""  # calibration method (int8)
-    exclude: tuple[str, ...] = ()  # nodes kept in float (int8)
-    threads: int = 0
-    opt: str = "all"
-    backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
-    target: str = ""  # Q/DQ placement (int8); empty: the backend's own (PLACEMENT)
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "int8"):
-            raise UsageError(f"precision must be fp32 or int8, got {self.precision!r}")
-        if self.precision == "int8" and not self.target:
-            if self.backend not in PLACEMENT:
-                raise UsageError(f"no INT8 placement known for runtime {self.backend!r}")
-            object.__setattr__(self, "target", PLACEMENT[self.backend])
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    def label(self) -> str:
-        t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
-        on = "" if self.backend == "ort" else f" on {RUNTIME_NAMES.get(self.backend, self.backend)}"
-        if self.precision == "fp32":
-            return f"FP32{on}, {t}"
-        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrialSpec:
-        # journals from before per-runtime placement built every INT8 variant for ort-cpu
-        return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
-                   d.get("opt", "all"), d.get("backend", "ort"),
-                   d.get("target", "ort-cpu" if d["precision"] == "int8" else ""))
-
-
-@dataclass
-class Trial:
-    index: int
-    spec: TrialSpec
-    metrics: dict[str, float]
-    p50_ms: float
-    met: bool
-    seconds: float
-    model_file: str | None  # relative to the run directory; None: the source model
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "key": self.spec.key, "spec": asdict(self.spec), "label": self.spec.label(),
-                "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met, "seconds": round(self.seconds, 3),
-                "model_file": self.model_file, "note": self.note}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Trial:
-        return cls(d["index"], TrialSpec.from_dict(d["spec"]), d["metrics"], d["p50_ms"], d["met"], d["seconds"],
-                   d["model_file"], d.get("note", ""))
-
-
-class Executor(Protocol):
-    """Runs trials; yields each result as it finishes (in any order)."""
-
-    def run(self, fn: Callable[[TrialSpec], Trial], specs: Sequence[TrialSpec]) -> Iterator[Trial]: ...
-
-
-class LocalExecutor:
-    """Trials one after another in this process."""
-
-    def run(self, fn: Callable[[TrialSpec], Trial], specs: Sequence[TrialSpec]) -> Iterator[Trial]:
-        for s in specs:
-            yield fn(s)
 
 
 @dataclass
@@ -219,13 +151,14 @@ class _Context:
 
     def _measure(self, spec: TrialSpec, start: float) -> Trial:
         model = self.build(spec)
-        metrics = self.evaluator.score(self.evaluator._run(model, spec.backend), self.budget, RESAMPLES)
+        metrics = self.evaluator.score(self.evaluator.run(model, spec.backend), self.budget, RESAMPLES)
         settings = backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)
         lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), backend=spec.backend, settings=settings,
                     warmup=5, time_budget_s=self.latency_s)
         rel, note = None, ""
-        met = self.budget.met(metrics) and metrics["confidence"] >= CONFIDENCE
-        if self.budget.met(metrics) and not met:
+        point = self.budget.met(metrics)
+        met = point and metrics["confidence"] >= CONFIDENCE
+        if point and not met:
             note = (f"meets {self.budget} on the evaluation set, but on only {metrics['confidence']:.0%} of its "
                     f"bootstrap resamples (< {CONFIDENCE:.0%}): too close to call")
         if model is not self.source:
@@ -236,31 +169,6 @@ class _Context:
             # which does not count as an INT8 variant meeting the budget
             note, met = "nothing left to quantize: the float model", False
         return Trial(self._next(), spec, metrics, lat.latency_ms.p50, met, time.perf_counter() - start, rel, note)
-
-
-class _Journal:
-    """trials.jsonl: one line per finished trial, flushed and synced before the next starts."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / TRIALS
-        self.done: dict[str, Trial] = {}
-        if self.path.exists():
-            good = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    t = Trial.from_dict(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    continue  # the line a killed run was writing
-                self.done.setdefault(t.spec.key, t)
-                good.append(line)
-            self.path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
-
-    def add(self, t: Trial) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(t.to_dict()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[t.spec.key] = t
 
 
 def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evaluator, budget: Budget, *,
@@ -283,9 +191,9 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     root.mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
     source_sha = _source_sha(source)
-    _claim(root, {"source_sha256": source_sha, "budget": str(budget), "threads": list(threads),
+    claim_run_dir(root, {"source_sha256": source_sha, "budget": str(budget), "threads": list(threads),
                   "methods": list(methods), "runtimes": list(runtimes), "eval_sha256": _feeds_sha(evaluator.feeds)})
-    journal = _Journal(root)
+    journal = Journal(root)
     ctx = _Context(source, calib, evaluator, budget, root, latency_s)
     ctx.next_index = max((t.index for t in journal.done.values()), default=-1) + 1
     ex = executor or LocalExecutor()
@@ -473,22 +381,6 @@ def _metric_text(t: Trial, budget: Budget) -> str:
         return f"user metric {t.metrics.get('user', float('nan')):.4f}"
     v = t.metrics.get(budget.check.metric)
     return f"{budget.check.metric} {v:.4f}" if v is not None else "n/a"
-
-
-def _claim(root: Path, config: dict) -> None:
-    path = root / RUN
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            saved = None
-        if saved is not None and saved != config:
-            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-            raise UsageError(f"run directory {root} holds another tune run (different {', '.join(diff)}); "
-                             "give another --run-dir or delete it")
-        if saved is not None:
-            return
-    write_json(path, config)
 
 
 def _source_sha(model: Model) -> str:

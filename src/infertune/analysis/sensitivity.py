@@ -85,16 +85,16 @@ class Evaluator:
     def __post_init__(self) -> None:
         if not self.feeds:
             raise UsageError("the evaluation set is empty")
-        self.ref_outputs = self._run(self.reference)
+        self.ref_outputs = self.run(self.reference)
 
-    def _run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
+    def run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
         runner = backends.compile(model, self.settings, backend=backend)
         self.passes += 1
         return [runner.run(f) for f in self.feeds]
 
     def evaluate(self, model: Model, backend: str = "ort") -> dict[str, float]:
         """Accuracy of ``model`` run on ``backend`` against the reference's outputs."""
-        return self.score(self._run(model, backend))
+        return self.score(self.run(model, backend))
 
     def score(self, outs: list[dict[str, np.ndarray]], budget: Budget | None = None,
               resamples: int = 0) -> dict[str, float]:
@@ -439,9 +439,7 @@ def meet_budget(space: QuantSpace, evaluator: Evaluator, budget: Budget, ranking
         if k not in steps:
             excluded = tuple(ranking[:k])
             built = space.build(excluded)
-            metrics = evaluator.evaluate(built)
-            if budget.fn is not None:
-                metrics["user"] = float(budget.fn(evaluator.ref_outputs, evaluator._run(built)))
+            metrics = evaluator.score(evaluator.run(built), budget)  # one pass, the function budget's included
             steps[k] = Step(excluded, metrics, latency_p50(built, evaluator) if latency else None, budget.met(metrics))
             if progress:
                 progress(len(steps), None)

@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/sensitivity.py [--models rec,minilm] [--calib 64] [--eval 16]
 
 For each model: one calibration (auto, ort-cpu, every tensor observed); the exact ranking (one
-group in float at a time) and the fast one (one layerwise pass); their Spearman correlation and
-cost in forward passes over the evaluation set; then mixed precision to output cosine >= 0.999 vs
-FP32 (mean over evaluation samples), bisecting over the exact ranking, with accuracy and latency
-(ONNX Runtime, 1 thread) of every step. Writes benchmarks/results/sensitivity.{json,md}.
+group in float at a time) and the fast one (three passes, see infertune.analysis.noise_propagation);
+their Spearman correlation and cost in forward passes over the evaluation set; then mixed
+precision to output cosine >= 0.999 vs FP32 (mean over evaluation samples), bisecting over the
+exact ranking, with accuracy and latency (ONNX Runtime, 1 thread) of every step. Writes
+benchmarks/results/sensitivity.{json,md}.
 """
 
 from __future__ import annotations

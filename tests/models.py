@@ -191,6 +191,30 @@ def mlp_bias() -> onnx.ModelProto:
                   "mlp_bias")
 
 
+def masked_attention() -> onnx.ModelProto:
+    """One self-attention block as BERT exports it: x[N,16,32] -> query/key/value MatMuls ->
+    q @ k^T * 1/sqrt(32) + mask (0 or float32 min per key position) -> Softmax -> @ v -> output
+    MatMul -> + x."""
+    s, d = 16, 32
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", s, d])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, s])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", s, d])
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="query"),
+             helper.make_node("MatMul", ["x", "Wk"], ["k"], name="key"),
+             helper.make_node("MatMul", ["x", "Wv"], ["v"], name="value"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["qk"], name="scores"),
+             helper.make_node("Mul", ["qk", "scale"], ["scaled"], name="scale"),
+             helper.make_node("Add", ["scaled", "mask"], ["masked"], name="apply_mask"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["ctx"], name="context"),
+             helper.make_node("MatMul", ["ctx", "Wo"], ["o"], name="out_proj"),
+             helper.make_node("Add", ["o", "x"], ["y"], name="residual")]
+    inits = [_w("Wq", (d, d), 40, 0.4), _w("Wk", (d, d), 41, 0.4), _w("Wv", (d, d), 42, 0.2),
+             _w("Wo", (d, d), 43, 0.2), numpy_helper.from_array(np.array(1 / np.sqrt(d), np.float32), "scale")]
+    return _model(nodes, [x, mask], [y], inits, "masked_attention")
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv": conv,
     "grouped_conv": grouped_conv,
@@ -204,4 +228,5 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "small_cnn": small_cnn,
     "masked_matmul": masked_matmul,
     "mlp_bias": mlp_bias,
+    "masked_attention": masked_attention,
 }

@@ -95,6 +95,7 @@ def test_exact_sensitivity_on_openvino_evaluates_there(setup, monkeypatch):
     space = QuantSpace(m, quantize(m, calib, method="minmax", target="openvino", observe_all=True,
                                    stability_halves=0))
     ev = Evaluator(m, feeds)
+    assert ev.ref_outputs and ev.passes == 1  # the float reference: ONNX Runtime, computed on first use
     ran_on = []
     real = ev.run
     monkeypatch.setattr(ev, "run", lambda model, backend="ort": ran_on.append(backend) or real(model, backend))
@@ -184,7 +185,7 @@ def _ort_qdq_nsr(x: np.ndarray, scale, zp, axis: int | None = None) -> float:
 
 
 def test_fast_mode_noise_terms_match_onnx_runtime_qdq(setup):
-    from infertune.analysis.sensitivity import ActivationNoise, _weight_nsr
+    from infertune.analysis.noise_propagation import ActivationNoise, weight_nsr
 
     m, q, feeds = setup
     space = QuantSpace(m, q)
@@ -203,7 +204,7 @@ def test_fast_mode_noise_terms_match_onnx_runtime_qdq(setup):
         q = next(n for n in full.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == t)
         x = np.concatenate([f[t] for f in exposed])
         assert got[t] == pytest.approx(_ort_qdq_nsr(x, consts[q.input[1]], consts[q.input[2]]), rel=1e-4, abs=1e-12)
-    w_nsr = _weight_nsr(space.source, full)
+    w_nsr = weight_nsr(space.source, full)
     src = space.source.constant_tensors()
     for n in full.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in consts:
@@ -220,3 +221,68 @@ def backends_run(model, names, feeds):
 
     runner = backends.compile(model.with_outputs(names, keep_original=False))
     return [{**f, **runner.run(f)} for f in feeds]
+
+
+def _spearman(a: list[str], b: list[str]) -> float:
+    pos = {x: i for i, x in enumerate(a)}
+    return float(np.corrcoef([pos[x] for x in b], np.arange(len(b)))[0, 1])
+
+
+def _masked_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Sequences of 8 to 15 valid positions out of 16: the rest masked with float32 min, as BERT does."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        mask = np.zeros((1, 1, 16), np.float32)
+        mask[..., rng.integers(8, 16):] = np.finfo(np.float32).min
+        feeds.append({"x": rng.standard_normal((1, 16, 32)).astype(np.float32), "mask": mask})
+    return feeds
+
+
+def test_fast_ranking_follows_exact_through_a_masked_attention_block():
+    """The mask's huge values own the power of the scores + mask sum, so its NSR says nothing:
+    the gain is measured across the Softmax. q @ k^T reads two quantized activations, and the
+    query, key and value projections share one quantized input, each through its own path."""
+    from models import masked_attention
+
+    m = Model.from_proto(masked_attention())
+    q = quantize(m, Dataset.from_iterable(_masked_feeds(32, 0)), method="minmax", observe_all=True,
+                 stability_halves=0)
+    space = QuantSpace(m, q)
+    assert set(space.groups) == {"query", "key", "value", "scores", "context", "out_proj"}
+    feeds = _masked_feeds(16, 1)
+    exact = sensitivity(space, Evaluator(m, feeds), mode="exact")
+    ev = Evaluator(m, feeds)
+    fast = sensitivity(space, ev, mode="fast")
+    assert fast.ranking[0] == exact.ranking[0] == "scores"
+    assert _spearman(exact.ranking, fast.ranking) >= 0.8, (exact.to_dict(), fast.to_dict())
+    # three passes: the float model (every tensor exposed: also the reference), the probe, the baseline
+    assert fast.forward_passes == 3 and ev.passes == 1
+    direct = Evaluator(m, feeds).ref_outputs
+    for adopted, ran in zip(ev.ref_outputs, direct, strict=True):
+        np.testing.assert_allclose(adopted["y"], ran["y"], rtol=1e-5, atol=1e-5)
+    assert fast.baseline["cosine"] == pytest.approx(exact.baseline["cosine"], abs=1e-6)
+
+
+def test_noise_probe_rounds_each_quantized_activation_at_a_sixteenth_of_its_step(setup):
+    from infertune.analysis.noise_propagation import PROBE_STEP, activation_qdq, noise_probe
+
+    m, q, feeds = setup
+    full = QuantSpace(m, q).build()
+    params = {t: p for t, p in activation_qdq(full).items() if t in m.value_info()}  # not the renamed output
+    probe = noise_probe(m, full)
+    assert {n.op_type for n in probe.graph.node}.isdisjoint({"QuantizeLinear", "DequantizeLinear"})  # weights float
+    assert set(params) >= {"x", "ra", "s"}
+    for t in params:
+        assert tensor_map(m, probe)[t] == f"{t}_dequantized"
+        readers = [n.name for n in probe.graph.node if t in n.input]
+        assert readers == [f"{t}/probe_div"], "every reader of a quantized tensor reads the rounded one"
+    exposed = [n for t in params for n in (t, f"{t}_dequantized") if t != "x"] + ["x_dequantized"]
+    from infertune import backends
+
+    runner = backends.compile(probe.with_outputs(exposed, keep_original=False))
+    for f in feeds[:4]:
+        out = {**f, **runner.run(f)}
+        for t, (scale, *_) in params.items():
+            step = np.float32(scale * PROBE_STEP)
+            np.testing.assert_allclose(out[f"{t}_dequantized"], np.rint(out[t] / step) * step, rtol=1e-6, atol=1e-7)

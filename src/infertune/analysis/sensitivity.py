@@ -11,9 +11,10 @@ power of the outputs against the float model (NSR; SQNR = -10 log10 NSR):
   score is the output NSR it causes alone. (Leaving one group out of a fully quantized model
   ranks badly where errors saturate: on rapidocr's recognizer a single early 1x1 conv alone
   takes the output to 12 dB, the whole model to 11 dB, so no single exclusion helps.)
-- ``fast``: one layerwise run (float and quantized, every tensor exposed) besides the reference
-  pass: the noise a group injects (its input Q/DQ and its weights) times how much the graph
-  amplifies noise from there to the outputs (``propagated_scores``).
+- ``fast``: three passes (the float model with every tensor exposed, which also gives the
+  reference outputs; a noise probe of it; the fully quantized model, for the baseline): the
+  noise a group injects (its input Q/DQ and its weights) times how much the graph amplifies
+  noise from there to the outputs (``noise_propagation``).
 
 ``meet_budget`` excludes the top-ranked groups, bisecting over how many, until a budget on
 cosine, SQNR, top-1 drop or a user function is met, and records accuracy and latency per step.
@@ -30,6 +31,7 @@ import numpy as np
 
 from infertune import backends
 from infertune.analysis.layerwise import layerwise
+from infertune.analysis.noise_propagation import ActivationNoise, noise_probe, propagated_scores
 from infertune.checks import Check
 from infertune.data import Dataset
 from infertune.errors import CalibrationError, UsageError
@@ -73,19 +75,39 @@ class QuantSpace:
 
 @dataclass
 class Evaluator:
-    """Outputs of the float model on fixed feeds, and how far a candidate is from them."""
+    """Outputs of the float model on fixed feeds, and how far a candidate is from them.
+
+    The reference outputs are computed on first use, or adopted from a run that already went
+    over the same feeds with the float model (fast sensitivity's layerwise pass).
+    """
 
     reference: Model
     feeds: list[Feed]
     labels: np.ndarray | None = None
     settings: backends.Settings | None = None
-    ref_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     passes: int = 0
+    _ref_outputs: list[dict[str, np.ndarray]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.feeds:
             raise UsageError("the evaluation set is empty")
-        self.ref_outputs = self.run(self.reference)
+
+    @property
+    def ref_outputs(self) -> list[dict[str, np.ndarray]]:
+        if self._ref_outputs is None:
+            self._ref_outputs = self.run(self.reference)
+        return self._ref_outputs
+
+    @property
+    def has_reference(self) -> bool:
+        return self._ref_outputs is not None
+
+    def adopt_reference(self, outputs: list[dict[str, np.ndarray]]) -> None:
+        """Use ``outputs`` (the float model's, one dict per feed, in order) as the reference."""
+        names = {o.name for o in self.reference.outputs}
+        if len(outputs) != len(self.feeds) or any(set(o) != names for o in outputs):
+            raise ValueError("reference outputs must cover every feed and every model output")
+        self._ref_outputs = outputs
 
     def run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
         runner = backends.compile(model, self.settings, backend=backend)
@@ -167,7 +189,7 @@ class _PerSample:
 class GroupScore:
     node: str
     op_type: str
-    score: float  # exact: output NSR when it alone is quantized; fast: NSR it adds locally
+    score: float  # output NSR when it alone is quantized: measured (exact) or predicted (fast)
 
     def to_dict(self) -> dict:
         return {"node": self.node, "op_type": self.op_type, "score": self.score}
@@ -199,7 +221,7 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
         raise UsageError("fast sensitivity propagates noise through ONNX Runtime's activations; "
                          f"use exact mode to rank on {backend}")
     start = time.perf_counter()
-    passes_before = evaluator.passes - 1  # the reference pass is part of every mode's cost
+    passes_before = evaluator.passes - evaluator.has_reference  # the reference pass is part of every mode's cost
     full = space.build()
     ops = {n: space.op_types[n] for n in space.groups}
     scores: dict[str, float] = {}
@@ -212,169 +234,26 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
         passes = evaluator.passes - passes_before
     else:
         act_noise = ActivationNoise(full)
-        lw = layerwise(evaluator.reference, full, Dataset.from_iterable(evaluator.feeds),
-                       threshold_db=-math.inf, settings=evaluator.settings, on_reference=act_noise.add)
-        outputs = {o.name for o in evaluator.reference.outputs}
-        sig = sum(r.signal_power for r in lw.tensors if r.tensor in outputs)
-        err = sum(r.noise_power for r in lw.tensors if r.tensor in outputs)
-        nsr = err / sig if sig else 0.0
-        baseline = {"nsr": nsr, "sqnr_db": math.inf if nsr == 0 else -10 * math.log10(nsr)}
-        scores = propagated_scores(space, full, lw.tensors, act_noise.nsr())
-        # layerwise runs float and quantized once each; the evaluator's reference pass is counted too
-        passes = evaluator.passes - passes_before + 2
+        outputs = [o.name for o in evaluator.reference.outputs]
+        float_outputs: list[dict[str, np.ndarray]] = []
+
+        def on_reference(tensors: dict[str, np.ndarray]) -> None:
+            act_noise.add(tensors)
+            if all(o in tensors for o in outputs):
+                float_outputs.append({o: tensors[o] for o in outputs})
+
+        lw = layerwise(evaluator.reference, noise_probe(evaluator.reference, full),
+                       Dataset.from_iterable(evaluator.feeds), threshold_db=-math.inf, settings=evaluator.settings,
+                       on_reference=on_reference)
+        if not evaluator.has_reference and len(float_outputs) == len(evaluator.feeds):
+            evaluator.adopt_reference(float_outputs)  # layerwise's float pass is the reference pass
+        passes_before = evaluator.passes - 2  # layerwise: the float model and the probe, once each
+        baseline = evaluator.evaluate(full)
+        scores = propagated_scores(space.groups, space.calibrated.plan.absorbed, space.source, full, lw.tensors,
+                                   act_noise.nsr())
+        passes = evaluator.passes - passes_before
     groups = sorted((GroupScore(g, ops[g], scores.get(g, 0.0)) for g in space.groups), key=lambda s: -s.score)
     return SensitivityResult(mode, baseline, groups, passes, time.perf_counter() - start)
-
-
-def _nsr(db: float | None) -> float:
-    return 0.0 if db is None or (math.isinf(db) and db > 0) else 10 ** (-db / 10)
-
-
-MAX_GAIN = 10.0  # a larger cap lets one badly measured gain dominate (Spearman vs exact: rec 0.87, MiniLM 0.75)
-ADDITIVE = frozenset({"Add", "Sub", "Sum", "Concat"})
-
-
-class ActivationNoise:
-    """Noise-to-signal power of each activation's own Q/DQ, applied to the float values.
-
-    Measured on float activations rather than as the NSR difference across the Q/DQ in the
-    quantized run: deep in a quantized model the upstream noise dwarfs one Q/DQ's own.
-    """
-
-    def __init__(self, qdq: Model) -> None:
-        from onnx import numpy_helper
-
-        consts = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-        self.params: dict[str, tuple[float, float, int, int]] = {}
-        for n in qdq.graph.node:
-            if n.op_type != "QuantizeLinear" or n.input[0] in consts or n.input[1] not in consts:
-                continue
-            scale = consts[n.input[1]]
-            zp = consts.get(n.input[2]) if len(n.input) > 2 else None
-            if scale.size != 1:
-                continue
-            info = np.iinfo(zp.dtype if zp is not None else np.uint8)
-            self.params[n.input[0]] = (float(scale.ravel()[0]), float(zp.ravel()[0]) if zp is not None else 0.0,
-                                       info.min, info.max)
-        self.noise: dict[str, float] = dict.fromkeys(self.params, 0.0)
-        self.signal: dict[str, float] = dict.fromkeys(self.params, 0.0)
-
-    def add(self, tensors: dict[str, np.ndarray]) -> None:
-        for t, (scale, zp, lo, hi) in self.params.items():
-            x = tensors.get(t)
-            if x is None or x.dtype.kind != "f":
-                continue
-            x = np.asarray(x, np.float32).ravel()
-            if not np.isfinite(x).all():
-                x = np.where(np.isfinite(x), x, np.float32(0))
-            deq = np.rint(x / np.float32(scale))
-            deq += np.float32(zp)
-            np.clip(deq, lo, hi, out=deq)
-            deq -= np.float32(zp)
-            deq *= np.float32(scale)
-            deq -= x  # now the error
-            self.noise[t] += float(np.dot(deq, deq))
-            self.signal[t] += float(np.dot(x, x))
-
-    def nsr(self) -> dict[str, float]:
-        return {t: self.noise[t] / self.signal[t] for t in self.params if self.signal[t] > 0}
-
-
-def propagated_scores(space: QuantSpace, full: Model, rows: Sequence,
-                      act_nsr: dict[str, float]) -> dict[str, float]:
-    """Fast sensitivity: the noise each group injects, times how much the graph amplifies it.
-
-    From one layerwise run of the fully quantized model: a quantized activation's own Q/DQ adds
-    the NSR ``act_nsr`` measures on the float values (``ActivationNoise``); a group's weights add
-    their quantization NSR (computed from the Q/DQ constants, no data). Each node's noise gain is
-    what its output carries beyond its own weights' noise, over the worst NSR at its inputs (for
-    Add, Sub, Sum and Concat, per input: its signal power over the output's, since their noise
-    simply adds); a reverse pass over the graph turns these into the gain from every tensor to
-    the model outputs (1 at an output, the largest over a tensor's readers elsewhere). A group's
-    score: the noise of its input Q/DQ times their gain, plus its weight noise times the gain of
-    its output.
-    """
-    src = space.source
-    after = {r.tensor: _nsr(r.sqnr_db) for r in rows}
-    before = {r.tensor: _nsr(r.raw_sqnr_db) if r.raw_sqnr_db is not None else after[r.tensor] for r in rows}
-    w_nsr = _weight_nsr(src, full)
-    nodes = {n.name: n for n in src.graph.node}
-    readers: dict[str, list] = {}
-    for n in src.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    power = {r.tensor: r.signal_power for r in rows}
-    gain_of: dict[str, float] = {}
-    for n in src.graph.node:
-        ins = [after[i] for i in n.input if i in after]
-        outs = [before[o] for o in n.output if o in before]
-        worst_in = max(ins, default=0.0)
-        if not outs or worst_in <= 0.0:
-            gain_of[n.name] = 1.0
-        else:
-            gain_of[n.name] = min(max(max(outs) - w_nsr.get(n.name, 0.0), 0.0) / worst_in, MAX_GAIN)
-
-    def gain(n, i: str) -> float:
-        """How much of input ``i``'s NSR reaches ``n``'s output."""
-        if n.op_type in ADDITIVE and i in power and n.output[0] in power and power[n.output[0]] > 0:
-            return min(power[i] / power[n.output[0]], MAX_GAIN)  # noise adds; the signal it is measured against grows
-        return gain_of[n.name]
-
-    to_output: dict[str, float] = {o.name: 1.0 for o in src.outputs}
-    for n in reversed(src.graph.node):  # topological order, reversed
-        g_out = max((to_output.get(o, 0.0) for o in n.output), default=0.0)
-        for i in n.input:
-            to_output[i] = max(to_output.get(i, 0.0), gain(n, i) * g_out)
-    scores = {}
-    last = {g: g for g in space.groups}
-    for absorbed, producer in space.calibrated.plan.absorbed.items():
-        if producer in last:
-            last[producer] = absorbed
-    for g in space.groups:
-        node = nodes.get(g)
-        if node is None:
-            continue
-        out_gain = max((to_output.get(o, 0.0) for o in nodes[last[g]].output), default=0.0)
-        injected = sum(act_nsr.get(i, 0.0) * to_output.get(i, 0.0) for i in node.input)
-        scores[g] = injected + w_nsr.get(g, 0.0) * out_gain
-    return scores
-
-
-def _weight_nsr(source: Model, qdq: Model) -> dict[str, float]:
-    """Per node of the Q/DQ model: quantization noise-to-signal power of the weights it reads."""
-    from onnx import numpy_helper
-
-    consts = {i.name: i for i in qdq.graph.initializer}
-    src_consts = source.constant_tensors()
-    dequantized: dict[str, float] = {}
-    for n in qdq.graph.node:
-        if n.op_type != "DequantizeLinear" or n.input[0] not in consts:
-            continue
-        w_name = n.input[0].removesuffix("_quantized")
-        w = src_consts.get(w_name)
-        if w is None or len(n.input) < 2 or n.input[1] not in consts:
-            continue
-        q = numpy_helper.to_array(consts[n.input[0]]).astype(np.float64)
-        scale = numpy_helper.to_array(consts[n.input[1]]).astype(np.float64)
-        zp = (numpy_helper.to_array(consts[n.input[2]]).astype(np.float64)
-              if len(n.input) > 2 and n.input[2] in consts else np.zeros_like(scale))
-        if scale.ndim == 1 and scale.size > 1:
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            shape = [1] * q.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        w = np.asarray(w, np.float64)
-        if w.shape != q.shape:
-            continue
-        err = float(np.sum((w - (q - zp) * scale) ** 2))
-        sig = float(np.sum(w**2))
-        dequantized[n.output[0]] = err / sig if sig else 0.0
-    out: dict[str, float] = {}
-    for n in qdq.graph.node:
-        for i in n.input:
-            if i in dequantized:
-                out[n.name] = out.get(n.name, 0.0) + dequantized[i]
-    return out
 
 
 # ---- mixed precision to a budget ------------------------------------------------------------------

@@ -42,6 +42,24 @@ def test_inspect_human(capsys, conv):
     assert code == 0 and "Conv" in out and "FLOPs" in out
 
 
+def test_inspect_human_shows_lowercase_dims_and_how_to_resolve_them(capsys, tmp_path):
+    """Shapes like [batch, 2, seq, 8] are text, not console markup; unknown FLOPs are not a total."""
+    proto = MODELS["attention"]()
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = {"B": "batch", "S": "seq"}[d.dim_param]
+    path = tmp_path / "attention.onnx"
+    onnx.save(proto, str(path))
+    code, out, err = run(capsys, "inspect", path)
+    flat = " ".join((out + err).split())
+    assert code == 0 and "[batch, 2, seq, 8]" in flat
+    assert "FLOPs: at least 0 FLOP (2 of 2 nodes unknown)" in flat
+    assert "give --dims 'seq=N' (q axis 2)" in flat
+    code, out, err = run(capsys, "inspect", path, "--dims", "seq=16")
+    assert code == 0 and "at least" not in out and "warning" not in err
+
+
 def test_compare_pass_and_fail_exit_codes(capsys, conv, tmp_path):
     model, data = conv
     code, out, _ = run(capsys, "compare", model, model, "--data", data, "--json")

@@ -22,6 +22,20 @@ def test_load_lists_inputs_outputs_with_symbolic_dims(model_file):
     assert m.parameter_count() == 8 * 3 * 3 * 3 + 8
 
 
+def test_weights_in_constant_nodes_count_in_parameters_and_bytes():
+    """Paddle exports keep weights in Constant nodes: they are parameters like initializers."""
+    proto = MODELS["conv"]()
+    w = proto.graph.initializer[0]
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], [w.name], name="w_const", value=w))
+    del proto.graph.initializer[0]
+    m = Model.from_proto(proto)
+    assert m.parameter_count() == 8 * 3 * 3 * 3 + 8
+    assert m.parameter_bytes() == 4 * (8 * 3 * 3 * 3 + 8)
+    half = MODELS["conv"]()
+    half.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros(8, np.float16), half.graph.initializer[1].name))
+    assert Model.from_proto(half, check=False).parameter_bytes() == 4 * 8 * 3 * 3 * 3 + 2 * 8
+
+
 def test_initializers_are_not_inputs_even_when_listed(tmp_path):
     proto = MODELS["gemm"]()
     proto.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT,

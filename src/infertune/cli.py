@@ -193,11 +193,14 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
             io.add_column(col)
         for kind, infos in (("in", stats.inputs), ("out", stats.outputs)):
             for i in infos:
-                io.add_row(kind, i.name, i.dtype, i.shape_str())
+                io.add_row(kind, escape(i.name), i.dtype, escape(i.shape_str()))
         out.print(io)
+        counted = len(stats.nodes)
+        flops = (f"at least {_si(stats.flops, 'FLOP')} ({len(stats.uncounted)} of {counted + len(stats.uncounted)} "
+                 "nodes unknown)" if stats.uncounted else _si(stats.flops, 'FLOP'))
         out.print(f"parameters: {stats.parameter_count:,} ({_si(stats.parameter_bytes, 'B')})   "
-                  f"nodes: {stats.node_count}   FLOPs: {_si(stats.flops, 'FLOP')} "
-                  f"(dims {', '.join(f'{k}={v}' for k, v in stats.dims.items()) or 'fixed'})")
+                  f"nodes: {stats.node_count}   FLOPs: {flops} "
+                  f"(dims {escape(', '.join(f'{k}={v}' for k, v in stats.dims.items())) or 'fixed'})")
         ops = Table(title="op types", title_justify="left")
         ops.add_column("op")
         ops.add_column("count", justify="right")
@@ -211,14 +214,18 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
             for col in ("node", "op", "FLOPs", "share"):
                 top.add_column(col, justify="right" if col in ("FLOPs", "share") else "left")
             for nf in sorted(stats.nodes, key=lambda n: -n.macs)[:show_nodes]:
-                top.add_row(nf.node, nf.op_type, _si(nf.flops),
+                top.add_row(escape(nf.node), nf.op_type, _si(nf.flops),
                             f"{nf.flops / stats.flops:.1%}" if stats.flops else "")
             out.print(top)
         if stats.uncounted:
+            where: dict[str, str] = {}  # the first input axis each unresolved dim names
+            for i in stats.inputs:
+                for axis, d in enumerate(i.shape or ()):
+                    where.setdefault(d, f"{i.name} axis {axis}")
+            hint = "; give " + " ".join(f"--dims '{d}=N' ({where.get(d, 'an input')})" for d in stats.unresolved_dims)
             err.print(f"[yellow]warning:[/] FLOPs of {len(stats.uncounted)} node(s) unknown "
-                      f"(shapes not inferable): {', '.join(stats.uncounted[:5])}" +
-                      (f"; give --dims for {', '.join(stats.unresolved_dims)}"
-                       if stats.unresolved_dims else ""))
+                      f"(shapes not inferable): {escape(', '.join(stats.uncounted[:5]))}"
+                      + (escape(hint) if stats.unresolved_dims else ""))
         if stats.renamed_nodes:
             err.print(f"note: {len(stats.renamed_nodes)} node(s) had empty or duplicate names and "
                       f"were given unique ones (e.g. {next(iter(stats.renamed_nodes))})")

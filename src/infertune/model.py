@@ -246,17 +246,22 @@ class Model:
                         out[n.output[0]] = numpy_helper.to_array(attr.t)
         return out
 
+    def parameter_tensors(self) -> list[onnx.TensorProto]:
+        """Initializers and Constant-node values, subgraphs included: the model's weights."""
+        out = []
+        for g in iter_graphs(self.graph):
+            out += g.initializer
+            out += [attr.t for n in g.node if n.op_type == "Constant" for attr in n.attribute if attr.name == "value"]
+        return out
+
     def parameter_count(self) -> int:
         """Elements in all initializers and Constant tensors, subgraphs included."""
-        total = 0
-        for g in iter_graphs(self.graph):
-            total += sum(int(np.prod(t.dims, dtype=np.int64)) for t in g.initializer)
-            for n in g.node:
-                if n.op_type == "Constant":
-                    for attr in n.attribute:
-                        if attr.name == "value":
-                            total += int(np.prod(attr.t.dims, dtype=np.int64))
-        return total
+        return sum(int(np.prod(t.dims, dtype=np.int64)) for t in self.parameter_tensors())
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the same tensors, at their element size."""
+        itemsize = lambda t: np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize  # noqa: E731
+        return sum(int(np.prod(t.dims, dtype=np.int64)) * itemsize(t) for t in self.parameter_tensors())
 
     def tensor_order(self) -> list[str]:
         """Names of the tensors the main graph computes, in topological (node) order."""

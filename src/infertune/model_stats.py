@@ -129,7 +129,7 @@ def inspect_model(model: Model, *, dims: dict[str, int] | None = None,
                                         model.proto.producer_version])),
         inputs=model.inputs, outputs=model.outputs,
         op_histogram=dict(hist.most_common()), node_count=sum(hist.values()),
-        parameter_count=model.parameter_count(), parameter_bytes=_parameter_bytes(model),
+        parameter_count=model.parameter_count(), parameter_bytes=model.parameter_bytes(),
         dims=dims, flops=sum(nf.flops for nf in nodes), flops_by_op_type=dict(by_type),
         nodes=nodes, uncounted=uncounted, unresolved_dims=unresolved if uncounted else [],
         renamed_nodes=dict(model.renamed_nodes),
@@ -212,14 +212,6 @@ def _initializer_shapes(model: Model) -> dict[str, tuple]:
                 if a.name == "value":
                     out[n.output[0]] = tuple(int(d) for d in a.t.dims)
     return out
-
-
-def _parameter_bytes(model: Model) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return total
 
 
 def _known(shape: tuple | None) -> bool:

@@ -119,6 +119,18 @@ def test_mixed_precision_excludes_it_and_meets_the_budget(setup):
     assert {"conv_a", "conv_c"} <= dq_readers and "conv_b" not in dq_readers
 
 
+def test_mixed_precision_does_not_take_a_step_that_meets_the_budget_only_by_luck(setup):
+    m, q, feeds = setup
+    space = QuantSpace(m, q)
+    ev = Evaluator(m, feeds)
+    one_float = ev.evaluate(space.build(["conv_b"]))["sqnr_db"]
+    r = meet_budget(space, ev, Budget.parse(f"sqnr>={one_float - 0.01:.4f}"), ["conv_b", "conv_a", "conv_c"],
+                    latency=False)
+    edge = next(s for s in r.steps if s.excluded == ("conv_b",))
+    assert edge.metrics["sqnr_db"] >= one_float - 0.01 and not edge.met and "too close to call" in edge.note
+    assert r.met and len(r.chosen.excluded) >= 2
+
+
 def test_unreachable_budget_reports_the_best_reachable(setup):
     m, q, feeds = setup
     space = QuantSpace(m, q)

@@ -121,6 +121,8 @@ def test_a_budget_met_only_by_the_luck_of_the_draw_is_not_met(tmp_path):
     easy = Budget.parse(f"sqnr>={point['sqnr_db'] - 10:.4f}")
     assert 0.2 < ev.score(outs, edge, resamples=200)["confidence"] < 0.8
     assert ev.score(outs, easy, resamples=200)["confidence"] == 1.0
+    assert ev.judge(outs, easy).met and not ev.judge(outs, edge).met  # what tune and quantize --budget use
+    assert "too close to call" in ev.judge(outs, edge).note
     fn = Budget(fn=lambda ref, got: float(np.mean([r["logits"].argmax() == g["logits"].argmax()
                                                    for r, g in zip(ref, got, strict=True)])), fn_min=0.0)
     s = ev.score(outs, fn, resamples=50)

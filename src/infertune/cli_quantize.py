@@ -189,7 +189,8 @@ def _print_budget(br) -> None:
         t.add_column(c, justify="right" if c != "met" else "left")
     for s in br.steps:
         t.add_row(str(len(s.excluded)), _fmt(s.metrics["sqnr_db"], 1), _fmt(s.metrics["cosine"], 5),
-                  _fmt(s.metrics.get("top1_drop"), 2), _fmt(s.p50_ms, 3), "yes" if s.met else "no")
+                  _fmt(s.metrics.get("top1_drop"), 2), _fmt(s.p50_ms, 3),
+                  "yes" if s.met else f"no: {s.metrics['confidence']:.0%} of resamples" if s.note else "no")
     out.print(t)
     chosen = br.chosen or br.best
     if chosen.excluded:

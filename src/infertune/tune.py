@@ -24,7 +24,7 @@ order), so that a cluster executor can run independent trials elsewhere without 
 search.
 
 A variant meets the budget when it does on the evaluation feeds and on at least ``CONFIDENCE`` of
-``RESAMPLES`` bootstrap resamples of them: a variant that passes only by the luck of which samples
+``RESAMPLES`` bootstrap resamples of them (``Evaluator.judge``): a variant that passes only by the luck of which samples
 were drawn (rec: 99% of 200 lines identical, 96% on 200 others) is not chosen.
 
 The choice: the finalists (the fastest FP32 trial and the fastest others that meet the budget)
@@ -69,8 +69,6 @@ from infertune.trials import (
 
 SCHEMA_VERSION = 1
 NOISE = 0.03
-CONFIDENCE = 0.9  # share of bootstrap resamples of the evaluation set on which a variant must meet the budget
-RESAMPLES = 200
 RUNOFF_ROUNDS = 3
 RUNOFF_FINALISTS = 3
 
@@ -151,16 +149,11 @@ class _Context:
 
     def _measure(self, spec: TrialSpec, start: float) -> Trial:
         model = self.build(spec)
-        metrics = self.evaluator.score(self.evaluator.run(model, spec.backend), self.budget, RESAMPLES)
+        verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend), self.budget)
         settings = backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)
         lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), backend=spec.backend, settings=settings,
                     warmup=5, time_budget_s=self.latency_s)
-        rel, note = None, ""
-        point = self.budget.met(metrics)
-        met = point and metrics["confidence"] >= CONFIDENCE
-        if point and not met:
-            note = (f"meets {self.budget} on the evaluation set, but on only {metrics['confidence']:.0%} of its "
-                    f"bootstrap resamples (< {CONFIDENCE:.0%}): too close to call")
+        rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
         if model is not self.source:
             rel = f"models/{spec.key}.onnx"
             model.save(self.run_dir / rel)

@@ -17,7 +17,8 @@ power of the outputs against the float model (NSR; SQNR = -10 log10 NSR):
   noise from there to the outputs (``noise_propagation``).
 
 ``meet_budget`` excludes the top-ranked groups, bisecting over how many, until a budget on
-cosine, SQNR, top-1 drop or a user function is met, and records accuracy and latency per step.
+cosine, SQNR, top-1 drop or a user function is met (on the evaluation set and on 90% of its
+bootstrap resamples, as tune judges), and records accuracy and latency per step.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from infertune.quant.quantize import QuantizeResult, rebuild
 Feed = dict[str, np.ndarray]
 Progress = Callable[[int, int | None], None]
 METRICS = ("cosine", "sqnr_db", "top1_drop")
+CONFIDENCE = 0.9  # share of bootstrap resamples of the evaluation set on which a variant must meet the budget
+RESAMPLES = 200
 
 
 class QuantSpace:
@@ -118,6 +121,18 @@ class Evaluator:
         """Accuracy of ``model`` run on ``backend`` against the reference's outputs."""
         return self.score(self.run(model, backend))
 
+    def judge(self, outs: list[dict[str, np.ndarray]], budget: Budget) -> Verdict:
+        """Does ``outs`` meet ``budget``: on the evaluation feeds, and on at least ``CONFIDENCE`` of
+        ``RESAMPLES`` bootstrap resamples of them (one that passes only by the luck of which
+        samples were drawn does not)."""
+        metrics = self.score(outs, budget, RESAMPLES)
+        point = budget.met(metrics)
+        if point and metrics["confidence"] < CONFIDENCE:
+            return Verdict(metrics, False, f"meets {budget} on the evaluation set, but on only "
+                                           f"{metrics['confidence']:.0%} of its bootstrap resamples "
+                                           f"(< {CONFIDENCE:.0%}): too close to call")
+        return Verdict(metrics, point)
+
     def score(self, outs: list[dict[str, np.ndarray]], budget: Budget | None = None,
               resamples: int = 0) -> dict[str, float]:
         """Metrics of ``outs`` (one dict per feed) against the reference outputs.
@@ -142,6 +157,13 @@ class Evaluator:
                 held += budget.met(m)
             out["confidence"] = held / resamples
         return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metrics: dict[str, float]
+    met: bool
+    note: str = ""
 
 
 class _PerSample:
@@ -287,9 +309,11 @@ class Step:
     metrics: dict[str, float]
     p50_ms: float | None
     met: bool
+    note: str = ""
 
     def to_dict(self) -> dict:
-        return {"excluded": list(self.excluded), "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met}
+        return {"excluded": list(self.excluded), "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met,
+                "note": self.note}
 
 
 @dataclass
@@ -318,8 +342,8 @@ def meet_budget(space: QuantSpace, evaluator: Evaluator, budget: Budget, ranking
         if k not in steps:
             excluded = tuple(ranking[:k])
             built = space.build(excluded)
-            metrics = evaluator.score(evaluator.run(built), budget)  # one pass, the function budget's included
-            steps[k] = Step(excluded, metrics, latency_p50(built, evaluator) if latency else None, budget.met(metrics))
+            v = evaluator.judge(evaluator.run(built), budget)  # one pass, the function budget's included
+            steps[k] = Step(excluded, v.metrics, latency_p50(built, evaluator) if latency else None, v.met, v.note)
             if progress:
                 progress(len(steps), None)
         return steps[k]

@@ -103,6 +103,12 @@ def markdown(results: list[dict], env: dict) -> str:
             mt = s["metrics"]
             lines.append(f"| {len(s['excluded'])} | {mt['cosine']:.5f} / {mt['cosine_min']:.5f} | "
                          f"{mt['sqnr_db']:.1f} | {s['p50_ms']:.3f} | {_met(s)} |")
+        all_float = next((s for s in b["steps"] if len(s["excluded"]) == r["groups"]), None)
+        if all_float is not None:
+            lines += ["", "Latencies are one 0.5 s measurement per step: the FP32 model measured "
+                      f"{r['fp32_p50_ms']:.1f} ms and again, as the step with every node in float, "
+                      f"{all_float['p50_ms']:.1f} ms in this run. "
+                      "For speed decisions see tune.md, which times finalists side by side."]
         chosen = b["chosen"] or b["best"]
         lines += ["", ("Met with " if b["met"] else "Not met; best reachable with ")
                   + f"{len(chosen['excluded'])} node(s) in float: " + ", ".join(chosen["excluded"][:30])]

@@ -89,9 +89,10 @@ def markdown(results: list[dict], env: dict) -> str:
                      f"{r['top10_overlap']}/10 | {r['fast']['forward_passes']} | {r['exact']['forward_passes']} | "
                      f"{r['fast']['seconds']:.1f} | {r['exact']['seconds']:.1f} | {_fast_rank_of_top(r)} | "
                      f"{_needed(r['budget'])} / {_needed(r['budget_by_fast_ranking'])} |")
-    lines += ["", "Fast mode predicts the output NSR each group causes alone: the noise its input Q/DQ and "
-              "weights inject, times the gain to the outputs measured on a noise probe (the float model with "
-              "rounding at 1/16 of each 8-bit step). Where one group's noise meets a much larger gain than the "
+    lines += ["", "Fast mode scores each group by the noise its input Q/DQ and weights inject, times the gain to "
+              "the outputs measured on a noise probe (the float model with rounding at 1/16 of each 8-bit step). "
+              "The scores rank groups; they are not the output NSR a group causes alone (exact mode's score). "
+              "Where one group's noise meets a much larger gain than the "
               "probe's noise does, fast mode ranks it lower than exact does (column \"fast rank of exact's #1\"; "
               "on MiniLM that group is the layer-0 FFN output dense, far ahead of all others in exact mode). When "
               "the first few groups matter, rank them exactly."]

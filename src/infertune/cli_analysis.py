@@ -83,7 +83,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
         out.print(f"[bold]{m.name}[/] all {len(space.groups)} groups in INT8: output SQNR {_fmt(b['sqnr_db'], 1)} dB, "
                   f"cosine {_fmt(b['cosine'], 5)}; {mode} mode: {r.forward_passes} passes over "
                   f"{len(evaluator.feeds)} samples, {r.seconds:.1f} s")
-        meaning = "output NSR when quantized alone" + ("" if mode == "exact" else ", predicted")
+        meaning = "output NSR when quantized alone" if mode == "exact" else "injected noise x gain: a ranking"
         t = Table(title=f"most sensitive first ({meaning})", title_justify="left")
         for c in ("rank", "node", "op", "score"):
             t.add_column(c, justify="right" if c in ("rank", "score") else "left")

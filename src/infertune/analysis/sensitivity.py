@@ -211,7 +211,7 @@ class _PerSample:
 class GroupScore:
     node: str
     op_type: str
-    score: float  # output NSR when it alone is quantized: measured (exact) or predicted (fast)
+    score: float  # exact: output NSR when it alone is quantized; fast: injected noise x gain (ranks only)
 
     def to_dict(self) -> dict:
         return {"node": self.node, "op_type": self.op_type, "score": self.score}

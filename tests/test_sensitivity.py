@@ -262,6 +262,10 @@ def test_fast_ranking_follows_exact_through_a_masked_attention_block():
                  stability_halves=0)
     space = QuantSpace(m, q)
     assert set(space.groups) == {"query", "key", "value", "scores", "context", "out_proj"}
+    from infertune.analysis.noise_propagation import noise_probe
+
+    probe = noise_probe(m, space.build())  # the residual reads x in float in the Q/DQ model, and so in the probe
+    assert sorted(n.name for n in probe.graph.node if "x" in n.input) == ["residual", "x/probe_div"]
     feeds = _masked_feeds(16, 1)
     exact = sensitivity(space, Evaluator(m, feeds), mode="exact")
     ev = Evaluator(m, feeds)
@@ -289,6 +293,8 @@ def test_noise_probe_rounds_each_quantized_activation_at_a_sixteenth_of_its_step
         assert tensor_map(m, probe)[t] == f"{t}_dequantized"
         readers = [n.name for n in probe.graph.node if t in n.input]
         assert readers == [f"{t}/probe_div"], "every reader of a quantized tensor reads the rounded one"
+        assert ({n.name for n in probe.graph.node if f"{t}_dequantized" in n.input}
+                == {n.name for n in full.graph.node if f"{t}_dequantized" in n.input})
     exposed = [n for t in params for n in (t, f"{t}_dequantized") if t != "x"] + ["x_dequantized"]
     from infertune import backends
 

@@ -221,7 +221,8 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
             where: dict[str, str] = {}  # the first input axis each unresolved dim names
             for i in stats.inputs:
                 for axis, d in enumerate(i.shape or ()):
-                    where.setdefault(d, f"{i.name} axis {axis}")
+                    if isinstance(d, str):
+                        where.setdefault(d, f"{i.name} axis {axis}")
             hint = "; give " + " ".join(f"--dims '{d}=N' ({where.get(d, 'an input')})" for d in stats.unresolved_dims)
             err.print(f"[yellow]warning:[/] FLOPs of {len(stats.uncounted)} node(s) unknown "
                       f"(shapes not inferable): {escape(', '.join(stats.uncounted[:5]))}"

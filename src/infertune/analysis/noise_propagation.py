@@ -13,9 +13,11 @@ exposed, and a *noise probe* of it):
 Why a probe and not the quantized model itself: fully quantized, MiniLM's output is at 6 dB
 SQNR, and the noise at every node is mostly what everything upstream left there; gains measured
 in that state rank groups worse than gains measured with small noise everywhere (Spearman of
-fast vs exact on MiniLM 0.70 from the quantized model, 0.86 from the probe; rec 0.89 and 0.87).
-The scores rank groups; they are not the output NSR a group causes alone: against exact mode's
-the median ratio is 0.11 on MiniLM and 1.5 on rec, the interquartile range spans 4x and 22x.
+fast vs exact on MiniLM 0.70 from the quantized model in an ad-hoc comparison; from the probe
+0.85, rec 0.87, in benchmarks/results/sensitivity.md).
+The scores rank groups; they are not the output NSR a group causes alone: in that benchmark
+their median ratio to exact mode's is 0.11 on MiniLM and 1.5 on rec, the interquartile range
+spanning 4x and 22x.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from onnx import helper, numpy_helper
 from infertune.model import Model
 
 PROBE_STEP = 1 / 16  # of each activation's 8-bit quantization step
-MAX_GAIN = 10.0  # per node; at 3 rec's Spearman of fast vs exact drops 0.87 -> 0.80, at 30 and above to 0.86
+MAX_GAIN = 10.0  # per node; ad hoc on rec: at 3 the Spearman of fast vs exact drops 0.87 -> 0.80, at 30 to 0.86
 ADDITIVE = frozenset({"Add", "Sub", "Sum", "Concat"})
 BILINEAR = frozenset({"MatMul"})
 
@@ -82,14 +84,16 @@ class ActivationNoise:
 
 def noise_probe(source: Model, qdq: Model, step: float = PROBE_STEP) -> Model:
     """``source`` with round-to-nearest noise at ``step`` x the 8-bit step of every float32
-    activation ``qdq`` quantizes per tensor; the rounded tensor is ``<t>_dequantized``, the name
-    layerwise compare matches to ``t``."""
+    activation ``qdq`` quantizes per tensor, read by the nodes that read it through its Q/DQ there
+    (others still read it in float); the rounded tensor is ``<t>_dequantized``, the name layerwise
+    compare matches to ``t``."""
     proto = onnx.ModelProto()
     proto.CopyFrom(source.proto)
     g = proto.graph
     types = source.value_info()
     params = {t: p for t, p in activation_qdq(qdq).items()
               if (info := types.get(t)) is not None and info.dtype == "float32"}
+    rounded_for = {t: {n.name for n in qdq.consumers().get(f"{t}_dequantized", [])} for t in params}
 
     def rounding(t: str) -> list[onnx.NodeProto]:
         s = f"{t}_probe_step"
@@ -101,7 +105,7 @@ def noise_probe(source: Model, qdq: Model, step: float = PROBE_STEP) -> Model:
     nodes = [p for i in g.input if i.name in params for p in rounding(i.name)]
     for n in g.node:
         for k, i in enumerate(n.input):
-            if i in params:
+            if n.name in rounded_for.get(i, ()):
                 n.input[k] = f"{i}_dequantized"
         nodes.append(n)
         nodes += [p for o in n.output if o in params for p in rounding(o)]

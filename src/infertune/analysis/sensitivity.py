@@ -243,7 +243,7 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
         raise UsageError("fast sensitivity propagates noise through ONNX Runtime's activations; "
                          f"use exact mode to rank on {backend}")
     start = time.perf_counter()
-    passes_before = evaluator.passes - evaluator.has_reference  # the reference pass is part of every mode's cost
+    passes_before, had_reference = evaluator.passes, evaluator.has_reference
     full = space.build()
     ops = {n: space.op_types[n] for n in space.groups}
     scores: dict[str, float] = {}
@@ -253,7 +253,7 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
             scores[g] = evaluator.evaluate(space.build([o for o in space.groups if o != g]), backend)["nsr"]
             if progress:
                 progress(i + 1, len(space.groups))
-        passes = evaluator.passes - passes_before
+        passes = evaluator.passes - passes_before + had_reference  # the reference pass is part of its cost
     else:
         act_noise = ActivationNoise(full)
         outputs = [o.name for o in evaluator.reference.outputs]
@@ -261,19 +261,18 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: str = "exact",
 
         def on_reference(tensors: dict[str, np.ndarray]) -> None:
             act_noise.add(tensors)
-            if all(o in tensors for o in outputs):
+            if not had_reference and all(o in tensors for o in outputs):
                 float_outputs.append({o: tensors[o] for o in outputs})
 
         lw = layerwise(evaluator.reference, noise_probe(evaluator.reference, full),
                        Dataset.from_iterable(evaluator.feeds), threshold_db=-math.inf, settings=evaluator.settings,
                        on_reference=on_reference)
-        if not evaluator.has_reference and len(float_outputs) == len(evaluator.feeds):
+        if float_outputs and len(float_outputs) == len(evaluator.feeds):
             evaluator.adopt_reference(float_outputs)  # layerwise's float pass is the reference pass
-        passes_before = evaluator.passes - 2  # layerwise: the float model and the probe, once each
         baseline = evaluator.evaluate(full)
         scores = propagated_scores(space.groups, space.calibrated.plan.absorbed, space.source, full, lw.tensors,
                                    act_noise.nsr())
-        passes = evaluator.passes - passes_before
+        passes = 2 + evaluator.passes - passes_before  # layerwise runs the float model and the probe once each
     groups = sorted((GroupScore(g, ops[g], scores.get(g, 0.0)) for g in space.groups), key=lambda s: -s.score)
     return SensitivityResult(mode, baseline, groups, passes, time.perf_counter() - start)
 

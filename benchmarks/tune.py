@@ -31,12 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs, run_worker  # noqa: E402
 from benchmarks.results_io import save_results  # noqa: E402
-from infertune import backends  # noqa: E402
-from infertune.analysis.sensitivity import Budget, Evaluator  # noqa: E402
-from infertune.data import Dataset  # noqa: E402
+from infertune import (  # noqa: E402
+    Budget,
+    Dataset,
+    Evaluator,
+    Model,
+    backends,  # noqa: E402, I001
+    tune,
+)
 from infertune.fingerprint import environment  # noqa: E402
-from infertune.model import Model  # noqa: E402
-from infertune.tune import tune  # noqa: E402
 
 PEERS = ["ort-minmax", "ort-minmax-u8", "nncf"]
 EVAL_N = {"digits": 360, "rec": 200, "minilm": 64}  # rec: 100 lines let a 99% pass become 96% held out

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infertune.bench.latency import LatencyStats, bench
 from infertune.data import Dataset
 from infertune.errors import DataError, UsageError
 from infertune.model import Model
+from infertune.perf.latency import LatencyStats, bench
 from models import MODELS
 
 

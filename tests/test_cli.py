@@ -158,7 +158,7 @@ def test_nan_in_data_is_warned_and_counted(capsys, conv, tmp_path):
 
 def test_backend_unavailable_exit_3(capsys, conv, monkeypatch):
     monkeypatch.setitem(backends._REGISTRY, "fake",
-                        backends._Entry("x", "X", "no_such_module_xyz", "fake"))
+                        backends.Runtime("fake", "Fake", "x", "X", "no_such_module_xyz", "fake", None))
     code, _, err = run(capsys, "bench", conv[0], "--backend", "fake")
     assert code == 3 and "pip install 'infertune[fake]'" in err
     code, _, err = run(capsys, "bench", conv[0], "--backend", "nope")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from infertune.doctor import check, compat_table, probe
+from infertune.deploy.doctor import check, compat_table, probe
 
 AVX2 = {"model": "AMD EPYC", "arch": "x86_64", "logical_cores": 2, "isa": ["sse4_2", "avx", "avx2", "fma"]}
 A100 = {"name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0", "sm_count": 108, "memory_mib": 40536}

@@ -217,7 +217,7 @@ def test_cuda_graph_replays_with_new_inputs(backend, static_conv):
 
 @pytest.mark.gpu
 def test_native_tensorrt_qdq_timings_layers_streams_and_preflight(qdq, cnn, tmp_path):
-    from infertune.preflight import preflight
+    from infertune.deploy.preflight import preflight
 
     s = _settings(profile_shapes=PROFILE, engine_cache=str(tmp_path), streams="2")
     r = backends.compile(qdq, s, backend="tensorrt")

@@ -11,14 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from infertune import backends
-from infertune.analysis.explain import explain, isa_facts
-from infertune.bench import roofline as rl
-from infertune.bench.latency import allocation_per_call, side_by_side
-from infertune.bench.profile import kernel_overhead_us, profile, summarize
-from infertune.bench.sweep import knee_of, parse_sweep, sweep
 from infertune.data import Dataset
 from infertune.errors import UsageError
 from infertune.model import Model
+from infertune.perf import roofline as rl
+from infertune.perf.explain import explain, isa_facts
+from infertune.perf.latency import allocation_per_call, side_by_side
+from infertune.perf.profile import kernel_overhead_us, profile, summarize
+from infertune.perf.sweep import knee_of, parse_sweep, sweep
 from models import MODELS
 
 ONE_THREAD = backends.Settings(intra_op_threads=1)
@@ -224,7 +224,7 @@ def test_explain_finds_the_sandwich_and_unfused_qdq():
 
 
 def test_explain_counts_match_the_optimised_graph(tmp_path):
-    from infertune.analysis.explain import variant_facts
+    from infertune.perf.explain import variant_facts
 
     _, q = _qdq_sandwich()
     opt = tmp_path / "opt.onnx"

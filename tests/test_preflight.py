@@ -7,11 +7,11 @@ import json
 import pytest
 
 from infertune import backends
-from infertune.artifact import save_artifact
 from infertune.cli import main
+from infertune.deploy.artifact import save_artifact
+from infertune.deploy.preflight import check_artifact, check_engine, preflight
 from infertune.errors import UsageError
 from infertune.model import Model
-from infertune.preflight import check_artifact, check_engine, preflight
 from models import MODELS
 from test_doctor import A100, HEALTHY, with_
 
@@ -77,7 +77,7 @@ def artifact(tmp_path):
 
 
 def test_artifact_here_has_no_error_and_a_changed_byte_is_one(artifact):
-    from infertune.doctor import probe
+    from infertune.deploy.doctor import probe
 
     here = probe()
     assert not [f for f in preflight(artifact, here) if f.severity == "error"]

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from infertune import Budget, Evaluator, QuantSpace, meet_budget, sensitivity
 from infertune.analysis.layerwise import layerwise, tensor_map
-from infertune.analysis.sensitivity import Budget, Evaluator, QuantSpace, meet_budget, sensitivity
 from infertune.data import Dataset
 from infertune.errors import UsageError
 from infertune.model import Model
@@ -101,7 +101,7 @@ def test_exact_sensitivity_on_openvino_evaluates_there(setup, monkeypatch):
     monkeypatch.setattr(ev, "run", lambda model, backend="ort": ran_on.append(backend) or real(model, backend))
     r = sensitivity(space, ev, mode="exact", backend="openvino")
     assert r.ranking[0] == "conv_b" and ran_on == ["openvino"] * (1 + len(space.groups))
-    with pytest.raises(UsageError, match="use exact mode to rank on openvino"):
+    with pytest.raises(UsageError, match="rank on openvino with --mode exact"):
         sensitivity(space, ev, mode="fast", backend="openvino")
 
 

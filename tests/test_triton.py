@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from infertune import artifact, backends
+from infertune import backends
+from infertune.deploy import artifact
+from infertune.deploy.triton import export_triton
 from infertune.errors import UsageError
 from infertune.model import Model
-from infertune.triton import export_triton
 from models import MODELS
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",

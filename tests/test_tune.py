@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infertune import artifact, backends
-from infertune.analysis.sensitivity import Budget, Evaluator
+from infertune import Budget, Evaluator, backends, tune
 from infertune.data import Dataset
+from infertune.deploy import artifact
 from infertune.errors import UsageError
 from infertune.model import Model
-from infertune.trials import TRIALS, Trial, TrialSpec
-from infertune.tune import NOISE, _choose, tune
+from infertune.search.choice import NOISE, choose
+from infertune.search.journal import TRIALS
+from infertune.search.trials import Trial, TrialSpec
 from models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +48,10 @@ def test_choose_prefers_fp32_within_noise_and_int8_when_clearly_faster():
     close = _trial(1, TrialSpec("int8", "auto", (), 1), 10.0 * (1 - NOISE / 2))
     far = _trial(2, TrialSpec("int8", "auto", ("a",), 1), 6.0)
     log: list[str] = []
-    assert _choose([fp], [fp, close], log) is fp and "within measurement noise" in log[-1]
-    assert _choose([fp], [fp, close, far], log) is far and "faster" in log[-1]
+    assert choose([fp], [fp, close], log) is fp and "within measurement noise" in log[-1]
+    assert choose([fp], [fp, close, far], log) is far and "faster" in log[-1]
     slow = _trial(3, TrialSpec("int8", "auto", (), 1), 12.0)
-    assert _choose([fp], [fp, slow], log) is fp and "for quantization to pay" in log[-1]
+    assert choose([fp], [fp, slow], log) is fp and "for quantization to pay" in log[-1]
 
 
 def test_trial_spec_key_is_stable_and_validated():
@@ -95,15 +97,19 @@ def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
 
 
 def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkeypatch):
-    import infertune.tune as tune_module
+    import infertune.search.choice
+    import infertune.search.measure
 
     class Lat:
         def __init__(self, p50):
             self.latency_ms = type("L", (), {"p50": p50})()
 
     # every DQ node costs time: the fully quantized model is the slowest variant
-    monkeypatch.setattr(tune_module, "bench", lambda model, data, **_: Lat(
-        1.0 + 0.01 * sum(n.op_type == "DequantizeLinear" for n in model.graph.node)))
+    def fake_bench(model, data, **_):
+        return Lat(1.0 + 0.01 * sum(n.op_type == "DequantizeLinear" for n in model.graph.node))
+
+    for module in (infertune.search.measure, infertune.search.choice):
+        monkeypatch.setattr(module, "bench", fake_bench)
     m, calib, ev = _digits(60)
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",))
     assert [t.spec.precision for t in r.trials] == ["fp32", "int8"] and not r.sensitivity
@@ -145,7 +151,6 @@ def test_run_dir_of_another_configuration_is_refused(tmp_path):
 def _steady_clock(monkeypatch):
     """Latency as a fixed function of the model (fewer float ops, faster): the same measurements
     in every run, so a resumed search can be compared with an uninterrupted one."""
-    import infertune.tune as tune_module
 
     class Lat:
         def __init__(self, p50):
@@ -155,7 +160,11 @@ def _steady_clock(monkeypatch):
         dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
         return Lat(1.0 - 0.01 * dq + 0.001 * settings.intra_op_threads)
 
-    monkeypatch.setattr(tune_module, "bench", fake_bench)
+    import infertune.search.choice
+    import infertune.search.measure
+
+    for module in (infertune.search.measure, infertune.search.choice):
+        monkeypatch.setattr(module, "bench", fake_bench)
 
 
 def test_resume_reuses_recorded_trials_and_skips_a_torn_line(tmp_path, monkeypatch):
@@ -265,10 +274,11 @@ def _edit(d: Path, **changes) -> None:
 
 def test_artifact_from_another_machine_loads_with_differences_or_is_refused_when_strict(saved):
     m = json.loads((saved / "manifest.json").read_text())
-    m["target"].update(cpu="Intel Xeon Platinum", isa=[*m["target"]["isa"], "avx512_vnni"])
+    # an ISA flag and a CPU name no real machine running this test has
+    m["target"].update(cpu="Imaginary CPU 9000", isa=[*m["target"]["isa"], "avx1024_imaginary"])
     (saved / "manifest.json").write_text(json.dumps(m))
     a = artifact.load(saved)
-    assert any("avx512_vnni" in d for d in a.differences) and any("Xeon" in d for d in a.differences)
+    assert any("avx1024_imaginary" in d for d in a.differences) and any("Imaginary" in d for d in a.differences)
     with pytest.raises(artifact.ArtifactError, match="tuned for another target"):
         artifact.load(saved, strict=True)
 
@@ -349,8 +359,9 @@ def test_tune_tries_openvino_and_evaluates_on_it(tmp_path, monkeypatch):
 
 def test_tune_runtime_errors(tmp_path, monkeypatch):
     m, calib, ev = _digits(10)
-    monkeypatch.setitem(backends._REGISTRY, "toy", backends._REGISTRY["ort"])  # runs, but no placement known
-    with pytest.raises(UsageError, match="no INT8 placement for runtime 'toy'"):
+    toy = dataclasses.replace(backends.runtime("ort"), name="toy", placement=None)  # runs, but no INT8 placement
+    monkeypatch.setitem(backends._REGISTRY, "toy", toy)
+    with pytest.raises(UsageError, match="tune's INT8 search cannot run on toy"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "a", runtimes=("ort", "toy"))
     with pytest.raises(UsageError, match="unknown backend"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "b", runtimes=("ort", "tvm"))

@@ -65,6 +65,7 @@ class CompareResult:
     accuracy: dict[str, float] | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    backend: str = "ort"
     environment: dict = field(default_factory=environment)
     schema_version: int = SCHEMA_VERSION
 
@@ -78,6 +79,7 @@ class CompareResult:
             "kind": "compare",
             "reference": self.reference,
             "candidate": self.candidate,
+            "backend": self.backend,
             "passed": self.passed,
             "samples": self.samples,
             "skipped": self.skipped,
@@ -210,7 +212,7 @@ def compare(
         reference=ref_name, candidate=cand_model.name,
         samples=validator.feeds_seen - validator.feeds_skipped, skipped=validator.feeds_skipped,
         outputs=outputs, checks=outcomes, accuracy=accuracy,
-        tolerances={"atol": atol, "rtol": rtol}, warnings=warnings,
+        tolerances={"atol": atol, "rtol": rtol}, warnings=warnings, backend=backend,
     )
 
 

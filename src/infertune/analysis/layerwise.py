@@ -66,6 +66,7 @@ class LayerwiseResult:
     tensors: list[TensorError]  # topological order
     first_divergence: TensorError | None
     warnings: list[str] = field(default_factory=list)
+    backend: str = "ort"
 
     def largest_drops(self, k: int = 5) -> list[TensorError]:
         return sorted(self.tensors, key=lambda t: -t.drop_db)[:k]
@@ -79,7 +80,8 @@ class LayerwiseResult:
                 f"{d.sqnr_db:.1f} dB here")
 
     def to_dict(self) -> dict:
-        return {"reference": self.reference, "candidate": self.candidate, "samples": self.samples,
+        return {"kind": "layerwise", "reference": self.reference, "candidate": self.candidate,
+                "backend": self.backend, "samples": self.samples,
                 "threshold_db": self.threshold_db, "message": self.message(),
                 "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
                 "largest_drops": [t.to_dict() for t in self.largest_drops()],
@@ -116,9 +118,11 @@ def layerwise(
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
     on_reference: Callable[[dict[str, np.ndarray]], None] | None = None,
+    backend: str = "ort",
 ) -> LayerwiseResult:
     """Compare every tensor (see the module docstring); ``on_reference`` sees the reference's
     exposed tensors of each feed (for statistics that need the float values themselves)."""
+    backends.require(backend, "intermediates", "layerwise compare")
     ref = reference if isinstance(reference, Model) else Model.load(reference)
     cand = candidate if isinstance(candidate, Model) else Model.load(candidate)
     mapping = tensor_map(ref, cand)
@@ -127,9 +131,10 @@ def layerwise(
     cand_names = set(cand.tensor_order())
     # the value before its own Q/DQ: what a node's input error is made of upstream of that node
     raw = {t: t for t, c in exposed.items() if c != t and t in cand_names}
-    ref_run = backends.compile(ref.with_outputs(list(exposed), keep_original=False), settings)
+    ref_run = backends.compile(ref.with_outputs(list(exposed), keep_original=False), settings, backend=backend)
     cand_run = backends.compile(
-        cand.with_outputs(list(dict.fromkeys([*exposed.values(), *raw.values()])), keep_original=False), settings)
+        cand.with_outputs(list(dict.fromkeys([*exposed.values(), *raw.values()])), keep_original=False), settings,
+        backend=backend)
     acc = {t: ErrorAccumulator(atol=0.0, rtol=0.0) for t in exposed}
     raw_acc = {t: ErrorAccumulator(atol=0.0, rtol=0.0) for t in raw}
     validator = FeedValidator(ref)
@@ -165,7 +170,7 @@ def layerwise(
                                 db[t], m["cosine"], float(m["max_abs"] or 0.0), min(ups) if ups else math.inf,
                                 a.sum_sq_ref, a.sum_sq_err, raw_db.get(t)))
     first = next((r for r in rows if r.sqnr_db < threshold_db and r.upstream_db >= threshold_db), None)
-    return LayerwiseResult(ref.name, cand.name, n, threshold_db, rows, first, validator.warnings())
+    return LayerwiseResult(ref.name, cand.name, n, threshold_db, rows, first, validator.warnings(), backend)
 
 
 def _finite(v: float) -> float | None:

@@ -84,31 +84,73 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Runtime:
+    """Everything infertune knows about one runtime, in one place.
+
+    ``name`` is what ``--backend`` / ``--runtimes`` take; ``placement`` the Q/DQ placement target
+    (``quant.placement.TARGETS``) an INT8 variant for it is built with (None: no INT8 here);
+    ``profiles``: per-node times (``profile``, ``explain``); ``intermediates``: any tensor can be
+    exposed as an output and read back (``compare --layerwise``, fast sensitivity).
+    """
+
+    name: str
+    display: str
     module: str
     cls: str
     requires: str  # top-level module that must be importable
     extra: str | None  # pip extra that installs it
+    placement: str | None
+    profiles: bool = False
+    intermediates: bool = False
+    gpu: bool = False
+
+    def on(self) -> str:
+        """' on OpenVINO' for labels ('' for the default runtime)."""
+        return "" if self.name == DEFAULT else f" on {self.display}"
 
 
-_REGISTRY: dict[str, _Entry] = {
-    "ort": _Entry("infertune.backends.ort", "OrtBackend", "onnxruntime", None),
-    "openvino": _Entry("infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino"),
+DEFAULT = "ort"
+_REGISTRY: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("ort", "ONNX Runtime", "infertune.backends.ort", "OrtBackend", "onnxruntime", None, "ort-cpu",
+            profiles=True, intermediates=True),
+    Runtime("openvino", "OpenVINO", "infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino",
+            "openvino", intermediates=True),
     # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks its providers
-    "ort-cuda": _Entry("infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime", "gpu"),
-    "ort-tensorrt": _Entry("infertune.backends.ort_gpu", "OrtTensorrtBackend", "onnxruntime", "gpu"),
-    "tensorrt": _Entry("infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "gpu"),
-}
-GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
+    Runtime("ort-cuda", "ONNX Runtime CUDA", "infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime", "gpu",
+            None, gpu=True),
+    Runtime("ort-tensorrt", "ONNX Runtime TensorRT", "infertune.backends.ort_gpu", "OrtTensorrtBackend",
+            "onnxruntime", "gpu", "tensorrt", gpu=True),
+    Runtime("tensorrt", "TensorRT", "infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "gpu", "tensorrt",
+            gpu=True),
+)}
+GPU_BACKENDS = tuple(n for n, r in _REGISTRY.items() if r.gpu)
 
 
-def register(name: str, module: str, cls: str, requires: str, extra: str | None) -> None:
-    """Register a backend by name; nothing is imported until it is used."""
-    _REGISTRY[name] = _Entry(module, cls, requires, extra)
+def register(runtime: Runtime) -> None:
+    """Register a runtime; nothing is imported until it is used."""
+    _REGISTRY[runtime.name] = runtime
 
 
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+def runtime(name: str) -> Runtime:
+    """The registry entry of ``name``; an unknown name is a usage error listing the known ones."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise UsageError(f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})")
+    return entry
+
+
+def require(name: str, capability: str, what: str) -> Runtime:
+    """``name``'s entry when it has ``capability`` ('profiles', 'intermediates', 'placement');
+    otherwise a usage error naming the runtimes that have it."""
+    entry = runtime(name)
+    if not getattr(entry, capability):
+        able = [n for n, r in _REGISTRY.items() if getattr(r, capability)]
+        raise UsageError(f"{what} cannot run on {name} ({entry.display}); it runs on: {', '.join(able)}")
+    return entry
 
 
 def available() -> dict[str, bool]:
@@ -117,9 +159,7 @@ def available() -> dict[str, bool]:
 
 
 def get_backend(name: str) -> Backend:
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise UsageError(f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})")
+    entry = runtime(name)
     if importlib.util.find_spec(entry.requires) is None:
         hint = f": pip install 'infertune[{entry.extra}]'" if entry.extra else ""
         raise BackendUnavailable(f"backend {name!r} needs the {entry.requires} package{hint}")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from infertune.cli import _emit_doc, cli, json_option, out
+from infertune.cli.common import emit, json_option, out
 
 
-@cli.group()
+@click.group()
 def export() -> None:
     """Export a tuned artifact for a serving system."""
 
@@ -27,7 +27,7 @@ def export() -> None:
 @json_option
 def triton(artifact: Path, repo: Path, name, max_batch, instances, queue_delay_us, as_json) -> None:
     """Write ARTIFACT as REPO/NAME/{config.pbtxt,1/model.onnx} for Triton Inference Server."""
-    from infertune.triton import export_triton
+    from infertune.deploy.triton import export_triton
 
     dest = export_triton(artifact, repo, name=name, max_batch_size=max_batch, instances=instances,
                          queue_delay_us=queue_delay_us)
@@ -37,4 +37,6 @@ def triton(artifact: Path, repo: Path, name, max_batch, instances, queue_delay_u
         out.print(f"wrote {dest}/config.pbtxt and {dest}/1/model.onnx")
         out.print(f"serve with: tritonserver --model-repository {repo}")
 
-    _emit_doc(doc, as_json, None, human)
+    emit(doc, as_json, None, human)
+
+COMMANDS = (export,)

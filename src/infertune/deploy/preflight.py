@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from infertune.artifact import MANIFEST, ArtifactError, read_manifest, verify_files
 from infertune.backends import GPU_BACKENDS
-from infertune.doctor import SEVERITIES, Finding, _ver
+from infertune.deploy.artifact import MANIFEST, ArtifactError, read_manifest, verify_files
+from infertune.deploy.doctor import SEVERITIES, Finding, version_tuple
 from infertune.errors import UsageError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -38,7 +38,7 @@ BACKEND_EXTRA = {"openvino": "openvino", "ort-cuda": "gpu", "ort-tensorrt": "gpu
 
 def preflight(path: str | Path, probe: dict | None = None) -> list[Finding]:
     """Findings for the engine file or artifact directory at ``path``, most severe first."""
-    from infertune.doctor import probe as probe_here
+    from infertune.deploy.doctor import probe as probe_here
 
     p = Path(path)
     here = probe if probe is not None else probe_here()
@@ -77,20 +77,20 @@ def check_engine(record: dict, here: dict) -> list[Finding]:
         out.append(Finding("error", "tensorrt", f"TensorRT is not installed; the engine was built with {built}",
                            f"pip install 'tensorrt=={built}'"))
     elif record.get("version_compatible"):
-        if _ver(trt_here) < _ver(built):
+        if version_tuple(trt_here) < version_tuple(built):
             out.append(Finding("error", "tensorrt", f"version-compatible engine built with TensorRT {built} cannot "
                                f"load on the older {trt_here}", f"pip install 'tensorrt>={built}'"))
-        elif _ver(trt_here) != _ver(built):
+        elif version_tuple(trt_here) != version_tuple(built):
             out.append(Finding("info", "tensorrt", f"version-compatible engine from TensorRT {built} on {trt_here}: "
                                "it loads through the lean runtime it carries, possibly slower than a native build",
                                "rebuild with this TensorRT for full speed"))
-    elif _ver(trt_here) != _ver(built):
+    elif version_tuple(trt_here) != version_tuple(built):
         out.append(Finding("error", "tensorrt", f"engine built with TensorRT {built}, {trt_here} is installed: a "
                            "standard engine loads only on the exact version that built it",
                            f"pip install 'tensorrt=={built}', rebuild it here, or build with version_compatible=true"))
     out += _gpu_findings(record.get("gpu") or {}, here.get("gpus", []), record.get("hardware_compatibility", "none"))
     runtime, driver = record.get("cuda_runtime"), (here.get("cuda") or {}).get("driver_cuda")
-    if runtime and driver and _ver(driver)[:2] < _ver(runtime)[:2]:
+    if runtime and driver and version_tuple(driver)[:2] < version_tuple(runtime)[:2]:
         out.append(Finding("error", "driver", f"the driver supports CUDA up to {driver}; the engine's TensorRT ran on "
                            f"CUDA {runtime}", f"update the NVIDIA driver to one for CUDA {runtime} or later"))
     return out
@@ -104,15 +104,15 @@ def _gpu_findings(built: dict, gpus: list[dict], level: str) -> list[Finding]:
     g = gpus[0]
     cc_here = str(g.get("compute_capability", ""))
     if level == "ampere+":
-        if _ver(cc_here) < (8, 0):
+        if version_tuple(cc_here) < (8, 0):
             return [Finding("error", "gpu", f"hardware-compatible (Ampere+) engine, but {g.get('name')} has compute "
                             f"capability {cc_here} < 8.0", "rebuild the engine on this GPU")]
-        if _ver(cc_here) != _ver(cc):
+        if version_tuple(cc_here) != version_tuple(cc):
             return [Finding("info", "gpu", f"Ampere+ engine built on {name} ({cc}) runs on {g.get('name')} "
                             f"({cc_here}) with the tactics that level allows, often slower than a native build",
                             "rebuild on this GPU for full speed")]
         return []
-    if _ver(cc_here) != _ver(cc):
+    if version_tuple(cc_here) != version_tuple(cc):
         return [Finding("error", "gpu", f"engine built for compute capability {cc} ({name}); {g.get('name')} here has "
                         f"{cc_here}", "rebuild it here, or build with hardware_compatibility=ampere+")]
     if level == "none" and (g.get("name") != name or (built.get("sm_count") and g.get("sm_count")

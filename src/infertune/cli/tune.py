@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
-from infertune.cli import _dataset, _emit_doc, _fmt, cli, err, json_option, out
+from infertune import backends
+from infertune.cli.common import emit, err, fmt, json_option, load_data, out, table
 from infertune.quant.methods import METHODS
 
 
@@ -24,7 +24,7 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", "calib_data", required=True, metavar="D", help="Calibration data.")
 @click.option("--eval", "eval_data", metavar="D", help="Evaluation data (default: the calibration data).")
@@ -38,7 +38,9 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--methods", "methods_text", default="auto", show_default=True, metavar="M1,M2",
               help=f"Calibration methods to try ({', '.join(METHODS)}).")
 @click.option("--runtimes", "runtimes_text", default="auto", show_default=True, metavar="R1,R2",
-              help="Runtimes to try: ort, openvino; 'auto' = ort plus openvino when it is installed. "
+              help="Runtimes to try (those with an INT8 placement: "
+                   f"{', '.join(n for n in backends.names() if backends.runtime(n).placement)}); "
+                   "'auto' = ort plus openvino when it is installed. "
                    "INT8 is placed, ranked and bisected on each runtime separately.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
@@ -53,29 +55,25 @@ def _ints(text: str, what: str) -> list[int]:
 def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, budget, threads_text, methods_text,
          runtimes_text, max_trials, time_budget, latency_seconds, run_dir, output, as_json) -> None:
     """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
-    from infertune.analysis.sensitivity import Budget
-    from infertune.backends import Settings
-    from infertune.cli_analysis import evaluator_for
+    from infertune.analysis.accuracy import Budget, Evaluator
     from infertune.errors import UsageError
     from infertune.model import Model
-    from infertune.tune import tune as run_tune
+    from infertune.search.tuner import tune as run_tune
 
     threads = _ints(threads_text, "--threads")
     methods = [m.strip() for m in methods_text.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UsageError(f"--methods: unknown method {bad[0] if bad else methods_text!r} (known: {', '.join(METHODS)})")
-    from infertune import backends
-
     if runtimes_text == "auto":
         runtimes = [r for r in ("ort", "openvino") if backends.available().get(r)]
     else:
         runtimes = [r.strip() for r in runtimes_text.split(",") if r.strip()]
     b = Budget.parse(budget)
     m = Model.load(model)
-    calib = _dataset(m, calib_data, preprocess, dims, 8, 0)
-    ev = calib if eval_data is None else _dataset(m, eval_data, preprocess, dims, 8, 0)
-    evaluator = evaluator_for(m, ev, eval_samples, Settings(intra_op_threads=threads[0]))
+    calib = load_data(m, calib_data, preprocess, dims, 8, 0)
+    ev = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, 8, 0)
+    evaluator = Evaluator.from_dataset(m, ev, eval_samples, backends.Settings(intra_op_threads=threads[0]))
     if b.check is not None and b.check.metric == "top1_drop" and evaluator.labels is None:
         raise UsageError("--budget top1_drop needs labels: an array named 'label' in the evaluation data")
 
@@ -86,7 +84,7 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         met = "[green]meets[/]" if t.met else "[red]misses[/]"
         note = f" [dim]{escape(t.note)}[/]" if t.note else ""
         err.print(f"trial {t.index:>2} {escape(t.spec.label()):<40} p50 {t.p50_ms:8.3f} ms  "
-                  f"SQNR {_fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
+                  f"SQNR {fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
 
     r = run_tune(m, calib, evaluator, b, run_dir=run_dir or output.with_name(output.name + ".run"),
                  threads=threads, methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget,
@@ -98,15 +96,17 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
                   f"(FP32 {r.p50(r.fp32):.3f} ms), budget {escape(r.budget)}")
         for d in r.decisions:
             out.print(f"  - {escape(d)}")
-        t = Table(title=f"{len(r.trials)} trials (Pareto front marked *)", title_justify="left")
-        for col in ("#", "variant", "p50 ms", "SQNR dB", "cosine", "met", ""):
-            t.add_column(col, justify="left" if col in ("variant", "") else "right")
+        t = table(("#", "variant", "p50 ms", "SQNR dB", "cosine", "met", ""),
+                  numeric=("#", "p50 ms", "SQNR dB", "cosine"), title=f"{len(r.trials)} trials (Pareto front marked *)")
         front = {p.index for p in r.pareto()}
         for tr in r.trials:
-            t.add_row(str(tr.index), escape(tr.spec.label()), f"{tr.p50_ms:.3f}", _fmt(tr.metrics.get("sqnr_db"), 1),
-                      _fmt(tr.metrics.get("cosine"), 5), "yes" if tr.met else "no",
+            t.add_row(str(tr.index), escape(tr.spec.label()), f"{tr.p50_ms:.3f}", fmt(tr.metrics.get("sqnr_db"), 1),
+                      fmt(tr.metrics.get("cosine"), 5), "yes" if tr.met else "no",
                       ("*" if tr.index in front else "") + (" chosen" if tr.index == c.index else ""))
         out.print(t)
         out.print(f"artifact: {r.artifact} (report: {Path(r.artifact) / 'report.html'}); trials in {r.run_dir}")
 
-    _emit_doc(r.to_dict(), as_json, None, human)
+    emit(r.to_dict(), as_json, None, human)
+
+
+COMMANDS = (tune,)

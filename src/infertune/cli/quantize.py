@@ -7,19 +7,20 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
-from infertune.cli import (
-    _dataset,
-    _emit_doc,
-    _fmt,
+from infertune.analysis.sensitivity import MODES
+from infertune.cli.common import (
     backend_options,
-    cli,
     data_options,
+    emit,
     err,
+    fmt,
     json_option,
+    load_data,
     out,
+    placement_for,
     progress_bar,
+    table,
 )
 from infertune.quant.methods import DEFAULT_PERCENTILE, METHODS
 from infertune.quant.observers import DEFAULT_BINS
@@ -27,13 +28,14 @@ from infertune.quant.placement import TARGETS
 from infertune.quant.stability import DEFAULT_THRESHOLD
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @data_options
 @click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
               help="Range method for every activation (auto: per tensor).")
-@click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
-              help="ort-cpu: uint8 activations placed for ONNX Runtime's CPU fusions; "
+@click.option("--target", type=click.Choice(list(TARGETS)),
+              help="Default: the placement for --backend. "
+                   "ort-cpu: uint8 activations placed for ONNX Runtime's CPU fusions; "
                    "tensorrt: int8 symmetric per TensorRT's explicit-quantization rules; "
                    "openvino: uint8 on the inputs of the ops OpenVINO quantizes (no quantized bias Add).")
 @click.option("--exclude", multiple=True, metavar="NODE|op:TYPE|re:REGEX",
@@ -62,7 +64,7 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
                    "or 'top1_drop<=0.5' (labels from the evaluation data's 'label').")
 @click.option("--eval", "eval_data", metavar="D", help="Evaluation data for --budget (default: the calibration data).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--rank", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+@click.option("--rank", type=click.Choice(MODES), default="exact", show_default=True,
               help="How --budget ranks nodes (see `infertune sensitivity`).")
 @backend_options
 @json_option
@@ -86,15 +88,16 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
         raise UsageError(f"-o must name an .onnx file, got {output}")
     if output.resolve() == model.resolve():
         raise UsageError("-o would overwrite the input model")
+    target = placement_for(backend, target)
     m = Model.load(model)
     budget_result = None
     if recipe_file is not None:
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
     elif budget is not None:
         result, budget_result = _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
-                                           target, exclude, settings, budget, rank, as_json)
+                                           target, exclude, backend, settings, budget, rank, as_json)
     else:
-        ds = _dataset(m, data, preprocess, dims, samples, seed)
+        ds = load_data(m, data, preprocess, dims, samples, seed)
         if max_samples:
             ds = ds.take(max_samples)
         with progress_bar("calibrating", not as_json) as update:
@@ -109,7 +112,7 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
     with atomic_path(output) as tmp_model, atomic_path(rpath) as tmp_recipe:
         result.model.save(tmp_model)
         write_json(tmp_recipe, result.recipe.to_dict())
-    doc = {"model": str(output), "recipe": str(rpath), **result.summary(),
+    doc = {"kind": "quantize", "model": str(output), "recipe": str(rpath), "backend": backend, **result.summary(),
            "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations],
            "budget": budget_result.to_dict() if budget_result else None}
 
@@ -124,20 +127,17 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
                       f"{c.seconds:.1f} s; methods: "
                       + ", ".join(f"{k} {v}" for k, v in Counter(
                           e["method"] for e in result.used_tensors().values()).most_common()))
-        t = Table(title="activation ranges", title_justify="left")
-        for col in ("tensor", "method", "min", "max", "scale", "zp", "why"):
-            t.add_column(col, justify="right" if col in ("min", "max", "scale", "zp") else "left")
+        t = table(("tensor", "method", "min", "max", "scale", "zp", "why"), numeric=("min", "max", "scale", "zp"),
+                  title="activation ranges")
         used = result.used_tensors()
         for name, e in list(used.items())[:40]:
-            t.add_row(escape(name), e["method"], _fmt(e["min"]), _fmt(e["max"]), _fmt(e["scale"], 6),
+            t.add_row(escape(name), e["method"], fmt(e["min"]), fmt(e["max"]), fmt(e["scale"], 6),
                       str(e["zero_point"]), escape(e.get("reason", "")))
         out.print(t)
         if len(used) > 40:
             out.print(f"... {len(used) - 40} more in {rpath}")
         if result.plan.float_nodes:
-            f = Table(title="nodes left in float", title_justify="left")
-            f.add_column("node")
-            f.add_column("why")
+            f = table(("node", "why"), title="nodes left in float")
             for n, why in result.plan.float_nodes.items():
                 f.add_row(escape(n), escape(why))
             out.print(f)
@@ -157,39 +157,34 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
         err.print(f"wrote {output} and {rpath}")
 
-    _emit_doc(doc, as_json, None, human)
+    emit(doc, as_json, None, human)
 
 
-def _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude, settings,
-               budget, rank, as_json):
-    from infertune.analysis.sensitivity import Budget, meet_budget, sensitivity
-    from infertune.cli_analysis import build_space
+def _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude, backend,
+               settings, budget, rank, as_json):
+    from infertune.analysis.accuracy import Budget, Evaluator
+    from infertune.analysis.sensitivity import check_mode
+    from infertune.quant.space import calibrated_space
+    from infertune.search.mixed_precision import quantize_to_budget
 
     parsed = Budget.parse(budget)
-    space, evaluator = build_space(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target,
-                                   exclude, settings, as_json)
-    with progress_bar(f"ranking ({rank})", not as_json) as update:
-        ranking = sensitivity(space, evaluator, mode=rank, progress=update).ranking
-    with progress_bar("meeting the budget", not as_json) as update:
-        br = meet_budget(space, evaluator, parsed, ranking, progress=update)
-    from infertune.errors import CheckFailed
-
-    if br.chosen is None:
-        raise CheckFailed(f"budget {budget} is not met even with every node in float (the FP32 model itself "
-                          f"misses it); nothing written", br)
-    if len(br.chosen.excluded) == len(space.groups):
-        raise CheckFailed(f"budget {budget} is only met with every node in float: INT8 does not fit this budget "
-                          f"(all-INT8: SQNR {br.steps[0].metrics['sqnr_db']:.1f} dB); nothing written", br)
-    return space.result(br.chosen.excluded), br
+    check_mode(rank, backend)
+    calib = load_data(m, data, preprocess, dims, samples, seed)
+    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed)
+    evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
+    with progress_bar("calibrating", not as_json) as update:
+        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
+                                 progress=update)
+    with progress_bar(f"ranking ({rank}) and meeting the budget on {backend}", not as_json) as update:
+        return quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
 
 
 def _print_budget(br) -> None:
-    t = Table(title=f"mixed precision for {br.budget}", title_justify="left")
-    for c in ("float nodes", "SQNR dB", "cosine", "top-1 drop", "p50 ms", "met"):
-        t.add_column(c, justify="right" if c != "met" else "left")
+    cols = ("float nodes", "SQNR dB", "cosine", "top-1 drop", "p50 ms", "met")
+    t = table(cols, numeric=cols[:-1], title=f"mixed precision for {br.budget} on {br.backend}")
     for s in br.steps:
-        t.add_row(str(len(s.excluded)), _fmt(s.metrics["sqnr_db"], 1), _fmt(s.metrics["cosine"], 5),
-                  _fmt(s.metrics.get("top1_drop"), 2), _fmt(s.p50_ms, 3),
+        t.add_row(str(len(s.excluded)), fmt(s.metrics["sqnr_db"], 1), fmt(s.metrics["cosine"], 5),
+                  fmt(s.metrics.get("top1_drop"), 2), fmt(s.p50_ms, 3),
                   "yes" if s.met else f"no: {s.metrics['confidence']:.0%} of resamples" if s.note else "no")
     out.print(t)
     chosen = br.chosen or br.best
@@ -198,15 +193,16 @@ def _print_budget(br) -> None:
                   + (f" and {len(chosen.excluded) - 20} more" if len(chosen.excluded) > 20 else ""))
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--keep", "keep_nodes", multiple=True, metavar="NODE", help="Keep this node in float32 (repeatable).")
-@click.option("--data", "data", metavar="D", help="Measure fidelity vs FP32 on this data (ONNX Runtime CPU).")
+@click.option("--data", "data", metavar="D", help="Measure fidelity vs FP32 on this data, on --backend.")
 @click.option("--preprocess", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dims", multiple=True, metavar="NAME=SIZE")
+@backend_options
 @json_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def fp16(model: Path, keep_nodes, data, preprocess, dims, as_json, output) -> None:
+def fp16(model: Path, keep_nodes, data, preprocess, dims, backend, settings, as_json, output) -> None:
     """Convert MODEL to FP16 for GPU targets (I/O float32, reductions kept float32 by rule)."""
     from infertune.analysis.compare import compare
     from infertune.errors import UsageError
@@ -219,11 +215,12 @@ def fp16(model: Path, keep_nodes, data, preprocess, dims, as_json, output) -> No
     r = to_fp16(m, keep_nodes=keep_nodes)
     fidelity = None
     if data is not None:
-        ds = _dataset(m, data, preprocess, dims, 8, 0)
+        ds = load_data(m, data, preprocess, dims, 8, 0)
         with progress_bar("measuring fidelity", not as_json) as update:
-            fidelity = compare(m, r.model, ds, checks=["cosine>=0"], progress=update)
+            fidelity = compare(m, r.model, ds, checks=["cosine>=0"], backend=backend, settings=settings,
+                               progress=update)
     r.model.save(output)
-    doc = {"model": str(output), **r.to_dict(),
+    doc = {"kind": "fp16", "model": str(output), "backend": backend if fidelity else None, **r.to_dict(),
            "fidelity": {o.name: {k: o.metrics[k] for k in ("cosine", "cosine_min", "sqnr_db", "max_abs")}
                         for o in fidelity.outputs} if fidelity else None}
 
@@ -235,9 +232,12 @@ def fp16(model: Path, keep_nodes, data, preprocess, dims, as_json, output) -> No
             out.print(f"  {n} x {escape(why)}")
         if fidelity:
             for o in fidelity.outputs:
-                out.print(f"fidelity of '{o.name}' vs FP32: cosine {_fmt(o.metrics['cosine'], 6)}, "
-                          f"SQNR {_fmt(o.metrics['sqnr_db'], 1)} dB, max abs {_fmt(o.metrics['max_abs'])}")
+                out.print(f"fidelity of '{o.name}' vs FP32: cosine {fmt(o.metrics['cosine'], 6)}, "
+                          f"SQNR {fmt(o.metrics['sqnr_db'], 1)} dB, max abs {fmt(o.metrics['max_abs'])}")
         for w in r.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}")
 
-    _emit_doc(doc, as_json, None, human)
+    emit(doc, as_json, None, human)
+
+
+COMMANDS = (quantize, fp16)

@@ -55,7 +55,7 @@ def target_fingerprint(backend: str = "ort") -> dict:
     out = {"cpu": c["model"], "arch": c["arch"], "isa": c["isa"], "logical_cores": c["logical_cores"],
            "versions": versions(("openvino", "onnxruntime-gpu", "tensorrt"))}
     if backend in backends.GPU_BACKENDS:
-        from infertune.doctor import probe
+        from infertune.deploy.doctor import probe
 
         out["gpus"] = probe()["gpus"]
     return out

@@ -1,4 +1,4 @@
-"""``infertune profile``, ``infertune explain A B`` and ``bench --sweep``: where the time goes."""
+"""``infertune bench`` (latency, throughput, sweeps), ``profile`` and ``explain A B``: where the time goes."""
 
 from __future__ import annotations
 
@@ -6,51 +6,113 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
-from infertune.cli import (
-    _dataset,
-    _emit_doc,
-    _fmt,
+from infertune.cli.common import (
     backend_options,
-    cli,
     data_options,
+    emit,
     err,
+    fmt,
     json_option,
+    load_data,
     out,
     output_option,
     progress_bar,
+    table,
 )
 
 
-def run_sweep(model, ds, specs, settings, seconds, as_json: bool, output) -> None:
-    from infertune.bench.sweep import parse_sweep, sweep
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@data_options
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Exact number of timed runs (default: run for --time seconds).")
+@click.option("--time", "time_budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget in seconds (default 3; at least 10 runs).")
+@click.option("--save-optimized", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the graph the runtime actually executes, after its optimisations.")
+@click.option("--preallocate", is_flag=True,
+              help="Bind input/output buffers once and reuse them (I/O binding): no allocation per run.")
+@click.option("--sweep", "sweep_axes", multiple=True, metavar="AXIS=V1,V2",
+              help="Sweep batch, threads, sessions (concurrent) or opt, e.g. --sweep batch=1,2,4,8 "
+                   "--sweep threads=1,2; reports throughput, latency and peak memory per point and the knee.")
+@backend_options
+@json_option
+@output_option
+def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, iterations,
+          time_budget, save_optimized, preallocate, sweep_axes, backend, settings, as_json, output) -> None:
+    """Latency percentiles and throughput of MODEL (or a sweep over settings)."""
+    from dataclasses import replace
+
+    from infertune.data import parse_dims
+    from infertune.model import Model
+    from infertune.perf.latency import bench as run_bench
+
+    m = Model.load(model)
+    ds = None if data in (None, "synthetic") else load_data(m, data, preprocess, dims, samples,
+                                                             seed)
+    settings = replace(settings, optimized_model_path=str(save_optimized) if save_optimized else None,
+                       preallocate=preallocate)
+    if sweep_axes:
+        run_sweep(m, ds, sweep_axes, backend, settings, time_budget, as_json, output)
+        return
+    with progress_bar("benchmarking", not as_json) as update:
+        r = run_bench(m, ds, backend=backend, settings=settings, batch_size=batch, warmup=warmup,
+                      iterations=iterations, time_budget_s=time_budget, dims=parse_dims(dims),
+                      progress=update)
+
+    def human() -> None:
+        lat = r.latency_ms
+        shapes = ", ".join(f"{k} {v}" for k, v in r.input_shapes.items())
+        out.print(f"[bold]{r.model}[/] on {r.backend} ({shapes}; threads {settings.intra_op_threads or 'default'}, "
+                  f"opt {settings.graph_optimization}): {r.iterations} runs in "
+                  f"{r.wall_s:.2f} s after {r.warmup} warm-up")
+        cols = ("min", "p50", "p90", "p99", "mean", "std", "CoV", "throughput")
+        t = table(cols, numeric=cols)
+        t.add_row(*(f"{v:.3f} ms" for v in (lat.min, lat.p50, lat.p90, lat.p99, lat.mean,
+                                             lat.std)),
+                  f"{lat.cov:.1%}", f"{r.throughput:,.1f}/s")
+        out.print(t)
+        cpu = r.environment["machine"]["cpu"]
+        out.print(f"[dim]{cpu['model']}, {cpu['logical_cores']} cores, "
+                  f"{' '.join(cpu['isa'])}; {', '.join(f'{k} {v}' for k, v in r.environment['versions'].items())}[/]")
+        if save_optimized:
+            err.print(f"optimised graph saved to {save_optimized}")
+        for w in r.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+    emit(r.to_dict(), as_json, output, human)
+
+
+def run_sweep(model, ds, specs, backend: str, settings, seconds, as_json: bool, output) -> None:
+    from infertune.perf.sweep import parse_sweep, sweep
 
     axes = parse_sweep(specs)
     with progress_bar("sweeping", not as_json) as update:
-        r = sweep(model, ds, axes, settings=settings, seconds=seconds or 1.0, progress=update)
+        r = sweep(model, ds, axes, settings=settings, seconds=seconds or 1.0, backend=backend, progress=update)
 
     def human() -> None:
         out.print(f"[bold]{r.model}[/]: {len(r.points)} configurations, {r.seconds_per_point:g} s each")
-        t = Table()
-        for c in ("batch", "threads", "sessions", "opt", "p50 ms", "p99 ms", "throughput/s", "peak RSS MB"):
-            t.add_column(c, justify="left" if c == "opt" else "right")
+        cols = ("batch", "threads", "sessions", "opt", "p50 ms", "p99 ms", "throughput/s", "peak RSS MB")
+        t = table(cols, numeric=[c for c in cols if c != "opt"])
         best = r.best()
         for p in r.points:
             style = "bold green" if p is best else None
             t.add_row(str(p.batch), str(p.threads or "default"), str(p.sessions), p.opt,
                       f"{p.latency_ms.p50:.3f}", f"{p.latency_ms.p99:.3f}", f"{p.throughput:,.1f}",
-                      _fmt(p.peak_rss_mb, 1), style=style)
+                      fmt(p.peak_rss_mb, 1), style=style)
         out.print(t)
         for k in r.knees:
             fixed = ", ".join(f"{a}={v}" for a, v in k.fixed.items())
             out.print(f"knee along {k.axis} ({fixed}): [bold]{k.at}[/] "
                       f"(beyond it throughput grows < 10 % per step)")
 
-    _emit_doc(r.to_dict(), as_json, output, human)
+    emit(r.to_dict(), as_json, output, human)
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @data_options
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
@@ -70,18 +132,18 @@ def run_sweep(model, ds, specs, settings, seconds, as_json: bool, output) -> Non
 def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, warmup, trace, save_optimized,
             with_roofline, top, backend, settings, as_json, output) -> None:
     """Per-node and per-op-type time of MODEL on the graph ONNX Runtime executes."""
-    from infertune.bench.profile import profile as run_profile
     from infertune.model import Model
+    from infertune.perf.profile import profile as run_profile
 
     m = Model.load(model)
-    ds = None if data in (None, "synthetic") else _dataset(m, data, preprocess, dims, samples, seed)
+    ds = None if data in (None, "synthetic") else load_data(m, data, preprocess, dims, samples, seed)
     with progress_bar("profiling", not as_json) as update:
         r = run_profile(m, ds, settings=settings, batch_size=batch, runs=runs, warmup=warmup, trace=trace,
-                        optimized_model=save_optimized, progress=update)
+                        optimized_model=save_optimized, progress=update, backend=backend)
     doc = r.to_dict()
     roof = None
     if with_roofline:
-        from infertune.bench.roofline import ceilings, roofline
+        from infertune.perf.roofline import ceilings, roofline
 
         with progress_bar("measuring ceilings", not as_json):
             roof = roofline(m, r, ceilings(settings.intra_op_threads))
@@ -90,15 +152,13 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
     def human() -> None:
         out.print(f"[bold]{r.model}[/] batch {r.batch_size}: {r.run_us / 1000:.3f} ms per run under the profiler "
                   f"({r.runs} runs); kernels account for {r.coverage:.0%} of it")
-        t = Table(title="per op type", title_justify="left")
-        for c in ("op type", "nodes", "µs / run", "share"):
-            t.add_column(c, justify="left" if c == "op type" else "right")
+        t = table(("op type", "nodes", "µs / run", "share"), numeric=("nodes", "µs / run", "share"),
+                  title="per op type")
         for o in r.op_types:
             t.add_row(o.op_type, str(o.nodes), f"{o.mean_us:.1f}", f"{o.share:.1%}")
         out.print(t)
-        t = Table(title=f"slowest {top} nodes (optimised graph)", title_justify="left")
-        for c in ("node", "op type", "µs / run", "share", "output shape"):
-            t.add_column(c, justify="right" if c in ("µs / run", "share") else "left")
+        t = table(("node", "op type", "µs / run", "share", "output shape"), numeric=("µs / run", "share"),
+                  title=f"slowest {top} nodes (optimised graph)")
         for n in r.nodes[:top]:
             shape = " ".join(str(s) for _, s in n.output_shapes[:1])
             t.add_row(escape(n.node), n.op_type, f"{n.mean_us:.1f}", f"{n.share:.1%}", shape)
@@ -115,10 +175,10 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
         if trace:
             err.print(f"Chrome trace written to {trace}")
 
-    _emit_doc(doc, as_json, output, human)
+    emit(doc, as_json, output, human)
 
 
-@cli.command()
+@click.command()
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @data_options
@@ -130,32 +190,28 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
 def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs, backend, settings, as_json,
             output) -> None:
     """Why B (e.g. INT8) is slower or faster than A (e.g. FP32): per op type, unfused Q/DQ, suggestions."""
-    from infertune.analysis.explain import explain as run_explain
     from infertune.model import Model
+    from infertune.perf.explain import explain as run_explain
 
     ma = Model.load(a)
     mb = Model.load(b)
-    ds = None if data in (None, "synthetic") else _dataset(ma, data, preprocess, dims, samples, seed)
+    ds = None if data in (None, "synthetic") else load_data(ma, data, preprocess, dims, samples, seed)
     with progress_bar("profiling both", not as_json):
-        r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs)
+        r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs, backend=backend)
 
     def human() -> None:
         fa, fb = r.a, r.b
         verdict = "slower" if r.ratio > 1 else "faster"
         out.print(f"[bold]{fb.model}[/] {fb.run_us / 1000:.3f} ms vs [bold]{fa.model}[/] {fa.run_us / 1000:.3f} ms "
                   f"per run: B is {max(r.ratio, 1 / r.ratio):.2f}x {verdict}")
-        t = Table(title="time per op type (µs per run)", title_justify="left")
-        for c in ("op type", "A", "B", "B - A"):
-            t.add_column(c, justify="left" if c == "op type" else "right")
+        t = table(("op type", "A", "B", "B - A"), numeric=("A", "B", "B - A"), title="time per op type (µs per run)")
         types = sorted(set(fa.op_types) | set(fb.op_types),
                        key=lambda k: -max(fa.op_types.get(k, 0.0), fb.op_types.get(k, 0.0)))
         for k in types:
             va, vb = fa.op_types.get(k, 0.0), fb.op_types.get(k, 0.0)
             t.add_row(k, f"{va:.1f}", f"{vb:.1f}", f"{vb - va:+.1f}")
         out.print(t)
-        t = Table(title="what each runs", title_justify="left")
-        for c in ("", "A", "B"):
-            t.add_column(c, justify="left" if not c else "right")
+        t = table(("", "A", "B"), numeric=("A", "B"), title="what each runs")
         for label, attr in (("int8 kernels", "int8_kernels"), ("float compute ops", "float_compute"),
                             ("unfused QuantizeLinear", "unfused_q"), ("unfused DequantizeLinear", "unfused_dq"),
                             ("  of which weight DQ", "weight_dq"), ("reorders / transposes", "reorders")):
@@ -175,4 +231,7 @@ def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs
         if excl:
             out.print("apply: infertune quantize ... " + " ".join(f"--exclude {escape(n)}" for n in excl[:10]))
 
-    _emit_doc(r.to_dict(), as_json, output, human)
+    emit(r.to_dict(), as_json, output, human)
+
+
+COMMANDS = (bench, profile, explain)

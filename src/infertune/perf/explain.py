@@ -20,10 +20,10 @@ from pathlib import Path
 import onnx
 
 from infertune import backends
-from infertune.bench.profile import ProfileResult, profile
 from infertune.data import Dataset
 from infertune.fingerprint import cpu, environment
 from infertune.model import Model
+from infertune.perf.profile import ProfileResult, profile
 from infertune.quant.fusion import FLOAT_COMPUTE, INT8_KERNELS
 
 SCHEMA_VERSION = 1
@@ -95,6 +95,7 @@ class ExplainResult:
     isa: list[str]
     suggestions: list[Suggestion]
     settings: dict
+    backend: str = "ort"
     environment: dict = field(default_factory=environment)
 
     @property
@@ -103,15 +104,18 @@ class ExplainResult:
         return self.b.run_us / self.a.run_us if self.a.run_us else float("inf")
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "kind": "explain", "a": self.a.to_dict(), "b": self.b.to_dict(),
+        return {"schema_version": SCHEMA_VERSION, "kind": "explain", "backend": self.backend,
+                "a": self.a.to_dict(), "b": self.b.to_dict(),
                 "ratio_b_over_a": round(self.ratio, 4), "isa": self.isa,
                 "suggestions": [s.to_dict() for s in self.suggestions], "settings": self.settings,
                 "environment": self.environment}
 
 
 def explain(a: Model | str | os.PathLike[str], b: Model | str | os.PathLike[str], data: Dataset | None = None, *,
-            settings: backends.Settings | None = None, batch_size: int = 1, runs: int = 50) -> ExplainResult:
+            settings: backends.Settings | None = None, batch_size: int = 1, runs: int = 50,
+            backend: str = "ort") -> ExplainResult:
     """Profile ``a`` and ``b`` on the same feed and explain where ``b``'s time differs."""
+    backends.require(backend, "profiles", "explain")
     settings = settings or backends.Settings()
     ma = a if isinstance(a, Model) else Model.load(a)
     mb = b if isinstance(b, Model) else Model.load(b)
@@ -120,10 +124,10 @@ def explain(a: Model | str | os.PathLike[str], b: Model | str | os.PathLike[str]
         for tag, m in (("a", ma), ("b", mb)):
             opt = Path(d) / f"{tag}.onnx"
             prof = profile(m, data, settings=replace(settings, preallocate=False), batch_size=batch_size,
-                           runs=runs, optimized_model=opt)
+                           runs=runs, optimized_model=opt, backend=backend)
             facts.append(variant_facts(m, onnx.load(str(opt), load_external_data=False), prof))
     fa, fb = facts
-    return ExplainResult(fa, fb, isa_facts(cpu()["isa"]), suggest(fa, fb), settings.to_dict())
+    return ExplainResult(fa, fb, isa_facts(cpu()["isa"]), suggest(fa, fb), settings.to_dict(), backend)
 
 
 def variant_facts(source: Model, optimized: onnx.ModelProto, prof: ProfileResult) -> VariantFacts:

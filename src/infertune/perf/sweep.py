@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from infertune import backends
-from infertune.bench.latency import LatencyStats, first_feed
 from infertune.data import Dataset, batched
 from infertune.errors import UsageError
 from infertune.fingerprint import environment
 from infertune.model import Model
+from infertune.perf.latency import LatencyStats, first_feed
 
 SCHEMA_VERSION = 1
 AXES = ("batch", "threads", "sessions", "opt")
@@ -99,13 +99,15 @@ class SweepResult:
     points: list[SweepPoint]
     knees: list[Knee]
     seconds_per_point: float
+    backend: str = "ort"
     environment: dict = field(default_factory=environment)
 
     def best(self) -> SweepPoint:
         return max(self.points, key=lambda p: p.throughput)
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "kind": "sweep", "model": self.model, "axes": self.axes,
+        return {"schema_version": SCHEMA_VERSION, "kind": "sweep", "model": self.model, "backend": self.backend,
+                "axes": self.axes,
                 "seconds_per_point": self.seconds_per_point, "points": [p.to_dict() for p in self.points],
                 "knees": [k.to_dict() for k in self.knees], "environment": self.environment}
 
@@ -131,7 +133,7 @@ def sweep(model: Model | str | os.PathLike[str], data: Dataset | None = None, ax
         points.append(_measure(m, cfg, feeds[b], b, s, seconds, warmup, backend))
         if progress:
             progress(i + 1, len(combos))
-    return SweepResult(m.name, grid, points, knees(points, grid), seconds)
+    return SweepResult(m.name, grid, points, knees(points, grid), seconds, backend)
 
 
 def _measure(model: Model, cfg: backends.Settings, feed: dict, batch: int, sessions: int, seconds: float,

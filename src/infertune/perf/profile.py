@@ -87,6 +87,7 @@ class ProfileResult:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # of the profiled feed
     optimized_model: str | None = None
     trace: str | None = None
+    backend: str = "ort"
     environment: dict = field(default_factory=environment)
 
     @property
@@ -102,7 +103,7 @@ class ProfileResult:
         return next((n.mean_us for n in self.nodes if n.node == node), 0.0)
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "kind": "profile", "model": self.model,
+        return {"schema_version": SCHEMA_VERSION, "kind": "profile", "model": self.model, "backend": self.backend,
                 "settings": self.settings, "batch_size": self.batch_size, "input_shapes": self.input_shapes,
                 "runs": self.runs,
                 "run_us": round(self.run_us, 3), "plain_us": round(self.plain_us, 3),
@@ -116,13 +117,15 @@ def profile(model: Model | str | os.PathLike[str], data: Dataset | None = None, 
             settings: backends.Settings | None = None, batch_size: int = 1, runs: int = 50,
             warmup: int = 5, trace: str | os.PathLike[str] | None = None,
             optimized_model: str | os.PathLike[str] | None = None,
-            progress: Progress | None = None) -> ProfileResult:
-    """Per-node and per-op-type time of ``model`` over ``runs`` runs after ``warmup`` runs."""
+            progress: Progress | None = None, backend: str = "ort") -> ProfileResult:
+    """Per-node and per-op-type time of ``model`` over ``runs`` runs after ``warmup`` runs
+    (on ONNX Runtime: the runtimes whose registry entry says ``profiles``)."""
+    backends.require(backend, "profiles", "profile")
     if runs < 1:
         raise UsageError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
         raise UsageError(f"warmup must be >= 0, got {warmup}")
-    from infertune.bench.latency import first_feed
+    from infertune.perf.latency import first_feed
 
     m = model if isinstance(model, Model) else Model.load(model)
     settings = replace(settings or backends.Settings(), profile_prefix=None, preallocate=False)
@@ -152,7 +155,7 @@ def profile(model: Model | str | os.PathLike[str], data: Dataset | None = None, 
     run_us, nodes, ops = summarize(events, warmup=warmup, overhead_us=overhead)
     return ProfileResult(m.name, settings.to_dict(), batch_size, runs, run_us, nodes, ops, plain_us, overhead,
                          {k: list(v.shape) for k, v in feed.items()}, optimized_model=opt_path,
-                         trace=str(trace) if trace else None)
+                         trace=str(trace) if trace else None, backend=backend)
 
 
 def _timed_runs(runner: backends.Runner, feed: dict, warmup: int, runs: int) -> list[int]:

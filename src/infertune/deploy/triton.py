@@ -22,9 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from infertune.artifact import load, sha256_file
 from infertune.backends import GPU_BACKENDS
 from infertune.backends.gpu import GpuOptions, is_quantized
+from infertune.deploy.artifact import load, sha256_file
 from infertune.errors import UsageError
 from infertune.model import TensorInfo
 

@@ -164,7 +164,7 @@ def _cuda_driver() -> dict:
 
 
 # ---- rules ----------------------------------------------------------------------------------------
-def _ver(v: str | None) -> tuple[int, ...]:
+def version_tuple(v: str | None) -> tuple[int, ...]:
     if not v:
         return ()
     parts = []
@@ -177,14 +177,14 @@ def _ver(v: str | None) -> tuple[int, ...]:
 
 
 def _in_range(version: str, row: dict) -> bool:
-    v = _ver(version)[:2]
-    lo = _ver(row["from"])[:2]
-    hi = _ver(row["to"])[:2] if row.get("to") else None
+    v = version_tuple(version)[:2]
+    lo = version_tuple(row["from"])[:2]
+    hi = version_tuple(row["to"])[:2] if row.get("to") else None
     return v >= lo and (hi is None or v <= hi)
 
 
 def _major(v: str | None) -> int | None:
-    t = _ver(v)
+    t = version_tuple(v)
     return t[0] if t else None
 
 
@@ -243,7 +243,7 @@ def check(p: dict, table: dict | None = None) -> list[Finding]:
                            f"update the NVIDIA driver to >= {floor}"))
     elif cuda.get("driver_version") and want_cuda is not None:
         floor = t["min_driver_linux"].get(str(want_cuda))
-        if floor and _ver(cuda["driver_version"]) < _ver(floor):
+        if floor and version_tuple(cuda["driver_version"]) < version_tuple(floor):
             out.append(Finding("error", "driver", f"driver {cuda['driver_version']} is older than {floor}, the "
                                f"minimum for CUDA {want_cuda}.x", f"update the NVIDIA driver to >= {floor}"))
     trt = pk.get("tensorrt") or pk.get("tensorrt-cu12") or pk.get("tensorrt-cu13")
@@ -258,7 +258,7 @@ def check(p: dict, table: dict | None = None) -> list[Finding]:
                                f"TensorRT {_list(ort_row['tensorrt_major'])}.x; {trt} is installed",
                                f"pip install 'tensorrt=={ort_row['tensorrt_major'][0]}.*'"))
     for g in gpus:
-        cc = _ver(str(g.get("compute_capability")))
+        cc = version_tuple(str(g.get("compute_capability")))
         if cc and cc < (7, 5):
             out.append(Finding("warning", "gpu", f"{g['name']} (compute capability {g['compute_capability']}) has no "
                                "INT8 tensor cores of the Turing+ kind: FP16 is the precision to try",

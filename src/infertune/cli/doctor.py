@@ -7,28 +7,25 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
-from infertune.cli import _emit_doc, cli, json_option, out, output_option
+from infertune.cli.common import emit, json_option, out, output_option, table
 from infertune.errors import CheckFailed
 
 STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 
 
-@cli.command()
+@click.command()
 @json_option
 @output_option
 def doctor(as_json, output) -> None:
     """Will it run here, and run well? Exit 1 when a problem is found (each with its fix)."""
-    from infertune.doctor import doctor as run_doctor
+    from infertune.deploy.doctor import doctor as run_doctor
 
     r = run_doctor()
     p = r.probe
 
     def human() -> None:
-        t = Table(title="this machine", title_justify="left", show_header=False)
-        t.add_column(style="bold")
-        t.add_column()
+        t = table(("", " "), title="this machine", show_header=False)
         c = p["cpu"]
         t.add_row("python", f"{p['python']} ({p['platform']})")
         t.add_row("cpu", f"{c['model']}, {c['logical_cores']} cores, {' '.join(c['isa']) or 'no SIMD flags read'}")
@@ -45,22 +42,22 @@ def doctor(as_json, output) -> None:
         out.print(t)
         _print_findings(r.findings)
 
-    _emit_doc(r.to_dict(), as_json, output, human)
+    emit(r.to_dict(), as_json, output, human)
     _fail_on_errors("doctor", r.findings, r.to_dict())
 
 
-@cli.command()
+@click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @json_option
 @output_option
 def preflight(path: Path, as_json, output) -> None:
     """Will the TensorRT engine or infertune artifact at PATH load and run well here? Read, not tried."""
-    from infertune.preflight import preflight as run_preflight
+    from infertune.deploy.preflight import preflight as run_preflight
 
     findings = run_preflight(path)
     doc = {"schema_version": 1, "kind": "preflight", "path": str(path),
            "ok": not any(f.severity == "error" for f in findings), "findings": [f.to_dict() for f in findings]}
-    _emit_doc(doc, as_json, output, lambda: _print_findings(findings))
+    emit(doc, as_json, output, lambda: _print_findings(findings))
     _fail_on_errors("preflight", findings, doc)
 
 
@@ -76,3 +73,4 @@ def _fail_on_errors(what: str, findings, doc: dict) -> None:
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise CheckFailed(f"{what} found {len(errors)} problem(s): " + "; ".join(f.message for f in errors), doc)
+COMMANDS = (doctor, preflight)

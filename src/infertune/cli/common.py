@@ -1,0 +1,170 @@
+"""What every verb shares: option groups, data and backend parsing, printing, JSON emission."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infertune import backends
+from infertune._io import json_default, write_json
+from infertune.errors import UsageError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+# ---- shared option groups -----------------------------------------------------------------------
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one machine-readable JSON document on stdout.")(f)
+
+
+def output_option(f: Callable) -> Callable:
+    return click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Also write the result as JSON to this file.")(f)
+
+
+def data_options(f: Callable) -> Callable:
+    for opt in reversed([
+        click.option("--data", "data", metavar="D",
+                     help="A .npz / .npy file, a directory of them, a directory of images "
+                          "(with --preprocess), or 'synthetic' (default)."),
+        click.option("--preprocess", type=click.Path(dir_okay=False, path_type=Path),
+                     help="JSON preprocessing spec for a directory of images."),
+        click.option("--dims", multiple=True, metavar="NAME=SIZE",
+                     help="Sizes of symbolic dims, e.g. --dims batch=1,sequence=128."),
+        click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Number of synthetic samples."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of synthetic data."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def backend_options(f: Callable) -> Callable:
+    """--backend plus the runtime settings, handed to the command as one ``settings`` argument."""
+
+    @functools.wraps(f)
+    def with_settings(*args, threads: int, inter_threads: int, opt_level: str, execution_mode: str,
+                      backend_option: tuple[str, ...], **kwargs):
+        kwargs["settings"] = backends.Settings(intra_op_threads=threads, inter_op_threads=inter_threads,
+                                               graph_optimization=opt_level, execution_mode=execution_mode,
+                                               options=parse_options(backend_option))
+        return f(*args, **kwargs)
+
+    for opt in reversed([
+        click.option("--backend", default="ort", show_default=True,
+                     help=f"Runtime backend ({', '.join(backends.names())})."),
+        click.option("--threads", type=click.IntRange(min=0), default=0,
+                     help="Intra-op threads (0 = runtime default)."),
+        click.option("--inter-threads", type=click.IntRange(min=0), default=0,
+                     help="Inter-op threads (0 = runtime default)."),
+        click.option("--opt-level", type=click.Choice(backends.GRAPH_OPTIMIZATION_LEVELS),
+                     default="all", show_default=True, help="Graph optimisation level."),
+        click.option("--execution-mode", type=click.Choice(backends.EXECUTION_MODES),
+                     default="sequential", show_default=True),
+        click.option("--option", "backend_option", multiple=True, metavar="KEY=VALUE",
+                     help="Backend option (repeatable): session.* for ONNX Runtime, UPPER_CASE OpenVINO "
+                          "properties, GPU options (fp16, engine_cache, timing_cache, cuda_graph, "
+                          "builder_optimization_level, profile_shapes, streams, ...)."),
+    ]):
+        with_settings = opt(with_settings)
+    return with_settings
+
+
+def parse_options(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_data(model, data, preprocess, dims, samples, seed):
+    from infertune.data import load_dataset, parse_dims
+
+    return load_dataset(data, model, dims=parse_dims(dims), samples=samples, seed=seed,
+                        preprocess=preprocess)
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable]:
+    """A transient rich progress bar on stderr; yields ``update(done, total)``."""
+    if not enabled or not err.is_terminal:
+        yield lambda done, total: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+def emit(doc: dict, as_json: bool, output: Path | None, human: Callable[[], None]) -> None:
+    """Print ``doc`` as one JSON document (--json) or call ``human``; with ``output``, also write it as JSON."""
+    if output is not None:
+        write_json(output, doc)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=json_default))
+    else:
+        human()
+        if output is not None:
+            err.print(f"wrote {output}")
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def si(n: float, unit: str = "") -> str:
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {prefix}{unit}"
+    return f"{n:g} {unit}".strip()
+
+
+
+
+def table(columns: Sequence[str], *, numeric: Collection[str] = (), title: str | None = None,
+          show_header: bool = True) -> Table:
+    """A table whose text columns wrap (a node or tensor name is never cut to an ellipsis) and whose
+    ``numeric`` columns are never narrowed: on a narrow terminal the names fold, the numbers stay whole."""
+    t = Table(title=title, title_justify="left", show_header=show_header)
+    for c in columns:
+        if c in numeric:
+            t.add_column(c, justify="right", no_wrap=True)
+        else:
+            t.add_column(c, overflow="fold")
+    return t
+
+
+def placement_for(backend: str, target: str | None) -> str:
+    """The Q/DQ placement target: the one given, or the one of ``backend``'s registry entry."""
+    if target is not None:
+        return target
+    placement = backends.require(backend, "placement", "INT8 quantization").placement
+    assert placement is not None
+    return placement

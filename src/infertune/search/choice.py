@@ -1,0 +1,81 @@
+"""The choice among the trials that met the budget.
+
+The finalists (the fastest FP32 trial and the fastest others that meet the budget) are measured
+again (``runoff``); the fastest wins, but a quantized one must beat FP32 by more than ``NOISE`` to
+be preferred, since latencies on a shared machine differ by a few percent from run to run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from infertune._io import write_json
+from infertune.data import Dataset
+from infertune.perf.latency import bench
+from infertune.search.measure import TrialRunner, settings_of
+from infertune.search.trials import Trial
+
+NOISE = 0.03
+RUNOFF_ROUNDS = 3
+RUNOFF_FINALISTS = 3
+RUNOFF = "runoff.json"
+
+
+def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial]) -> dict[str, float]:
+    """The fastest FP32 trial and the fastest passing others, measured again side by side.
+
+    A trial's p50 comes from one short measurement; on a shared machine two of them taken
+    minutes apart differ by more than the gaps being decided. The finalists are measured again,
+    interleaved, best p50 of ``RUNOFF_ROUNDS`` rounds; recorded in the run directory so that a
+    resumed run decides on the same numbers. Empty when there is nothing to decide.
+    """
+    best_fp32 = min(fp32, key=lambda t: t.p50_ms)
+    others = sorted((t for t in met if t is not best_fp32), key=lambda t: t.p50_ms)[:RUNOFF_FINALISTS - 1]
+    finalists = [best_fp32, *others]
+    if len(finalists) < 2:
+        return {}
+    keys = sorted(t.spec.key for t in finalists)
+    path = root / RUNOFF
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("keys") == keys:
+                return saved["p50_ms"]
+        except (ValueError, KeyError, AttributeError):
+            pass
+    one = Dataset.from_iterable(runner.evaluator.feeds[:1])
+    built = {t.spec.key: (runner.build(t.spec), settings_of(t.spec), t.spec.backend) for t in finalists}
+    best: dict[str, float] = {}
+    for _ in range(RUNOFF_ROUNDS):
+        for key, (model, settings, backend) in built.items():
+            p50 = bench(model, one, backend=backend, settings=settings, warmup=5,
+                        time_budget_s=runner.latency_s).latency_ms.p50
+            best[key] = min(best.get(key, float("inf")), p50)
+    write_json(path, {"keys": keys, "p50_ms": best})
+    return best
+
+
+def choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
+    """The fastest trial that met the budget, unless a simpler one is within NOISE of it."""
+    simplest = min(fp32, key=lambda t: t.p50_ms)
+    fastest = min(met, key=lambda t: t.p50_ms)
+    if fastest is simplest:
+        int8 = [t for t in met if t.spec.precision == "int8"]
+        if int8:
+            best8 = min(int8, key=lambda t: t.p50_ms)
+            decisions.append(f"chose {simplest.spec.label()}: {simplest.p50_ms:.3f} ms; the fastest INT8 variant "
+                             f"that meets the budget takes {best8.p50_ms:.3f} ms "
+                             f"({best8.p50_ms / simplest.p50_ms:.2f}x): too small a model, or too little "
+                             "8-bit work, for quantization to pay here")
+        else:
+            decisions.append(f"chose {simplest.spec.label()}: no INT8 variant met the budget")
+        return simplest
+    if fastest.p50_ms > simplest.p50_ms * (1 - NOISE):
+        decisions.append(f"chose {simplest.spec.label()}: {fastest.spec.label()} is only "
+                         f"{(1 - fastest.p50_ms / simplest.p50_ms):.1%} faster, within measurement noise "
+                         f"({NOISE:.0%})")
+        return simplest
+    decisions.append(f"chose {fastest.spec.label()}: {fastest.p50_ms:.3f} ms vs FP32 {simplest.p50_ms:.3f} ms "
+                     f"({simplest.p50_ms / fastest.p50_ms:.2f}x faster) within the budget")
+    return fastest

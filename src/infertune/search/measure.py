@@ -1,0 +1,69 @@
+"""One trial, measured: build the variant, judge its accuracy on its runtime, time it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from infertune import backends
+from infertune.analysis.accuracy import Budget, Evaluator
+from infertune.data import Dataset
+from infertune.errors import InfertuneError
+from infertune.model import Model
+from infertune.perf.latency import bench
+from infertune.quant.space import QuantSpace, calibrated_space
+from infertune.search.trials import Trial, TrialSpec
+
+
+class TrialRunner:
+    """What every trial needs: the source, the calibrations (one per method and placement, made
+    on first use), the evaluator, the budget; ``run_trial`` is what an executor calls."""
+
+    def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, run_dir: Path,
+                 latency_s: float, first_index: int = 0) -> None:
+        self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
+        self.run_dir, self.latency_s = run_dir, latency_s
+        self.spaces: dict[tuple[str, str], QuantSpace] = {}
+        self.next_index = first_index
+
+    def space(self, method: str, target: str) -> QuantSpace:
+        if (method, target) not in self.spaces:
+            self.spaces[method, target] = calibrated_space(self.source, self.calib, method=method, target=target,
+                                                           settings=self.evaluator.settings)
+        return self.spaces[method, target]
+
+    def build(self, spec: TrialSpec) -> Model:
+        if spec.precision == "fp32":
+            return self.source
+        return self.space(spec.method, spec.target).build(spec.exclude)
+
+    def run_trial(self, spec: TrialSpec) -> Trial:
+        start = time.perf_counter()
+        try:
+            return self._measure(spec, start)
+        except InfertuneError as e:  # this variant cannot run on this runtime: a result, not a crash
+            return Trial(self._next(), spec, {}, float("inf"), False, time.perf_counter() - start, None,
+                         f"failed: {str(e)[:300]}")
+
+    def _next(self) -> int:
+        self.next_index += 1
+        return self.next_index - 1
+
+    def _measure(self, spec: TrialSpec, start: float) -> Trial:
+        model = self.build(spec)
+        verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend), self.budget)
+        lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), backend=spec.backend,
+                    settings=settings_of(spec), warmup=5, time_budget_s=self.latency_s)
+        rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
+        if model is not self.source:
+            rel = f"models/{spec.key}.onnx"
+            model.save(self.run_dir / rel)
+        elif spec.precision == "int8":
+            # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
+            # which does not count as an INT8 variant meeting the budget
+            note, met = "nothing left to quantize: the float model", False
+        return Trial(self._next(), spec, metrics, lat.latency_ms.p50, met, time.perf_counter() - start, rel, note)
+
+
+def settings_of(spec: TrialSpec) -> backends.Settings:
+    return backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)

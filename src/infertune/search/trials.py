@@ -1,0 +1,74 @@
+"""A tune run's trials: what each one is (``TrialSpec``) and what it measured (``Trial``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+from infertune import backends
+from infertune.errors import UsageError
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    precision: Precision
+    method: str = ""  # calibration method (int8)
+    exclude: tuple[str, ...] = ()  # nodes kept in float (int8)
+    threads: int = 0
+    opt: str = "all"
+    backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
+    target: str = ""  # Q/DQ placement (int8); empty: the runtime's own (its registry entry)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8" and not self.target:
+            placement = backends.require(self.backend, "placement", "INT8").placement
+            object.__setattr__(self, "target", placement)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
+        on = backends.runtime(self.backend).on()
+        if self.precision == "fp32":
+            return f"FP32{on}, {t}"
+        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialSpec:
+        # journals from before per-runtime placement built every INT8 variant for ort-cpu
+        return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
+                   d.get("opt", "all"), d.get("backend", "ort"),
+                   d.get("target", "ort-cpu" if d["precision"] == "int8" else ""))
+
+
+@dataclass
+class Trial:
+    index: int
+    spec: TrialSpec
+    metrics: dict[str, float]
+    p50_ms: float
+    met: bool
+    seconds: float
+    model_file: str | None  # relative to the run directory; None: the source model
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "key": self.spec.key, "spec": asdict(self.spec), "label": self.spec.label(),
+                "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met, "seconds": round(self.seconds, 3),
+                "model_file": self.model_file, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Trial:
+        return cls(d["index"], TrialSpec.from_dict(d["spec"]), d["metrics"], d["p50_ms"], d["met"], d["seconds"],
+                   d["model_file"], d.get("note", ""))
+
+

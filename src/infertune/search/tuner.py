@@ -1,0 +1,261 @@
+"""tune: the fastest variant of a model that meets an accuracy budget, found by measurement.
+
+The search (``Tuner``), cheapest first:
+
+1. ``measure_fp32``: FP32 on every runtime at every thread count asked for (the reference: it
+   always meets the budget);
+2. ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
+   what its graph optimiser fuses or accepts; one calibration per method asked for) with nothing
+   excluded, evaluated on it;
+3. if no INT8 variant meets the budget there: ``rank`` (the exact sensitivity ranking of the best
+   method's groups, measured on that runtime: kernels differ, and OpenVINO's int8 convolutions on
+   a CPU without VNNI lose more than ONNX Runtime's), then ``bisect`` over how many of the most
+   sensitive groups stay float;
+4. ``other_threads``: the passing INT8 variant at the other thread counts;
+5. ``decide``: the finalists measured again and the choice (``choice``).
+
+It stops when the budget is met by the fewest exclusions (more exclusions only add float work),
+or at ``max_trials`` / ``time_budget_s``. Every trial measures accuracy on the evaluation feeds
+and latency (p50 of one feed) and is appended to ``run_dir/trials.jsonl`` as soon as it is done;
+its model goes to ``run_dir/models``. Running the same tune again on the same run directory
+reuses every recorded trial, so a run killed mid-way redoes at most the trial in flight. A run
+directory holding another configuration (model, data, budget, search space) is refused.
+
+Trials go through one ``Executor`` interface (``LocalExecutor`` runs them in this process, in
+order), so that a cluster executor can run independent trials elsewhere without touching the
+search.
+
+A variant meets the budget when it does on the evaluation feeds and on at least ``CONFIDENCE`` of
+``RESAMPLES`` bootstrap resamples of them (``Evaluator.judge``): a variant that passes only by the
+luck of which samples were drawn is not chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from infertune import backends
+from infertune._io import write_json
+from infertune.analysis.accuracy import Budget, Evaluator
+from infertune.analysis.sensitivity import sensitivity
+from infertune.data import Dataset
+from infertune.deploy.artifact import sha256_file
+from infertune.errors import UsageError
+from infertune.model import Model
+from infertune.search.choice import choose, runoff
+from infertune.search.executors import Executor, LocalExecutor
+from infertune.search.journal import Journal, claim_run_dir
+from infertune.search.measure import TrialRunner
+from infertune.search.mixed_precision import fewest_in_float
+from infertune.search.result import TuneResult
+from infertune.search.trials import Trial, TrialSpec
+
+OnTrial = Callable[[Trial, bool], None]
+
+
+class Tuner:
+    """One search over one run directory; ``run()`` takes the steps named in the module docstring."""
+
+    def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, *, run_dir: Path,
+                 threads: Sequence[int], methods: Sequence[str], runtimes: Sequence[str], max_trials: int,
+                 time_budget_s: float | None, latency_s: float, executor: Executor | None,
+                 on_trial: OnTrial | None) -> None:
+        self.source, self.evaluator, self.budget = source, evaluator, budget
+        self.root = run_dir
+        self.threads, self.methods, self.runtimes = list(threads), list(methods), list(runtimes)
+        self.max_trials, self.on_trial = max_trials, on_trial
+        self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
+        self.time_budget_s = time_budget_s
+        self.executor = executor or LocalExecutor()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "models").mkdir(exist_ok=True)
+        self.source_sha = source_sha(source)
+        claim_run_dir(self.root, {"source_sha256": self.source_sha, "budget": str(budget),
+                                  "threads": self.threads, "methods": self.methods, "runtimes": self.runtimes,
+                                  "eval_sha256": feeds_sha(evaluator.feeds)})
+        self.journal = Journal(self.root)
+        first = max((t.index for t in self.journal.done.values()), default=-1) + 1
+        self.runner = TrialRunner(source, calib, evaluator, budget, self.root, latency_s, first)
+        self.trials: dict[str, Trial] = {}
+        self.decisions: list[str] = []
+        self.stopped = ""
+        self.rankings: dict[str, list[dict]] = {}
+        self.fp32: list[Trial] = []
+
+    # ---- the steps --------------------------------------------------------------------------------
+    def run(self) -> TuneResult:
+        self.measure_fp32()
+        for runtime in self.runtimes:
+            if self.stopped:
+                break
+            self.other_threads(self.search_int8(runtime))
+        return self.decide()
+
+    def measure_fp32(self) -> None:
+        self.fp32 = self.ask(TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes for t in self.threads)
+
+    def search_int8(self, runtime: str) -> list[Trial]:
+        """INT8 on ``runtime``: every method; if none meets the budget, bisection over its ranking."""
+        on = backends.runtime(runtime).on()
+        int8 = self.ask(TrialSpec("int8", method=m, threads=self.threads[0], backend=runtime) for m in self.methods)
+        passing = [t for t in int8 if t.met]
+        ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
+        if passing or not ran or self.stopped:
+            return passing
+        best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
+        quickest = min(ran, key=lambda t: t.p50_ms)
+        floor = min(t.p50_ms for t in self.fp32 if t.spec.threads == self.threads[0])
+        if quickest.p50_ms >= floor:  # nodes kept in float only add work: nothing here can beat FP32
+            self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized, and even that "
+                                  f"one takes {quickest.p50_ms:.3f} ms, no faster than FP32's {floor:.3f} ms: "
+                                  "not ranking its nodes")
+            return []
+        self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized (best: "
+                              f"{best.spec.method}, {metric_text(best, self.budget)}); ranking "
+                              f"{best.spec.method}'s nodes by sensitivity{on}")
+        return self.bisect(best, self.rank(runtime, best))
+
+    def rank(self, runtime: str, best: Trial) -> list[str]:
+        """The exact sensitivity ranking on ``runtime``, recorded in the run directory for a resumed run."""
+        path = self.root / f"sensitivity-{best.spec.method}-{runtime}.json"
+        ranking = None
+        if path.exists():
+            try:
+                ranking = json.loads(path.read_text())
+            except ValueError:
+                ranking = None
+        if ranking is None:
+            space = self.runner.space(best.spec.method, best.spec.target)
+            ranking = [g.to_dict() for g in sensitivity(space, self.evaluator, mode="exact", backend=runtime).groups]
+            write_json(path, ranking)
+        self.rankings[runtime] = ranking
+        return [r["node"] for r in ranking]
+
+    def bisect(self, best: Trial, order: list[str]) -> list[Trial]:
+        """The fewest of ``order``'s first groups kept in float for which ``best``'s variant meets the budget."""
+        on = backends.runtime(best.spec.backend).on()
+
+        def spec(k: int) -> TrialSpec:
+            return replace(best.spec, exclude=tuple(order[:k]))
+
+        def meets(k: int) -> bool | None:
+            if self.stopped:
+                return None
+            (t,) = self.ask([spec(k)]) or (None,)
+            return None if t is None else t.met
+
+        hi = fewest_in_float(meets, 0, len(order))  # k = 0 misses; k = len: the float model, which meets
+        if hi < len(order) and spec(hi).key in self.trials and self.trials[spec(hi).key].met:
+            self.decisions.append(f"kept the {hi} most sensitive node(s) in float{on} to meet {self.budget}: "
+                                  f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
+            return [self.trials[spec(hi).key]]
+        self.decisions.append(f"no INT8 variant{on} with fewer than all {len(order)} nodes in float met {self.budget}")
+        return []
+
+    def other_threads(self, passing: list[Trial]) -> None:
+        """The fastest passing INT8 variant at every other thread count."""
+        if passing and len(self.threads) > 1 and not self.stopped:
+            s = min(passing, key=lambda t: t.p50_ms).spec
+            self.ask(replace(s, threads=t) for t in self.threads if t != self.threads[0])
+
+    def decide(self) -> TuneResult:
+        met = [t for t in self.trials.values() if t.met]
+        measured = runoff(self.runner, self.root, met, self.fp32)
+        if measured:
+            self.decisions.append("finalists measured again, interleaved, best p50 of rounds: " + "; ".join(
+                f"{self.trials[k].spec.label()} {v:.3f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1])))
+            final = {k: replace(self.trials[k], p50_ms=v) for k, v in measured.items()}
+            # the chosen trial carries its runoff p50: the number the choice was made on
+            chosen = choose([final[t.spec.key] for t in self.fp32 if t.spec.key in final], list(final.values()),
+                            self.decisions)
+        else:
+            chosen = choose(self.fp32, met, self.decisions)
+        if not self.stopped:
+            self.stopped = "budget met; more float nodes would only add work" if chosen.spec.precision == "int8" \
+                else "FP32 is the fastest variant that meets the budget"
+        ranking = self.rankings.get(chosen.spec.backend) or next(iter(self.rankings.values()), [])
+        return TuneResult(str(self.budget), sorted(self.trials.values(), key=lambda t: t.index), chosen,
+                          self.decisions, ranking, str(self.root), stopped=self.stopped, runoff=measured)
+
+    # ---- trials -----------------------------------------------------------------------------------
+    def ask(self, specs: Iterable[TrialSpec]) -> list[Trial]:
+        """The trials of ``specs``: recorded ones reused, the others run (within the trial and time budgets)."""
+        specs = list(dict.fromkeys(specs))
+        todo = []
+        for s in specs:
+            if s.key in self.journal.done:
+                self.trials[s.key] = self.journal.done[s.key]
+                if self.on_trial:
+                    self.on_trial(self.trials[s.key], True)
+            else:
+                todo.append(s)
+        room = self.max_trials - len(self.trials)
+        if len(todo) > room:
+            self.stopped = self.stopped or f"max trials ({self.max_trials}) reached"
+            todo = todo[:max(room, 0)]
+        if self.deadline is not None and time.monotonic() > self.deadline and todo:
+            self.stopped = self.stopped or f"time budget ({self.time_budget_s:g} s) spent"
+            todo = []
+        for t in self.executor.run(self.runner.run_trial, todo):
+            self.journal.add(t)
+            self.trials[t.spec.key] = t
+            if self.on_trial:
+                self.on_trial(t, False)
+        return [self.trials[s.key] for s in specs if s.key in self.trials]
+
+
+def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evaluator, budget: Budget, *,
+         run_dir: str | os.PathLike[str], threads: Sequence[int] = (0,), methods: Sequence[str] = ("auto",),
+         runtimes: Sequence[str] = ("ort",),
+         max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
+         executor: Executor | None = None, on_trial: OnTrial | None = None,
+         output: str | os.PathLike[str] | None = None) -> TuneResult:
+    """Search (see the module docstring); with ``output``, write the artifact there."""
+    if not threads or not methods or not runtimes:
+        raise UsageError("tune needs at least one thread count, calibration method and runtime")
+    for r in runtimes:
+        backends.require(r, "placement", "tune's INT8 search")
+        backends.get_backend(r)  # not installed: a clear error before any trial
+    if max_trials < 1:
+        raise UsageError(f"max_trials must be >= 1, got {max_trials}")
+    source = model if isinstance(model, Model) else Model.load(model)
+    tuner = Tuner(source, calib, evaluator, budget, run_dir=Path(run_dir), threads=threads, methods=methods,
+                  runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s, latency_s=latency_s,
+                  executor=executor, on_trial=on_trial)
+    result = tuner.run()
+    if output is not None:
+        from infertune.search.output import write_artifact
+
+        result.artifact = str(write_artifact(result, tuner.runner, tuner.source_sha, Path(output)))
+    return result
+
+
+def metric_text(t: Trial, budget: Budget) -> str:
+    if budget.check is None:
+        return f"user metric {t.metrics.get('user', float('nan')):.4f}"
+    v = t.metrics.get(budget.check.metric)
+    return f"{budget.check.metric} {v:.4f}" if v is not None else "n/a"
+
+
+def source_sha(model: Model) -> str:
+    if model.path is not None and Path(model.path).is_file():
+        return sha256_file(model.path)
+    return hashlib.sha256(model.proto.SerializeToString()).hexdigest()
+
+
+def feeds_sha(feeds: list[dict[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for f in feeds:
+        for k in sorted(f):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(f[k]).tobytes())
+    return h.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -233,3 +234,35 @@ def test_observe_all_lets_the_recipe_rebuild_any_exclusion_set():
     partial = quantize(m, _data(m), stability_halves=0)
     with pytest.raises(ModelError, match="no range for tensor"):
         rebuild(m, replace(partial.recipe, exclusions=["relu1"]))
+
+
+def test_the_same_plan_gives_the_same_bytes_in_every_process(tmp_path):
+    """String hashing differs between processes: no set iteration order may reach the written graph."""
+    import subprocess
+    import sys
+
+    # four convs whose outputs are graph outputs: each is 8-bit after its producer and read by no
+    # quantized node, so only the plan's set of such tensors orders their Q/DQ parameters
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), f"w{i}") for i in range(4)]
+    nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]) for i in range(4)]
+    g = helper.make_graph(nodes, "outs", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 12, 12])],
+                          [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [None, 4, 12, 12])
+                           for i in range(4)],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    code = (
+        "import hashlib, sys, numpy as np\n"
+        "from infertune.data import Dataset\n"
+        "from infertune.quant.quantize import quantize\n"
+        "x = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)\n"
+        f"r = quantize({str(tmp_path / 'm.onnx')!r}, Dataset.from_arrays({{'x': x}}), method='minmax',"
+        " stability_halves=0)\n"
+        "assert len(r.plan.replaced - set(r.plan.consumers_q)) >= 4, r.plan.replaced\n"
+        "print(hashlib.sha256(r.model.proto.SerializeToString()).hexdigest())\n")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        digests.add(p.stdout.strip())
+    assert len(digests) == 1

@@ -59,75 +59,84 @@ def calibrate(
     backend: str = "ort",
     progress: Progress | None = None,
 ) -> CalibrationResult:
+    """Ranges (pass 1) and, with ``histogram``, fixed-edge histograms (pass 2) of ``tensors`` over
+    ``data``, for the whole set and for ``halves`` random halves of it (the stability check)."""
     if not tensors:
         raise CalibrationError("nothing to calibrate: no tensor needs a range")
     start = time.perf_counter()
-    input_names = {i.name for i in model.inputs}
-    constants = model.constant_tensors()
-    from_feed = [t for t in tensors if t in input_names]
-    from_const = [t for t in tensors if t in constants and t not in input_names]
-    from_run = [t for t in tensors if t not in input_names and t not in constants]
-    runner = None
-    if from_run:
-        runner = backends.compile(model.with_outputs(from_run, keep_original=False), settings, backend=backend)
-    stats = {t: TensorStats(t) for t in tensors}
-    feeds = batched(data, batch_size)
-    total = feeds.size
-    passes = 2 if histogram else 1
-    membership: list[np.ndarray] = []  # per feed index: which halves it belongs to
-    half_stats = [{t: TensorStats(t) for t in tensors} for _ in range(halves)]
-    rng = np.random.default_rng(seed)
+    c = _Calibrator(model, tensors, batched(data, batch_size), data.name, halves, seed, settings, backend, progress,
+                    passes=2 if histogram else 1)
+    count = c.stream(0)
+    c.add_constants(0)
+    if histogram:
+        for t in tensors:
+            c.stats[t].start_histogram(bins)
+            for hs in c.half_stats:
+                hs[t].start_histogram(bins)
+                hs[t].limit = c.stats[t].limit  # same edges as the full set
+        c.stream(1)
+        c.add_constants(1)
+    for t, st in c.stats.items():
+        if st.nonfinite:
+            c.warnings.append(f"tensor '{t}': {st.nonfinite} non-finite values excluded from its range")
+        if not st.count:
+            c.warnings.append(f"tensor '{t}': no finite value seen")
+    return CalibrationResult(stats=c.stats, half_stats=c.half_stats, samples=count * batch_size,
+                             feeds=count, batch_size=batch_size, bins=bins, passes=c.passes,
+                             seconds=time.perf_counter() - start, warnings=c.warnings)
 
-    def stream(pass_index: int) -> int:
-        validator = FeedValidator(model, nonfinite="keep")  # masks of -inf are data; stats skip them
+
+class _Calibrator:
+    """The observers of one calibration, and one streaming pass over the data."""
+
+    def __init__(self, model: Model, tensors: Sequence[str], feeds: Dataset, name: str, halves: int, seed: int,
+                 settings: backends.Settings | None, backend: str, progress: Progress | None, passes: int) -> None:
+        self.model, self.feeds, self.name, self.halves, self.progress, self.passes = \
+            model, feeds, name, halves, progress, passes
+        input_names = {i.name for i in model.inputs}
+        self.constants = model.constant_tensors()
+        self.from_feed = [t for t in tensors if t in input_names]
+        self.from_const = [t for t in tensors if t in self.constants and t not in input_names]
+        self.from_run = [t for t in tensors if t not in input_names and t not in self.constants]
+        self.runner = None
+        if self.from_run:
+            self.runner = backends.compile(model.with_outputs(self.from_run, keep_original=False), settings,
+                                           backend=backend)
+        self.stats = {t: TensorStats(t) for t in tensors}
+        self.half_stats = [{t: TensorStats(t) for t in tensors} for _ in range(halves)]
+        self.membership: list[np.ndarray] = []  # per feed index: which halves it belongs to
+        self.rng = np.random.default_rng(seed)
+        self.warnings: list[str] = []
+
+    def stream(self, pass_index: int) -> int:
+        validator = FeedValidator(self.model, nonfinite="keep")  # masks of -inf are data; stats skip them
+        total = self.feeds.size
         n = 0
-        for feed in feeds:
+        for feed in self.feeds:
             clean = validator(feed)
             if clean is None:
                 continue
-            outputs = dict(runner.run(clean)) if runner is not None else {}
-            outputs.update({t: clean[t] for t in from_feed})
-            if pass_index == 0 and halves:
-                membership.append(rng.random(halves) < 0.5)
-            in_half = membership[n] if halves else ()
-            for t in (*from_run, *from_feed):
-                arr = outputs[t]
-                if pass_index == 0:
-                    stats[t].update_range(arr)
-                else:
-                    stats[t].update_histogram(arr)
-                for h, member in enumerate(in_half):
-                    if member:
-                        (half_stats[h][t].update_range if pass_index == 0
-                         else half_stats[h][t].update_histogram)(arr)
+            outputs = dict(self.runner.run(clean)) if self.runner is not None else {}
+            outputs.update({t: clean[t] for t in self.from_feed})
+            if pass_index == 0 and self.halves:
+                self.membership.append(self.rng.random(self.halves) < 0.5)
+            in_half = self.membership[n] if self.halves else ()
+            for t in (*self.from_run, *self.from_feed):
+                self._observe(t, outputs[t], pass_index, in_half)
             n += 1
-            if progress:
-                progress(pass_index * (total or 0) + n, None if total is None else passes * total)
-        validator.finish(data.name)
+            if self.progress:
+                self.progress(pass_index * (total or 0) + n, None if total is None else self.passes * total)
+        validator.finish(self.name)
         if pass_index == 0:
-            warnings.extend(validator.warnings())
+            self.warnings.extend(validator.warnings())
         return n
 
-    warnings: list[str] = []
-    count = stream(0)
-    for t in from_const:  # constant operands of 8-bit ops (QLinearAdd's '+ 3'): their exact range
-        for st in (stats, *half_stats):
-            st[t].update_range(constants[t])
-    if histogram:
-        for t in tensors:
-            stats[t].start_histogram(bins)
-            for hs in half_stats:
-                hs[t].start_histogram(bins)
-                hs[t].limit = stats[t].limit  # same edges as the full set
-        stream(1)
-        for t in from_const:
-            for st in (stats, *half_stats):
-                st[t].update_histogram(constants[t])
-    for t, s in stats.items():
-        if s.nonfinite:
-            warnings.append(f"tensor '{t}': {s.nonfinite} non-finite values excluded from its range")
-        if not s.count:
-            warnings.append(f"tensor '{t}': no finite value seen")
-    return CalibrationResult(stats=stats, half_stats=half_stats, samples=count * batch_size,
-                             feeds=count, batch_size=batch_size, bins=bins, passes=passes,
-                             seconds=time.perf_counter() - start, warnings=warnings)
+    def _observe(self, t: str, arr: np.ndarray, pass_index: int, in_half) -> None:
+        for st in (self.stats, *(h for h, member in zip(self.half_stats, in_half, strict=True) if member)):
+            (st[t].update_range if pass_index == 0 else st[t].update_histogram)(arr)
+
+    def add_constants(self, pass_index: int) -> None:
+        """Constant operands of 8-bit ops (QLinearAdd's '+ 3'): their exact range and histogram."""
+        for t in self.from_const:
+            for st in (self.stats, *self.half_stats):
+                (st[t].update_range if pass_index == 0 else st[t].update_histogram)(self.constants[t])

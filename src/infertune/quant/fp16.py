@@ -76,8 +76,7 @@ def to_fp16(model: Model, *, keep_fp32_ops: Iterable[str] | None = None, keep_no
     """A copy of ``model`` computing in float16 where the rules allow it."""
     keep_ops = dict(KEEP_FP32) if keep_fp32_ops is None else {op: "kept float32 on request" for op in keep_fp32_ops}
     keep_names = set(keep_nodes)
-    g = model.graph
-    known = {n.name for sub in iter_graphs(g) for n in sub.node}
+    known = {n.name for sub in iter_graphs(model.graph) for n in sub.node}
     unknown = sorted(keep_names - known)
     if unknown:
         raise UsageError(f"keep_nodes names no node: {', '.join(unknown[:5])}")
@@ -86,11 +85,26 @@ def to_fp16(model: Model, *, keep_fp32_ops: Iterable[str] | None = None, keep_no
     if not floats:
         raise ModelError(f"{model.name} has no float32 tensor to convert"
                          + (" (it is float16 already)" if TensorProto.FLOAT16 in types.values() else ""))
-    consts = model.constant_tensors()
+    fp16, fp32 = _decide(model, floats, keep_ops, keep_names)
+    writer = _Fp16Writer(model, floats, fp16)
+    proto = writer.write()
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ModelError(f"the float16 graph failed ONNX validation (a bug): {str(e).splitlines()[0]}") from None
+    out = Model(proto=proto, path=None, renamed_nodes=dict(model.renamed_nodes))
+    clipped = writer.clipped
+    warnings = [f"{clipped} constant value(s) beyond the float16 range were clipped to ±65504"] if clipped else []
+    casts = sum(1 for n in proto.graph.node if n.op_type == "Cast" and n.name.endswith(("_to_fp16", "_to_fp32")))
+    return FP16Result(out, [n.name for n in model.graph.node if n.name in fp16], fp32, casts, clipped, warnings)
 
+
+def _decide(model: Model, floats: set[str], keep_ops: dict[str, str],
+            keep_names: set[str]) -> tuple[set[str], dict[str, str]]:
+    """The nodes that compute in float16, and those kept float32 with the reason."""
     fp16: set[str] = set()
     fp32: dict[str, str] = {}
-    for n in g.node:
+    for n in model.graph.node:
         if n.op_type == "Constant" or not any(t in floats for t in [*n.input, *n.output]):
             continue  # constants are copied to float16 where float16 nodes read them
         why = _why_fp32(n, keep_ops, keep_names)
@@ -98,102 +112,106 @@ def to_fp16(model: Model, *, keep_fp32_ops: Iterable[str] | None = None, keep_no
             fp32[n.name] = why
         elif n.op_type not in TYPE_AGNOSTIC:
             fp16.add(n.name)
-    for sub in list(iter_graphs(g))[1:]:
+    for sub in list(iter_graphs(model.graph))[1:]:
         for n in sub.node:
             fp32.setdefault(n.name, "inside an If/Loop/Scan subgraph")
     if not fp16:
         raise ModelError(f"nothing to convert in {model.name}: every float node is kept float32 by rule")
+    return fp16, fp32
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    g = proto.graph
-    producer_fp16 = {o for n in g.node if n.name in fp16 for o in n.output if o in floats}
-    graph_outputs = {o.name for o in g.output}
-    new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
-    new_inits: list[onnx.TensorProto] = []
-    clipped = 0
 
-    def half(t: str) -> str:
+class _Fp16Writer:
+    """Rewrites a copy of the model: float16 nodes read and write ``t__fp16`` tensors; a Cast (or a
+    float16 copy of a constant) is made once per tensor and direction, right where it is first needed."""
+
+    def __init__(self, model: Model, floats: set[str], fp16: set[str]) -> None:
+        self.proto = onnx.ModelProto()
+        self.proto.CopyFrom(model.proto)
+        self.g = self.proto.graph
+        self.floats, self.fp16 = floats, fp16
+        self.consts = model.constant_tensors()
+        self.producer_fp16 = {o for n in self.g.node if n.name in fp16 for o in n.output if o in floats}
+        self.graph_outputs = {o.name for o in self.g.output}
+        self.casts: dict[tuple[str, int], str] = {}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.pending: list[onnx.NodeProto] = []  # casts to emit before the node being rewritten
+        self.clipped = 0
+
+    def half(self, t: str) -> str:
         """The float16 name of float tensor t, creating its Cast or constant copy once."""
-        nonlocal clipped
-        if t in producer_fp16:
+        if t in self.producer_fp16:
             return t + SUFFIX
         key = (t, TensorProto.FLOAT16)
-        if key not in casts:
-            if t in consts:
-                arr = consts[t].astype(np.float32)
+        if key not in self.casts:
+            if t in self.consts:
+                arr = self.consts[t].astype(np.float32)
                 over = np.isfinite(arr) & (np.abs(arr) > FP16_MAX)
-                clipped += int(over.sum())
-                new_inits.append(numpy_helper.from_array(
-                    np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16) if over.any() else arr.astype(np.float16),
-                    t + SUFFIX))
+                self.clipped += int(over.sum())
+                half = np.clip(arr, -FP16_MAX, FP16_MAX) if over.any() else arr
+                self.new_inits.append(numpy_helper.from_array(half.astype(np.float16), t + SUFFIX))
             else:
-                new_nodes.append(helper.make_node("Cast", [t], [t + SUFFIX], name=f"{t}_to_fp16",
-                                                  to=TensorProto.FLOAT16))
-            casts[key] = t + SUFFIX
-        return casts[key]
+                self.pending.append(helper.make_node("Cast", [t], [t + SUFFIX], name=f"{t}_to_fp16",
+                                                     to=TensorProto.FLOAT16))
+            self.casts[key] = t + SUFFIX
+        return self.casts[key]
 
-    def full(t: str) -> None:
+    def full(self, t: str) -> None:
         """Make float32 ``t`` available when its producer runs in float16."""
         key = (t, TensorProto.FLOAT)
-        if t in producer_fp16 and key not in casts:
-            new_nodes.append(helper.make_node("Cast", [t + SUFFIX], [t], name=f"{t}_to_fp32", to=TensorProto.FLOAT))
-            casts[key] = t
+        if t in self.producer_fp16 and key not in self.casts:
+            self.pending.append(helper.make_node("Cast", [t + SUFFIX], [t], name=f"{t}_to_fp32",
+                                                 to=TensorProto.FLOAT))
+            self.casts[key] = t
 
-    ordered: list[onnx.NodeProto] = []
-    for n in g.node:
-        new_nodes.clear()
-        if n.name in fp16:
-            keep32 = FLOAT32_ONLY_INPUTS.get(n.op_type, set())
-            for i, t in enumerate(n.input):
-                if t in floats:
-                    if i in keep32:
-                        full(t)
-                    else:
-                        n.input[i] = half(t)
-            for i, t in enumerate(n.output):
-                if t in floats:
-                    n.output[i] = t + SUFFIX
-        else:
-            for i, t in enumerate(n.input):
-                if t in producer_fp16:
-                    if n.op_type in TYPE_AGNOSTIC:
-                        n.input[i] = t + SUFFIX
-                    else:
-                        full(t)
-            for sub in (a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-                for inner in iter_graphs(sub):
-                    for m in inner.node:
-                        for t in m.input:
-                            full(t)
-        ordered.extend(new_nodes)
-        ordered.append(n)
-        for t in n.output:  # graph outputs keep their name and float32 type
-            base = t[: -len(SUFFIX)] if t.endswith(SUFFIX) else None
-            if base is not None and base in graph_outputs:
-                new_nodes.clear()
-                full(base)
-                ordered.extend(new_nodes)
-    del g.node[:]
-    g.node.extend(ordered)
-    used = {i for sub in iter_graphs(g) for n in sub.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used or t.name in graph_outputs]
-    del g.initializer[:]
-    g.initializer.extend(keep + new_inits)
-    constants_kept = [n for n in g.node if not (n.op_type == "Constant" and not any(o in used for o in n.output))]
-    del g.node[:]
-    g.node.extend(constants_kept)
-    del g.value_info[:]
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise ModelError(f"the float16 graph failed ONNX validation (a bug): {str(e).splitlines()[0]}") from None
-    out = Model(proto=proto, path=None, renamed_nodes=dict(model.renamed_nodes))
-    warnings = [f"{clipped} constant value(s) beyond the float16 range were clipped to ±65504"] if clipped else []
-    return FP16Result(out, [n.name for n in model.graph.node if n.name in fp16], fp32,
-                      sum(1 for n in ordered if n.op_type == "Cast" and n.name.endswith(("_to_fp16", "_to_fp32"))),
-                      clipped, warnings)
+    def rewrite_fp16(self, n: onnx.NodeProto) -> None:
+        keep32 = FLOAT32_ONLY_INPUTS.get(n.op_type, set())
+        for i, t in enumerate(n.input):
+            if t in self.floats:
+                if i in keep32:
+                    self.full(t)
+                else:
+                    n.input[i] = self.half(t)
+        for i, t in enumerate(n.output):
+            if t in self.floats:
+                n.output[i] = t + SUFFIX
+
+    def rewrite_fp32(self, n: onnx.NodeProto) -> None:
+        for i, t in enumerate(n.input):
+            if t in self.producer_fp16:
+                if n.op_type in TYPE_AGNOSTIC:
+                    n.input[i] = t + SUFFIX
+                else:
+                    self.full(t)
+        for sub in (a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+            for inner in iter_graphs(sub):
+                for m in inner.node:
+                    for t in m.input:
+                        self.full(t)
+
+    def write(self) -> onnx.ModelProto:
+        ordered: list[onnx.NodeProto] = []
+        for n in self.g.node:
+            self.pending = []
+            (self.rewrite_fp16 if n.name in self.fp16 else self.rewrite_fp32)(n)
+            ordered += [*self.pending, n]
+            for t in n.output:  # graph outputs keep their name and float32 type
+                base = t[: -len(SUFFIX)] if t.endswith(SUFFIX) else None
+                if base is not None and base in self.graph_outputs:
+                    self.pending = []
+                    self.full(base)
+                    ordered += self.pending
+        g = self.g
+        del g.node[:]
+        g.node.extend(ordered)
+        used = {i for sub in iter_graphs(g) for n in sub.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in used or t.name in self.graph_outputs]
+        del g.initializer[:]
+        g.initializer.extend(keep + self.new_inits)
+        kept = [n for n in g.node if not (n.op_type == "Constant" and not any(o in used for o in n.output))]
+        del g.node[:]
+        g.node.extend(kept)
+        del g.value_info[:]
+        return self.proto
 
 
 def _why_fp32(n: onnx.NodeProto, keep_ops: dict[str, str], keep_names: set[str]) -> str | None:

@@ -187,118 +187,140 @@ def plan(model: Model, target: str = "ort-cpu", exclusions: Exclusions | None = 
     """Decide placement for ``model`` on ``target``."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
-    rules = TARGETS[target]
     exclusions = exclusions or Exclusions()
     exclusions.check_against(model)
-    const_arrays = model.constant_tensors()
-    constants = set(const_arrays)
-    consumers = model.consumers()
-    graph_outputs = {o.name for o in model.graph.output}
-    float_nodes: dict[str, str] = {}
-    quantized: list[onnx.NodeProto] = []
-    qset: set[str] = set()
-    eight_bit: set[str] = set()  # tensors available as 8-bit after a quantized producer
-    shared: dict[str, str] = {}
-    absorbed: dict[str, str] = {}
-    out_tensor: dict[str, str] = {}  # quantized node -> tensor its output Q sits on
-
-    def acts(node: onnx.NodeProto) -> list[str]:
-        return [i for i in node.input if i and i not in constants]
-
-    for node in model.graph.node:
-        if node.name in absorbed:
-            continue
-        op = node.op_type
-        excluded = exclusions.reason(node)
-        candidate = (op in rules.compute_ops or op in rules.fused_ops
-                     or op in rules.passthrough_ops or op in rules.input_only_ops)
-        if not candidate:
-            continue
-        if excluded:
-            float_nodes[node.name] = excluded
-            continue
-        a = acts(node)
-        if op in rules.compute_ops:
-            if op != "MatMul" and len(node.input) > 1 and node.input[1] not in constants:
-                float_nodes[node.name] = f"{op} weight is not a constant"
-                continue
-        elif op in rules.input_only_ops:
-            if op == "Add" and not _is_residual_add(node, model, constants):
-                continue
-        elif not a or not all(t in eight_bit for t in a):
-            continue  # joining would add a Q that costs more than it saves
-        quantized.append(node)
-        qset.add(node.name)
-        out = node.output[0]
-        if op in rules.passthrough_ops:
-            src = a[0]
-            shared[out] = shared.get(src, src)
-            eight_bit.add(out)
-            out_tensor[node.name] = out
-            continue
-        if rules.output_q_ops or op in rules.fused_ops:
-            nxt = consumers.get(out, [])
-            if (len(nxt) == 1 and nxt[0].op_type in rules.absorbed_ops and out not in graph_outputs
-                    and _absorbable(nxt[0], const_arrays)
-                    and not exclusions.reason(nxt[0])):
-                absorbed[nxt[0].name] = node.name
-                out = nxt[0].output[0]
-            eight_bit.add(out)
-            out_tensor[node.name] = out
-
-    # An output Q nobody reads in 8-bit only costs time and precision: MatMul drops it (fusing to
-    # MatMulIntegerToFloat); fused and data-movement ops leave INT8 altogether, which can in turn
-    # leave their producer without 8-bit readers, so repeat until nothing changes.
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(quantized):
-            out = out_tensor.get(node.name)
-            if node.name not in qset or out is None or node.op_type in rules.output_q_ops:
-                continue
-            if any(c.name in qset for c in consumers.get(out, [])):
-                continue
-            eight_bit.discard(out)
-            out_tensor.pop(node.name)
-            for k, v in list(absorbed.items()):
-                if v == node.name:
-                    del absorbed[k]
-            if node.op_type in rules.fused_ops or node.op_type in rules.passthrough_ops:
-                qset.discard(node.name)
-                shared.pop(node.output[0], None)
-                changed = True
-    quantized = [n for n in quantized if n.name in qset]
-
-    activations: list[str] = []
-    consumers_q: dict[str, list[str]] = {}
-    replaced: set[str] = set()
-    for node in quantized:
-        for t in acts(node):
-            consumers_q.setdefault(t, []).append(node.name)
-        if node.op_type in rules.fused_ops:  # QLinearAdd/Mul/Concat need their constant operands in 8-bit too
-            for t in node.input:
-                if t in const_arrays and const_arrays[t].dtype == np.float32:
-                    consumers_q.setdefault(t, []).append(node.name)
-    for t in out_tensor.values():
-        replaced.add(t)
-    for t in sorted(set(consumers_q) | replaced, key=_order_key(model)):
-        if t not in shared:
-            activations.append(t)
-    weights = []
-    for node in quantized:
-        idx = WEIGHT_INPUT.get(node.op_type)
-        if idx is None or idx >= len(node.input) or node.input[idx] not in constants:
-            continue
-        w = node.input[idx]
-        weights.append(WeightUse(node.name, idx, w, weight_axis(node, const_arrays[w].ndim)))
+    planner = _Planner(model, TARGETS[target], exclusions)
+    planner.select()
+    planner.drop_unread_outputs()
+    quantized = [n for n in planner.quantized if n.name in planner.qset]
+    activations, consumers_q, replaced = planner.tensors(quantized)
     for g in list(iter_graphs(model.graph))[1:]:
         for n in g.node:
-            if n.op_type in rules.compute_ops:
-                float_nodes[n.name] = "inside an If/Loop/Scan subgraph"
+            if n.op_type in planner.rules.compute_ops:
+                planner.float_nodes[n.name] = "inside an If/Loop/Scan subgraph"
     return QuantPlan(target=target, quantized_nodes=[n.name for n in quantized],
-                     activations=activations, shared=shared, replaced=replaced,
-                     consumers_q=consumers_q, weights=weights, float_nodes=float_nodes,
-                     absorbed=absorbed)
+                     activations=activations, shared=planner.shared, replaced=replaced,
+                     consumers_q=consumers_q, weights=planner.weights(quantized), float_nodes=planner.float_nodes,
+                     absorbed=planner.absorbed)
+
+
+class _Planner:
+    """The state of one ``plan``: which nodes run in 8-bit and which tensors are 8-bit after them."""
+
+    def __init__(self, model: Model, rules: TargetRules, exclusions: Exclusions) -> None:
+        self.model, self.rules, self.exclusions = model, rules, exclusions
+        self.const_arrays = model.constant_tensors()
+        self.constants = set(self.const_arrays)
+        self.consumers = model.consumers()
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.float_nodes: dict[str, str] = {}
+        self.quantized: list[onnx.NodeProto] = []
+        self.qset: set[str] = set()
+        self.eight_bit: set[str] = set()  # tensors available as 8-bit after a quantized producer
+        self.shared: dict[str, str] = {}
+        self.absorbed: dict[str, str] = {}
+        self.out_tensor: dict[str, str] = {}  # quantized node -> tensor its output Q sits on
+
+    def acts(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and i not in self.constants]
+
+    def select(self) -> None:
+        """One pass in topological order: each candidate node joins INT8 when the rules allow."""
+        rules = self.rules
+        for node in self.model.graph.node:
+            if node.name in self.absorbed:
+                continue
+            op = node.op_type
+            if not (op in rules.compute_ops or op in rules.fused_ops or op in rules.passthrough_ops
+                    or op in rules.input_only_ops):
+                continue
+            excluded = self.exclusions.reason(node)
+            if excluded:
+                self.float_nodes[node.name] = excluded
+                continue
+            if self._joins(node):
+                self._quantize(node)
+
+    def _joins(self, node: onnx.NodeProto) -> bool:
+        op, rules = node.op_type, self.rules
+        if op in rules.compute_ops:
+            if op != "MatMul" and len(node.input) > 1 and node.input[1] not in self.constants:
+                self.float_nodes[node.name] = f"{op} weight is not a constant"
+                return False
+            return True
+        if op in rules.input_only_ops:
+            return op != "Add" or _is_residual_add(node, self.model, self.constants)
+        a = self.acts(node)
+        return bool(a) and all(t in self.eight_bit for t in a)  # else joining adds a Q that costs more than it saves
+
+    def _quantize(self, node: onnx.NodeProto) -> None:
+        rules = self.rules
+        self.quantized.append(node)
+        self.qset.add(node.name)
+        out = node.output[0]
+        if node.op_type in rules.passthrough_ops:
+            src = self.acts(node)[0]
+            self.shared[out] = self.shared.get(src, src)
+            self.eight_bit.add(out)
+            self.out_tensor[node.name] = out
+            return
+        if rules.output_q_ops or node.op_type in rules.fused_ops:
+            nxt = self.consumers.get(out, [])
+            if (len(nxt) == 1 and nxt[0].op_type in rules.absorbed_ops and out not in self.graph_outputs
+                    and _absorbable(nxt[0], self.const_arrays) and not self.exclusions.reason(nxt[0])):
+                self.absorbed[nxt[0].name] = node.name
+                out = nxt[0].output[0]
+            self.eight_bit.add(out)
+            self.out_tensor[node.name] = out
+
+    def drop_unread_outputs(self) -> None:
+        """An output Q nobody reads in 8-bit only costs time and precision: MatMul drops it (fusing
+        to MatMulIntegerToFloat); fused and data-movement ops leave INT8 altogether, which can in
+        turn leave their producer without 8-bit readers, so repeat until nothing changes."""
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(self.quantized):
+                out = self.out_tensor.get(node.name)
+                if node.name not in self.qset or out is None or node.op_type in self.rules.output_q_ops:
+                    continue
+                if any(c.name in self.qset for c in self.consumers.get(out, [])):
+                    continue
+                self.eight_bit.discard(out)
+                self.out_tensor.pop(node.name)
+                for k, v in list(self.absorbed.items()):
+                    if v == node.name:
+                        del self.absorbed[k]
+                if node.op_type in self.rules.fused_ops or node.op_type in self.rules.passthrough_ops:
+                    self.qset.discard(node.name)
+                    self.shared.pop(node.output[0], None)
+                    changed = True
+
+    def tensors(self, quantized: list[onnx.NodeProto]) -> tuple[list[str], dict[str, list[str]], set[str]]:
+        """Tensors needing their own range (topological order), readers per tensor, and the
+        tensors every consumer reads dequantized."""
+        consumers_q: dict[str, list[str]] = {}
+        for node in quantized:
+            for t in self.acts(node):
+                consumers_q.setdefault(t, []).append(node.name)
+            if node.op_type in self.rules.fused_ops:  # QLinearAdd/Mul/Concat need constant operands in 8-bit too
+                for t in node.input:
+                    if t in self.const_arrays and self.const_arrays[t].dtype == np.float32:
+                        consumers_q.setdefault(t, []).append(node.name)
+        replaced = set(self.out_tensor.values())
+        activations = [t for t in sorted(set(consumers_q) | replaced, key=_order_key(self.model))
+                       if t not in self.shared]
+        return activations, consumers_q, replaced
+
+    def weights(self, quantized: list[onnx.NodeProto]) -> list[WeightUse]:
+        uses = []
+        for node in quantized:
+            idx = WEIGHT_INPUT.get(node.op_type)
+            if idx is None or idx >= len(node.input) or node.input[idx] not in self.constants:
+                continue
+            w = node.input[idx]
+            uses.append(WeightUse(node.name, idx, w, weight_axis(node, self.const_arrays[w].ndim)))
+        return uses
 
 
 def _absorbable(node: onnx.NodeProto, const_arrays: dict) -> bool:

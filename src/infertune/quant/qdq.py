@@ -56,90 +56,105 @@ def write_qdq(
         raise ModelError(f"no quantization parameters for tensor(s): {', '.join(missing[:5])}")
     if model.opset < MIN_OPSET and plan.weights:
         raise ModelError(f"per-channel weights need opset >= {MIN_OPSET}: call ensure_opset")
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    g = proto.graph
-    nodes_by_name = {n.name: n for n in g.node}
-    const_arrays = model.constant_tensors()
-    new_inits: list[onnx.TensorProto] = []
-    weight_nodes: list[onnx.NodeProto] = []
+    writer = _QdqWriter(model, plan, activation_qparams)
+    writer.quantize_weights(weight_reduce_range)
+    writer.quantize_activations()
+    proto = writer.finish()
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ModelError(f"the quantized graph failed ONNX validation (a bug): {e}") from None
+    return Model(proto=proto, path=None, renamed_nodes=dict(model.renamed_nodes))
 
-    # ---- weights ------------------------------------------------------------------------------
-    done: dict[tuple[str, int], str] = {}
-    for use in plan.weights:
-        key = (use.tensor, use.axis)
-        if key not in done:
-            w = const_arrays[use.tensor]
-            if w.dtype != np.float32:
-                raise ModelError(f"weight {use.tensor} is {w.dtype}, expected float32")
-            q, scales, zps = quantize_weight_per_channel(w, use.axis, dtype="int8",
-                                                         reduce_range=weight_reduce_range)
-            # one set of names per (tensor, axis); the axis shows only when a tensor needs two
-            base = use.tensor if not any(k[0] == use.tensor for k in done) \
-                else f"{use.tensor}_axis{use.axis}"
-            new_inits += [
-                numpy_helper.from_array(np.asarray(q, np.int8), f"{base}_quantized"),
-                numpy_helper.from_array(np.asarray(scales, np.float32), f"{base}_scale"),
-                numpy_helper.from_array(np.asarray(zps, np.int8), f"{base}_zero_point"),
-            ]
-            out = f"{base}_dequantized"
-            weight_nodes.append(helper.make_node(
-                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                [out], name=f"{base}_DequantizeLinear", axis=use.axis))
-            done[key] = out
-        nodes_by_name[use.node].input[use.input_index] = done[key]
 
-    # ---- activations --------------------------------------------------------------------------
-    param_names: dict[str, tuple[str, str]] = {}
+class _QdqWriter:
+    """One pass of ``write_qdq`` over a copy of the model: weights, then activations, then the
+    nodes emitted in topological order (each Q/DQ right after its producer)."""
 
-    def params_of(t: str) -> tuple[str, str]:
-        src = plan.shared.get(t, t)
-        if src not in param_names:
-            qp = activation_qparams[src]
-            dt = np.dtype(qp.dtype)
-            new_inits.append(numpy_helper.from_array(np.array(qp.scale, np.float32),
-                                                     f"{src}_scale"))
-            new_inits.append(numpy_helper.from_array(np.array(qp.zero_point, dt),
-                                                     f"{src}_zero_point"))
-            param_names[src] = (f"{src}_scale", f"{src}_zero_point")
-        return param_names[src]
+    def __init__(self, model: Model, plan: QuantPlan, activation_qparams: Mapping[str, QParams]) -> None:
+        self.proto = onnx.ModelProto()
+        self.proto.CopyFrom(model.proto)
+        self.g = self.proto.graph
+        self.plan, self.activation_qparams = plan, activation_qparams
+        self.nodes_by_name = {n.name: n for n in self.g.node}
+        self.const_arrays = model.constant_tensors()
+        self.new_inits: list[onnx.TensorProto] = []
+        self.weight_nodes: list[onnx.NodeProto] = []
+        self.leading: list[onnx.NodeProto] = []  # Q/DQ of graph inputs and constants
+        self.qdq_after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to emit after
+        self.param_names: dict[str, tuple[str, str]] = {}
 
-    graph_outputs = {o.name for o in g.output}
-    graph_inputs = {i.name for i in g.input}
-    qdq_after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to emit after
-    leading: list[onnx.NodeProto] = []
-    producers = {o: n for n in g.node for o in n.output if o}
-    tensors = list(dict.fromkeys([*plan.consumers_q, *plan.replaced]))
-    for t in tensors:
-        scale, zp = params_of(t)
-        producer = producers.get(t)
-        replace_all = t in plan.replaced
-        if replace_all and t in graph_outputs and producer is not None:
-            # the producer writes t_float; the DQ writes t, so graph outputs keep their name
-            src, dq_out = f"{t}_float", t
-            for i, o in enumerate(producer.output):
-                if o == t:
-                    producer.output[i] = src
-            readers_float = []
-        else:
-            src, dq_out = t, f"{t}_dequantized"
-            readers_float = None
-        q = helper.make_node("QuantizeLinear", [src, scale, zp], [f"{t}_quantized"],
-                             name=f"{t}_QuantizeLinear")
+    def quantize_weights(self, reduce_range: bool) -> None:
+        done: dict[tuple[str, int], str] = {}
+        for use in self.plan.weights:
+            key = (use.tensor, use.axis)
+            if key not in done:
+                # one set of names per (tensor, axis); the axis shows only when a tensor needs two
+                base = use.tensor if not any(k[0] == use.tensor for k in done) else f"{use.tensor}_axis{use.axis}"
+                done[key] = self._weight_dq(use.tensor, use.axis, base, reduce_range)
+            self.nodes_by_name[use.node].input[use.input_index] = done[key]
+
+    def _weight_dq(self, tensor: str, axis: int, base: str, reduce_range: bool) -> str:
+        w = self.const_arrays[tensor]
+        if w.dtype != np.float32:
+            raise ModelError(f"weight {tensor} is {w.dtype}, expected float32")
+        q, scales, zps = quantize_weight_per_channel(w, axis, dtype="int8", reduce_range=reduce_range)
+        self.new_inits += [
+            numpy_helper.from_array(np.asarray(q, np.int8), f"{base}_quantized"),
+            numpy_helper.from_array(np.asarray(scales, np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.asarray(zps, np.int8), f"{base}_zero_point"),
+        ]
+        out = f"{base}_dequantized"
+        self.weight_nodes.append(helper.make_node(
+            "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+            [out], name=f"{base}_DequantizeLinear", axis=axis))
+        return out
+
+    def _params_of(self, t: str) -> tuple[str, str]:
+        src = self.plan.shared.get(t, t)
+        if src not in self.param_names:
+            qp = self.activation_qparams[src]
+            self.new_inits.append(numpy_helper.from_array(np.array(qp.scale, np.float32), f"{src}_scale"))
+            self.new_inits.append(numpy_helper.from_array(np.array(qp.zero_point, np.dtype(qp.dtype)),
+                                                          f"{src}_zero_point"))
+            self.param_names[src] = (f"{src}_scale", f"{src}_zero_point")
+        return self.param_names[src]
+
+    def quantize_activations(self) -> None:
+        graph_outputs = {o.name for o in self.g.output}
+        graph_inputs = {i.name for i in self.g.input}
+        producers = {o: n for n in self.g.node for o in n.output if o}
+        # plan.replaced is a set: sorted, so that the same plan gives the same bytes in every process
+        for t in dict.fromkeys([*self.plan.consumers_q, *sorted(self.plan.replaced)]):
+            producer = producers.get(t)
+            replace_all = t in self.plan.replaced
+            renamed = replace_all and t in graph_outputs and producer is not None
+            if renamed:  # the producer writes t_float; the DQ writes t, so graph outputs keep their name
+                src, dq_out = f"{t}_float", t
+                producer.output[list(producer.output).index(t)] = src
+            else:
+                src, dq_out = t, f"{t}_dequantized"
+            q, dq = self._qdq_pair(t, src, dq_out)
+            if producer is None and (t in graph_inputs or t in self.const_arrays):
+                self.leading += [q, dq]
+            elif producer is None:
+                raise ModelError(f"tensor {t} has no producer in the main graph")
+            else:
+                self.qdq_after.setdefault(producer.name, []).extend([q, dq])
+            if not renamed:  # a renamed output's readers already read t, now the DQ output
+                self._rewire(t, dq_out, q, replace_all)
+
+    def _qdq_pair(self, t: str, src: str, dq_out: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+        scale, zp = self._params_of(t)
+        q = helper.make_node("QuantizeLinear", [src, scale, zp], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
         dq = helper.make_node("DequantizeLinear", [f"{t}_quantized", scale, zp], [dq_out],
                               name=f"{t}_DequantizeLinear")
-        if producer is None and (t in graph_inputs or t in const_arrays):
-            leading += [q, dq]
-        elif producer is None:
-            raise ModelError(f"tensor {t} has no producer in the main graph")
-        else:
-            qdq_after.setdefault(producer.name, []).extend([q, dq])
-        if readers_float is not None:
-            continue  # every reader already reads t, now the DQ output
-        readers = (
-            [n for n in g.node if t in n.input]
-            if replace_all else [nodes_by_name[name] for name in plan.consumers_q.get(t, [])]
-        )
+        return q, dq
+
+    def _rewire(self, t: str, dq_out: str, q: onnx.NodeProto, replace_all: bool) -> None:
+        """The readers of ``t`` that should read its dequantized value now do."""
+        readers = ([n for n in self.g.node if t in n.input] if replace_all
+                   else [self.nodes_by_name[name] for name in self.plan.consumers_q.get(t, [])])
         for n in readers:
             if n is q:
                 continue
@@ -147,24 +162,19 @@ def write_qdq(
                 if name == t:
                     n.input[i] = dq_out
         if replace_all:
-            _rewire_subgraph_reads(g, t, dq_out)
+            _rewire_subgraph_reads(self.g, t, dq_out)
 
-    # ---- emit in topological order ------------------------------------------------------------
-    ordered = [*weight_nodes, *leading]
-    for n in g.node:
-        ordered.append(n)
-        ordered.extend(qdq_after.get(n.name, []))
-    del g.node[:]
-    g.node.extend(ordered)
-    g.initializer.extend(new_inits)
-    _drop_unused_constants(proto)
-    del g.value_info[:]  # stale after renaming; ORT and the checker re-infer
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise ModelError(f"the quantized graph failed ONNX validation (a bug): {e}") from None
-    out = Model(proto=proto, path=None, renamed_nodes=dict(model.renamed_nodes))
-    return out
+    def finish(self) -> onnx.ModelProto:
+        ordered = [*self.weight_nodes, *self.leading]
+        for n in self.g.node:
+            ordered.append(n)
+            ordered.extend(self.qdq_after.get(n.name, []))
+        del self.g.node[:]
+        self.g.node.extend(ordered)
+        self.g.initializer.extend(self.new_inits)
+        _drop_unused_constants(self.proto)
+        del self.g.value_info[:]  # stale after renaming; ORT and the checker re-infer
+        return self.proto
 
 
 def _rewire_subgraph_reads(g: onnx.GraphProto, old: str, new: str) -> None:

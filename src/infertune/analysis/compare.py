@@ -143,14 +143,9 @@ def compare(
     progress: Progress | None = None,
 ) -> CompareResult:
     """Run ``candidate`` (and ``reference``, unless it is an .npz of outputs) on ``data``."""
-    parsed = [c if isinstance(c, Check) else Check.parse(
-        c, metrics=OUTPUT_METRICS + ACCURACY_METRICS + ("sqnr",)) for c in checks]
-    parsed = [Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c for c in parsed]
-    if not parsed:
-        parsed = [Check.parse(DEFAULT_CHECK)]
+    parsed = _parse_checks(checks)
     if atol < 0 or rtol < 0:
         raise UsageError(f"tolerances must be >= 0 (atol={atol}, rtol={rtol})")
-
     cand_model = _as_model(candidate)
     saved: _SavedOutputs | None = None
     ref_runner = None
@@ -166,9 +161,7 @@ def compare(
     names = list(cand_runner.output_names)
     acc = {n: ErrorAccumulator(atol=atol, rtol=rtol) for n in names}
     validator = FeedValidator(cand_model)
-    correct = {"reference": 0, "candidate": 0}
-    labelled = 0
-
+    top1 = _Top1(names)
     for i, raw in enumerate(data):
         feed = validator(raw)
         rows = _rows(raw, cand_model)
@@ -182,24 +175,12 @@ def compare(
             acc[n].add(ref_out[n], cand_out[n], name=n)
         label = raw.get(labels_key) if isinstance(raw, dict) else None
         if label is not None:
-            scores = _class_scores(cand_out, names)
-            if scores is not None:
-                lab = np.asarray(label).reshape(-1)
-                correct["candidate"] += int(np.count_nonzero(scores[0].argmax(-1) == lab))
-                correct["reference"] += int(
-                    np.count_nonzero(ref_out[scores[1]].argmax(-1) == lab))
-                labelled += lab.size
+            top1.add(ref_out, cand_out, label)
         if progress:
             progress(i + 1, data.size)
     validator.finish(data.name)
-
     outputs = [OutputComparison(n, list(acc[n].shape or ()), acc[n].metrics()) for n in names]
-    accuracy = None
-    if labelled:
-        ref_top1 = 100.0 * correct["reference"] / labelled
-        cand_top1 = 100.0 * correct["candidate"] / labelled
-        accuracy = {"labelled": labelled, "reference_top1": ref_top1,
-                    "candidate_top1": cand_top1, "top1_drop": ref_top1 - cand_top1}
+    accuracy = top1.accuracy()
     outcomes = _evaluate(parsed, outputs, accuracy)
     warnings = validator.warnings()
     for o in outputs:
@@ -214,6 +195,39 @@ def compare(
         outputs=outputs, checks=outcomes, accuracy=accuracy,
         tolerances={"atol": atol, "rtol": rtol}, warnings=warnings, backend=backend,
     )
+
+
+def _parse_checks(checks: Sequence[str | Check]) -> list[Check]:
+    parsed = [c if isinstance(c, Check) else Check.parse(
+        c, metrics=OUTPUT_METRICS + ACCURACY_METRICS + ("sqnr",)) for c in checks]
+    parsed = [Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c for c in parsed]
+    return parsed or [Check.parse(DEFAULT_CHECK)]
+
+
+class _Top1:
+    """Top-1 hits of the reference and the candidate against labels, over the labelled samples."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.correct = {"reference": 0, "candidate": 0}
+        self.labelled = 0
+
+    def add(self, ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray], label) -> None:
+        scores = _class_scores(cand_out, self.names)
+        if scores is None:
+            return
+        lab = np.asarray(label).reshape(-1)
+        self.correct["candidate"] += int(np.count_nonzero(scores[0].argmax(-1) == lab))
+        self.correct["reference"] += int(np.count_nonzero(ref_out[scores[1]].argmax(-1) == lab))
+        self.labelled += lab.size
+
+    def accuracy(self) -> dict[str, float] | None:
+        if not self.labelled:
+            return None
+        ref_top1 = 100.0 * self.correct["reference"] / self.labelled
+        cand_top1 = 100.0 * self.correct["candidate"] / self.labelled
+        return {"labelled": self.labelled, "reference_top1": ref_top1, "candidate_top1": cand_top1,
+                "top1_drop": ref_top1 - cand_top1}
 
 
 def _evaluate(checks: list[Check], outputs: list[OutputComparison],

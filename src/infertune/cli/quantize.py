@@ -70,16 +70,12 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @json_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The quantized .onnx; its recipe goes beside it as NAME.recipe.json.")
-def quantize(model: Path, data, preprocess, dims, samples, seed, method, target, exclude, overrides,
-             percentile, bins, calib_batch, max_samples, reduce_range, stability_halves,
-             stability_threshold, recipe_file, force, budget, eval_data, eval_samples, rank, backend, settings,
-             as_json, output) -> None:
+def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json, output, **opts) -> None:
     """Quantize MODEL to INT8 (Q/DQ) with calibration on --data; write OUT and OUT.recipe.json."""
     from infertune._io import atomic_path, write_json
     from infertune.errors import UsageError
     from infertune.model import Model
     from infertune.quant.fusion import fusion_report
-    from infertune.quant.quantize import quantize as run_quantize
     from infertune.quant.quantize import rebuild
     from infertune.quant.recipe import Recipe, recipe_path
     from infertune.quant.trt_rules import validate_tensorrt
@@ -88,24 +84,15 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
         raise UsageError(f"-o must name an .onnx file, got {output}")
     if output.resolve() == model.resolve():
         raise UsageError("-o would overwrite the input model")
-    target = placement_for(backend, target)
+    opts["target"] = placement_for(backend, opts["target"])
     m = Model.load(model)
     budget_result = None
     if recipe_file is not None:
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
     elif budget is not None:
-        result, budget_result = _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
-                                           target, exclude, backend, settings, budget, rank, as_json)
+        result, budget_result = _to_budget(m, budget, backend, settings, as_json, **opts)
     else:
-        ds = load_data(m, data, preprocess, dims, samples, seed)
-        if max_samples:
-            ds = ds.take(max_samples)
-        with progress_bar("calibrating", not as_json) as update:
-            result = run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
-                                  percentile=percentile, bins=bins, batch_size=calib_batch,
-                                  weight_reduce_range=reduce_range, stability_halves=stability_halves,
-                                  stability_threshold=stability_threshold, settings=settings,
-                                  progress=update)
+        result = _calibrated(m, settings, as_json, **opts)
     fused = fusion_report(result.model, settings) if result.plan.target == "ort-cpu" else None
     violations = validate_tensorrt(result.model) if result.plan.target == "tensorrt" else []
     rpath = recipe_path(output)
@@ -115,53 +102,68 @@ def quantize(model: Path, data, preprocess, dims, samples, seed, method, target,
     doc = {"kind": "quantize", "model": str(output), "recipe": str(rpath), "backend": backend, **result.summary(),
            "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations],
            "budget": budget_result.to_dict() if budget_result else None}
-
-    def human() -> None:
-        s = result.summary()
-        out.print(f"[bold]{m.name}[/] -> {output} ({s['target']}): {s['quantized_nodes']} nodes in INT8, "
-                  f"{s['activation_tensors']} activation tensors, {s['weights']} weights "
-                  f"(per-channel int8{', 7-bit' if s['weight_reduce_range'] else ''})")
-        if result.calibration:
-            c = result.calibration
-            out.print(f"calibration: {c.feeds} runs x batch {c.batch_size}, {c.passes} pass(es), "
-                      f"{c.seconds:.1f} s; methods: "
-                      + ", ".join(f"{k} {v}" for k, v in Counter(
-                          e["method"] for e in result.used_tensors().values()).most_common()))
-        t = table(("tensor", "method", "min", "max", "scale", "zp", "why"), numeric=("min", "max", "scale", "zp"),
-                  title="activation ranges")
-        used = result.used_tensors()
-        for name, e in list(used.items())[:40]:
-            t.add_row(escape(name), e["method"], fmt(e["min"]), fmt(e["max"]), fmt(e["scale"], 6),
-                      str(e["zero_point"]), escape(e.get("reason", "")))
-        out.print(t)
-        if len(used) > 40:
-            out.print(f"... {len(used) - 40} more in {rpath}")
-        if result.plan.float_nodes:
-            f = table(("node", "why"), title="nodes left in float")
-            for n, why in result.plan.float_nodes.items():
-                f.add_row(escape(n), escape(why))
-            out.print(f)
-        if fused:
-            out.print(f"ONNX Runtime's optimised graph: {fused.int8_kernels} INT8 kernels, "
-                      f"{fused.unfused_quantize} Q / {fused.unfused_dequantize} DQ left unfused "
-                      f"({fused.boundary} at graph inputs/outputs), "
-                      f"{fused.float_compute} float Conv/MatMul/Gemm")
-        if result.plan.target == "tensorrt":
-            out.print("TensorRT Q/DQ rules: " + ("[green]all satisfied[/]" if not violations
-                                                 else f"[red]{len(violations)} violation(s)[/]"))
-            for v in violations[:10]:
-                err.print(f"[red]violation:[/] {escape(str(v))}")
-        if budget_result:
-            _print_budget(budget_result)
-        for w in result.warnings:
-            err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
-        err.print(f"wrote {output} and {rpath}")
-
-    emit(doc, as_json, None, human)
+    emit(doc, as_json, None, lambda: _print_quantized(m.name, output, rpath, result, fused, violations, budget_result))
 
 
-def _to_budget(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude, backend,
-               settings, budget, rank, as_json):
+def _calibrated(m, settings, as_json, *, data, preprocess, dims, samples, seed, max_samples, method, target, exclude,
+                overrides, percentile, bins, calib_batch, reduce_range, stability_halves, stability_threshold,
+                **_budget_only):
+    from infertune.quant.quantize import quantize as run_quantize
+
+    ds = load_data(m, data, preprocess, dims, samples, seed)
+    if max_samples:
+        ds = ds.take(max_samples)
+    with progress_bar("calibrating", not as_json) as update:
+        return run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
+                            percentile=percentile, bins=bins, batch_size=calib_batch,
+                            weight_reduce_range=reduce_range, stability_halves=stability_halves,
+                            stability_threshold=stability_threshold, settings=settings, progress=update)
+
+
+def _print_quantized(name, output, rpath, result, fused, violations, budget_result) -> None:
+    s = result.summary()
+    out.print(f"[bold]{name}[/] -> {output} ({s['target']}): {s['quantized_nodes']} nodes in INT8, "
+              f"{s['activation_tensors']} activation tensors, {s['weights']} weights "
+              f"(per-channel int8{', 7-bit' if s['weight_reduce_range'] else ''})")
+    if result.calibration:
+        c = result.calibration
+        out.print(f"calibration: {c.feeds} runs x batch {c.batch_size}, {c.passes} pass(es), "
+                  f"{c.seconds:.1f} s; methods: "
+                  + ", ".join(f"{k} {v}" for k, v in Counter(
+                      e["method"] for e in result.used_tensors().values()).most_common()))
+    t = table(("tensor", "method", "min", "max", "scale", "zp", "why"), numeric=("min", "max", "scale", "zp"),
+              title="activation ranges")
+    used = result.used_tensors()
+    for tensor, e in list(used.items())[:40]:
+        t.add_row(escape(tensor), e["method"], fmt(e["min"]), fmt(e["max"]), fmt(e["scale"], 6),
+                  str(e["zero_point"]), escape(e.get("reason", "")))
+    out.print(t)
+    if len(used) > 40:
+        out.print(f"... {len(used) - 40} more in {rpath}")
+    if result.plan.float_nodes:
+        f = table(("node", "why"), title="nodes left in float")
+        for n, why in result.plan.float_nodes.items():
+            f.add_row(escape(n), escape(why))
+        out.print(f)
+    if fused:
+        out.print(f"ONNX Runtime's optimised graph: {fused.int8_kernels} INT8 kernels, "
+                  f"{fused.unfused_quantize} Q / {fused.unfused_dequantize} DQ left unfused "
+                  f"({fused.boundary} at graph inputs/outputs), "
+                  f"{fused.float_compute} float Conv/MatMul/Gemm")
+    if result.plan.target == "tensorrt":
+        out.print("TensorRT Q/DQ rules: " + ("[green]all satisfied[/]" if not violations
+                                             else f"[red]{len(violations)} violation(s)[/]"))
+        for v in violations[:10]:
+            err.print(f"[red]violation:[/] {escape(str(v))}")
+    if budget_result:
+        _print_budget(budget_result)
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+    err.print(f"wrote {output} and {rpath}")
+
+
+def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims, samples, seed, eval_data,
+               eval_samples, method, target, exclude, rank, **_calibration_only):
     from infertune.analysis.accuracy import Budget, Evaluator
     from infertune.analysis.sensitivity import check_mode
     from infertune.quant.space import calibrated_space

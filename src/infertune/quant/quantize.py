@@ -108,19 +108,7 @@ def quantize(
     observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
     cal = calibrate(m, observed, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
                     halves=stability_halves, settings=settings, progress=progress)
-    # tensors without a usable range (no finite value, or masks of -inf): their readers stay float
-    auto: dict[str, str] = {}
-    while True:
-        bad = {t: s for t, s in cal.stats.items() if t in p.activations and (s.nonfinite or not s.count)}
-        new = {n: f"reads '{t}', which holds {s.nonfinite} non-finite values" if s.nonfinite
-               else f"reads '{t}', which never held a finite value"
-               for t, s in bad.items() for n in _nodes_touching(p, m, t) if n not in auto}
-        if not new:
-            break
-        auto.update(new)
-        p = _plan_or_fail(m, target, Exclusions.parse([*exclude, *auto]))
-    for n, why in auto.items():
-        p.float_nodes[n] = why
+    p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
     constants = m.constant_tensors()
     choices = {}
@@ -147,6 +135,25 @@ def quantize(
     if report and report.message():
         warnings.append(report.message())
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings)
+
+
+def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,
+                      exclude: list[str]) -> tuple[QuantPlan, dict[str, str]]:
+    """Tensors without a usable range (no finite value, or masks of -inf): their readers stay float.
+    Re-planning can make other tensors activations, so repeat until no new node is excluded."""
+    auto: dict[str, str] = {}
+    while True:
+        bad = {t: s for t, s in cal.stats.items() if t in p.activations and (s.nonfinite or not s.count)}
+        new = {n: f"reads '{t}', which holds {s.nonfinite} non-finite values" if s.nonfinite
+               else f"reads '{t}', which never held a finite value"
+               for t, s in bad.items() for n in _nodes_touching(p, m, t) if n not in auto}
+        if not new:
+            break
+        auto.update(new)
+        p = _plan_or_fail(m, target, Exclusions.parse([*exclude, *auto]))
+    for n, why in auto.items():
+        p.float_nodes[n] = why
+    return p, auto
 
 
 def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True) -> QuantizeResult:

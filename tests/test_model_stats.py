@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from infertune.analysis.model_stats import inspect_model
 from infertune.model import Model
-from infertune.model_stats import inspect_model
 from models import MODELS
 
 

@@ -273,7 +273,7 @@ def test_roofline_uses_source_flops_and_kernel_time():
     ceil = rl.Ceilings(1, 50.0, 100.0, 10.0, "x", "cpu", [])
     r = rl.roofline(m, prof, ceil)
     assert rl.profiled_dims(m, prof.input_shapes) == {"N": 2}
-    from infertune.model_stats import inspect_model
+    from infertune.analysis.model_stats import inspect_model
 
     stats = inspect_model(m, dims={"N": 2})
     assert r.model_flops == stats.flops and not r.int8

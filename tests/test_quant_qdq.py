@@ -246,10 +246,9 @@ def test_the_same_plan_gives_the_same_bytes_in_every_process(tmp_path):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), f"w{i}") for i in range(4)]
     nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]) for i in range(4)]
-    g = helper.make_graph(nodes, "outs", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 12, 12])],
-                          [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [None, 4, 12, 12])
-                           for i in range(4)],
-                          inits)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 12, 12])
+    ys = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [None, 4, 12, 12]) for i in range(4)]
+    g = helper.make_graph(nodes, "outs", [x], ys, inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     code = (
         "import hashlib, sys, numpy as np\n"

@@ -54,9 +54,11 @@ class Diagnosis:
     trials: list[Trial]  # best first
     finding: str
     explained_by: str | None  # the transform, when one variant matches
+    backend: str = "ort"
 
     def to_dict(self) -> dict:
-        return {"finding": self.finding, "explained_by": self.explained_by, "baseline": self.baseline.to_dict(),
+        return {"kind": "diagnose-preprocess", "backend": self.backend, "finding": self.finding,
+                "explained_by": self.explained_by, "baseline": self.baseline.to_dict(),
                 "trials": [t.to_dict() for t in self.trials]}
 
 
@@ -100,6 +102,7 @@ def diagnose(
     input_name: str | None = None,
     settings: backends.Settings | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    backend: str = "ort",
 ) -> Diagnosis:
     """Which single preprocessing transform explains the gap between ``spec`` and the reference?"""
     if (reference_outputs is None) == (reference_spec is None):
@@ -108,7 +111,7 @@ def diagnose(
         raise DataError("no images to diagnose with")
     name = input_name or _single_input(model)
     info = model.input(name)
-    runner = backends.compile(model, settings)
+    runner = backends.compile(model, settings, backend=backend)
 
     def run(s: PreprocessSpec, flip: bool) -> list[dict[str, np.ndarray]]:
         outs = []
@@ -136,7 +139,7 @@ def diagnose(
 
     baseline = trial(None)
     if baseline.sqnr_db is not None and baseline.sqnr_db >= MATCH_DB:
-        return Diagnosis(baseline, [], "no preprocessing mismatch: the outputs match the reference", None)
+        return Diagnosis(baseline, [], "no preprocessing mismatch: the outputs match the reference", None, backend)
     candidates = variants(spec, info.dtype)
     trials = []
     for i, v in enumerate(candidates):
@@ -147,15 +150,15 @@ def diagnose(
     best = trials[0] if trials else None
     if best is not None and best.sqnr_db is not None and best.sqnr_db >= MATCH_DB:
         finding = f"preprocessing mismatch: {best.variant.transform}: {best.variant.description}"
-        return Diagnosis(baseline, trials, finding, best.variant.transform)
+        return Diagnosis(baseline, trials, finding, best.variant.transform, backend)
     base = baseline.sqnr_db if baseline.sqnr_db is not None else -math.inf
     if best is not None and best.sqnr_db is not None and best.sqnr_db > base + 10:
         finding = (f"closest single change: {best.variant.description} ({best.sqnr_db:.1f} dB vs {_fmt(base)} dB as "
                    f"given), but it does not match: more than one transform differs")
-        return Diagnosis(baseline, trials, finding, None)
+        return Diagnosis(baseline, trials, finding, None, backend)
     finding = ("no single preprocessing change explains the mismatch: look at the model"
                + ("" if baseline.error is None else f" (as given the model rejects the input: {baseline.error})"))
-    return Diagnosis(baseline, trials, finding, None)
+    return Diagnosis(baseline, trials, finding, None, backend)
 
 
 def _single_input(model: Model) -> str:

@@ -90,7 +90,11 @@ class Runtime:
     ``name`` is what ``--backend`` / ``--runtimes`` take; ``placement`` the Q/DQ placement target
     (``quant.placement.TARGETS``) an INT8 variant for it is built with (None: no INT8 here);
     ``profiles``: per-node times (``profile``, ``explain``); ``intermediates``: any tensor can be
-    exposed as an output and read back (``compare --layerwise``, fast sensitivity).
+    exposed as an output and read back (``compare --layerwise``, fast sensitivity). ``settings``:
+    the ``Settings`` fields it honours (another one set away from its default is refused, never
+    ignored); ``options``: the families of ``--option`` keys it takes (``session``: ONNX Runtime
+    session entries ``session.*``; ``property``: OpenVINO properties in UPPER_CASE; ``gpu``:
+    ``backends.gpu.GpuOptions``).
     """
 
     name: str
@@ -103,6 +107,8 @@ class Runtime:
     profiles: bool = False
     intermediates: bool = False
     gpu: bool = False
+    settings: frozenset[str] = frozenset({"intra_op_threads"})
+    options: frozenset[str] = frozenset()
 
     def on(self) -> str:
         """' on OpenVINO' for labels ('' for the default runtime)."""
@@ -110,19 +116,26 @@ class Runtime:
 
 
 DEFAULT = "ort"
+_ORT_SETTINGS = frozenset({"intra_op_threads", "inter_op_threads", "graph_optimization", "execution_mode",
+                           "optimized_model_path", "preallocate", "profile_prefix"})
 _REGISTRY: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort", "ONNX Runtime", "infertune.backends.ort", "OrtBackend", "onnxruntime", None, "ort-cpu",
-            profiles=True, intermediates=True),
+            profiles=True, intermediates=True, settings=_ORT_SETTINGS, options=frozenset({"session"})),
     Runtime("openvino", "OpenVINO", "infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino",
-            "openvino", intermediates=True),
+            "openvino", intermediates=True, options=frozenset({"property"})),
     # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks its providers
     Runtime("ort-cuda", "ONNX Runtime CUDA", "infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime", "gpu",
-            None, gpu=True),
+            None, gpu=True, settings=_ORT_SETTINGS, options=frozenset({"session", "gpu"})),
     Runtime("ort-tensorrt", "ONNX Runtime TensorRT", "infertune.backends.ort_gpu", "OrtTensorrtBackend",
-            "onnxruntime", "gpu", "tensorrt", gpu=True),
+            "onnxruntime", "gpu", "tensorrt", gpu=True, settings=_ORT_SETTINGS, options=frozenset({"session", "gpu"})),
     Runtime("tensorrt", "TensorRT", "infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "gpu", "tensorrt",
-            gpu=True),
+            gpu=True, settings=frozenset(), options=frozenset({"gpu"})),
 )}
+_FLAGS = {"intra_op_threads": "--threads", "inter_op_threads": "--inter-threads", "graph_optimization": "--opt-level",
+          "execution_mode": "--execution-mode", "optimized_model_path": "--save-optimized",
+          "preallocate": "--preallocate", "profile_prefix": "a profiler"}
+_OPTION_FAMILIES = {"session": "session.* (ONNX Runtime session entries)",
+                    "property": "UPPER_CASE OpenVINO properties", "gpu": "GPU options (fp16, engine_cache, ...)"}
 GPU_BACKENDS = tuple(n for n, r in _REGISTRY.items() if r.gpu)
 
 
@@ -167,6 +180,31 @@ def get_backend(name: str) -> Backend:
     return getattr(module, entry.cls)()
 
 
+def check_settings(name: str, settings: Settings) -> None:
+    """Refuse a setting or option the runtime would silently ignore."""
+    entry = runtime(name)
+    default = Settings()
+    for key in sorted(_FLAGS):
+        if key not in entry.settings and getattr(settings, key) != getattr(default, key):
+            raise UsageError(f"{_FLAGS[key]} has no effect on {name} ({entry.display}); "
+                             f"it applies to: {', '.join(n for n, r in _REGISTRY.items() if key in r.settings)}")
+    for key in settings.options:
+        family = option_family(key)
+        if family not in entry.options:
+            takes = ", ".join(_OPTION_FAMILIES[f] for f in sorted(entry.options)) or "no --option"
+            raise UsageError(f"--option {key}: {name} ({entry.display}) does not use {_OPTION_FAMILIES[family]}; "
+                             f"it takes {takes}")
+
+
+def option_family(key: str) -> str:
+    """Which runtime family an ``--option`` key belongs to (see ``Runtime.options``)."""
+    if key.startswith("session."):
+        return "session"
+    return "property" if key.isupper() else "gpu"
+
+
 def compile(model: Model, settings: Settings | None = None, *, backend: str = "ort") -> Runner:  # noqa: A001
-    """Compile ``model`` with ``settings`` on the named backend."""
-    return get_backend(backend).compile(model, settings or Settings())
+    """Compile ``model`` with ``settings`` on the named backend (settings it cannot honour are refused)."""
+    settings = settings or Settings()
+    check_settings(backend, settings)
+    return get_backend(backend).compile(model, settings)

@@ -10,9 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from infertune import backends
 from infertune._io import json_default, write_json
@@ -150,15 +152,45 @@ def si(n: float, unit: str = "") -> str:
 
 def table(columns: Sequence[str], *, numeric: Collection[str] = (), title: str | None = None,
           show_header: bool = True) -> Table:
-    """A table whose text columns wrap (a node or tensor name is never cut to an ellipsis) and whose
-    ``numeric`` columns are never narrowed: on a narrow terminal the names fold, the numbers stay whole."""
-    t = Table(title=title, title_justify="left", show_header=show_header)
+    """A table that never cuts what a user acts on: text columns (node, tensor, input names) fold
+    over lines instead of ending in an ellipsis, and a ``numeric`` column is never narrower than
+    its widest value (its header may fold instead)."""
+    t = _WholeNumbers(title=title, title_justify="left", show_header=show_header)
     for c in columns:
-        if c in numeric:
-            t.add_column(c, justify="right", no_wrap=True)
-        else:
-            t.add_column(c, overflow="fold")
+        t.add_column(c, justify="right" if c in numeric else "left", overflow="fold")
+    t.numeric = {i for i, c in enumerate(columns) if c in numeric}
     return t
+
+
+class _WholeNumbers(Table):
+    """When whole numbers and a few characters of each name do not fit the terminal, the rows are
+    printed one after another as field/value pairs instead of cropping the table."""
+
+    numeric: set[int] = set()
+    TEXT_MIN = 8  # characters a folded name column keeps
+
+    def add_row(self, *cells, **kwargs) -> None:
+        super().add_row(*cells, **kwargs)
+        for i in self.numeric:
+            if i < len(cells) and isinstance(cells[i], str):
+                col = self.columns[i]
+                col.min_width = max(col.min_width or 0, cell_len(Text.from_markup(cells[i]).plain))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        need = sum((c.min_width or 1) if i in self.numeric else self.TEXT_MIN for i, c in enumerate(self.columns))
+        if need + 3 * len(self.columns) + 1 <= options.max_width:
+            yield from super().__rich_console__(console, options)
+            return
+        if self.title:
+            yield Text(str(self.title), style="italic")
+        for r in range(self.row_count):
+            rows = Table(show_header=False, box=None, padding=(0, 1))
+            rows.add_column(overflow="fold", style="bold")
+            rows.add_column(overflow="fold")
+            for c in self.columns:
+                rows.add_row(str(c.header), list(c.cells)[r])
+            yield rows
+            yield Text("")
 
 
 def placement_for(backend: str, target: str | None) -> str:

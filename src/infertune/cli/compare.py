@@ -128,10 +128,11 @@ def _db(v: float) -> str:
 @click.option("--reference-outputs", type=click.Path(dir_okay=False, path_type=Path),
               help="What the outputs should be: .npz, one array per output, one row per image (sorted by name).")
 @click.option("--input", "input_name", help="The image input, when the model has several.")
+@backend_options
 @json_option
 @output_option
 def diagnose_preprocess(model: Path, images: Path, spec: Path, reference_spec, reference_outputs, input_name,
-                        as_json, output) -> None:
+                        backend, settings, as_json, output) -> None:
     """Find the single preprocessing transform that explains a mismatch, before blaming the model."""
     from infertune.analysis.preprocess_diagnosis import diagnose
     from infertune.data import IMAGE_SUFFIXES
@@ -156,7 +157,7 @@ def diagnose_preprocess(model: Path, images: Path, spec: Path, reference_spec, r
     with progress_bar("trying preprocessing variants", not as_json) as update:
         d = diagnose(m, imgs, PreprocessSpec.load(spec), reference_outputs=ref_out,
                      reference_spec=PreprocessSpec.load(reference_spec) if reference_spec else None,
-                     input_name=input_name, progress=update)
+                     input_name=input_name, progress=update, backend=backend, settings=settings)
 
     def human() -> None:
         out.print(("[green]" if d.explained_by or d.finding.startswith("no preprocessing mismatch") else "[yellow]")

@@ -35,9 +35,9 @@ from infertune.cli.common import (
 def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
             output: Path | None) -> None:
     """Inputs, outputs, op histogram, parameters and FLOPs of MODEL."""
+    from infertune.analysis.model_stats import inspect_model
     from infertune.data import parse_dims
     from infertune.model import Model
-    from infertune.model_stats import inspect_model
 
     stats = inspect_model(Model.load(model), dims=parse_dims(dims))
 

@@ -24,9 +24,9 @@ from onnx import TensorProto, helper
 
 from infertune import backends
 from infertune._io import write_json
+from infertune.analysis.model_stats import inspect_model
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
-from infertune.model_stats import inspect_model
 from infertune.perf.profile import ProfileResult
 from infertune.quant.fusion import INT8_KERNELS
 

@@ -22,11 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs  # noqa: E402
 from benchmarks.results_io import save_results  # noqa: E402
-from infertune.data import Dataset  # noqa: E402
+from infertune import Dataset, Model, quantize  # noqa: E402
 from infertune.errors import InfertuneError  # noqa: E402
 from infertune.fingerprint import environment, versions  # noqa: E402
-from infertune.model import Model  # noqa: E402
-from infertune.quant.quantize import quantize  # noqa: E402
 
 RUNTIMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
 ROUNDS = 5

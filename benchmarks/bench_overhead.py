@@ -23,12 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import realmodels  # noqa: E402
 from benchmarks.results_io import save_results  # noqa: E402
-from infertune import backends  # noqa: E402
+from infertune import (  # noqa: E402
+    Dataset,
+    Model,
+    backends,  # noqa: E402
+    bench,
+)
 from infertune.backends.ort import session_options  # noqa: E402
-from infertune.data import Dataset  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
-from infertune.model import Model  # noqa: E402
-from infertune.perf.latency import bench  # noqa: E402
 
 
 def bare_p50_ms(session, feed: dict, budget_s: float, warmup: int = 10) -> float:

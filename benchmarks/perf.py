@@ -29,13 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, latencies, model_path, outputs  # noqa: E402
 from benchmarks.results_io import RESULTS, save_results  # noqa: E402
-from infertune import backends  # noqa: E402
-from infertune.data import Dataset  # noqa: E402
+from infertune import (  # noqa: E402
+    Dataset,
+    Model,
+    backends,  # noqa: E402
+    explain,
+    profile,
+)
 from infertune.fingerprint import environment  # noqa: E402
-from infertune.model import Model  # noqa: E402
-from infertune.perf.explain import explain  # noqa: E402
 from infertune.perf.latency import allocation_per_call, side_by_side  # noqa: E402
-from infertune.perf.profile import profile  # noqa: E402
 from infertune.perf.roofline import ceilings, roofline  # noqa: E402
 from infertune.perf.sweep import sweep  # noqa: E402
 

@@ -195,10 +195,7 @@ def latencies(paths: dict[str, Path], feed: dict, rounds: int = 3, budget_s: flo
               runtimes: dict[str, str] | None = None) -> dict[str, dict]:
     """p50 per variant and thread count; variants interleaved, best of ``rounds`` p50s.
     ``runtimes``: the backend of each variant (default ort)."""
-    from infertune import backends
-    from infertune.data import Dataset
-    from infertune.model import Model
-    from infertune.perf.latency import bench
+    from infertune import Dataset, Model, backends, bench
 
     models = {k: Model.load(p) for k, p in paths.items()}
     out: dict[str, dict] = {k: {} for k in paths}

@@ -25,11 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, model_path  # noqa: E402
 from benchmarks.results_io import save_results  # noqa: E402
-from infertune import Budget, Evaluator, QuantSpace, backends, meet_budget, sensitivity  # noqa: E402
-from infertune.data import Dataset  # noqa: E402
+from infertune import Budget, Dataset, Evaluator, Model, QuantSpace, backends, meet_budget, quantize, sensitivity  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
-from infertune.model import Model  # noqa: E402
-from infertune.quant.quantize import quantize  # noqa: E402
 from infertune.search.mixed_precision import latency_p50  # noqa: E402
 
 BUDGET = "cosine>=0.999"

@@ -12,15 +12,17 @@ import importlib
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
 from infertune.errors import BackendUnavailable, UsageError
 from infertune.model import Model
 
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
-EXECUTION_MODES = ("sequential", "parallel")
+GraphOptimization = Literal["disable", "basic", "extended", "layout", "all"]
+ExecutionMode = Literal["sequential", "parallel"]
+GRAPH_OPTIMIZATION_LEVELS: tuple[GraphOptimization, ...] = get_args(GraphOptimization)
+EXECUTION_MODES: tuple[ExecutionMode, ...] = get_args(ExecutionMode)
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class Settings:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    graph_optimization: str = "all"
-    execution_mode: str = "sequential"
+    graph_optimization: GraphOptimization = "all"
+    execution_mode: ExecutionMode = "sequential"
     optimized_model_path: str | None = None
     preallocate: bool = False
     profile_prefix: str | None = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -28,7 +29,8 @@ from infertune.errors import UsageError
 from infertune.quant.observers import TensorStats
 from infertune.quant.qparams import qrange
 
-METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+Method = Literal["minmax", "percentile", "entropy", "mse", "auto"]
+METHODS: tuple[Method, ...] = get_args(Method)
 NEEDS_HISTOGRAM = frozenset({"percentile", "entropy", "mse", "auto"})
 BOUNDED_OPS = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Clip", "Relu6",
                          "HardSwish", "Softsign", "LogSoftmax"})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -49,7 +50,8 @@ _MOVEMENT = frozenset({"MaxPool", "Transpose", "Reshape", "Squeeze", "Unsqueeze"
                        "Resize", "DepthToSpace", "SpaceToDepth", "Identity", "Slice",
                        "Gather", "Split", "Expand", "Tile"})
 
-TARGETS: dict[str, TargetRules] = {
+Target = Literal["ort-cpu", "tensorrt", "openvino"]
+TARGETS: dict[Target, TargetRules] = {
     "ort-cpu": TargetRules(
         name="ort-cpu",
         activation_dtype="uint8",

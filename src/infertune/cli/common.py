@@ -200,3 +200,19 @@ def placement_for(backend: str, target: str | None) -> str:
     placement = backends.require(backend, "placement", "INT8 quantization").placement
     assert placement is not None
     return placement
+
+
+def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude,
+                        settings, as_json):
+    """One calibration of ``m`` (every tensor an exclusion set may need) and the evaluation feeds
+    (``--eval``, or the calibration data): what ``sensitivity`` and ``quantize --budget`` search over."""
+    from infertune.analysis.accuracy import Evaluator
+    from infertune.quant.space import calibrated_space
+
+    calib = load_data(m, data, preprocess, dims, samples, seed)
+    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed)
+    evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
+    with progress_bar("calibrating", not as_json) as update:
+        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
+                                 progress=update)
+    return space, evaluator

@@ -20,6 +20,7 @@ from infertune.cli.common import (
     out,
     placement_for,
     progress_bar,
+    space_and_evaluator,
     table,
 )
 from infertune.quant.methods import DEFAULT_PERCENTILE, METHODS
@@ -164,19 +165,14 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
 
 def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims, samples, seed, eval_data,
                eval_samples, method, target, exclude, rank, **_calibration_only):
-    from infertune.analysis.accuracy import Budget, Evaluator
+    from infertune.analysis.accuracy import Budget
     from infertune.analysis.sensitivity import check_mode
-    from infertune.quant.space import calibrated_space
     from infertune.search.mixed_precision import quantize_to_budget
 
     parsed = Budget.parse(budget)
     check_mode(rank, backend)
-    calib = load_data(m, data, preprocess, dims, samples, seed)
-    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed)
-    evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
-    with progress_bar("calibrating", not as_json) as update:
-        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
-                                 progress=update)
+    space, evaluator = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
+                                           target, exclude, settings, as_json)
     with progress_bar(f"ranking ({rank}) and meeting the budget on {backend}", not as_json) as update:
         return quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
 

@@ -14,11 +14,11 @@ from infertune.cli.common import (
     emit,
     fmt,
     json_option,
-    load_data,
     out,
     output_option,
     placement_for,
     progress_bar,
+    space_and_evaluator,
     table,
 )
 from infertune.quant.methods import METHODS
@@ -42,21 +42,15 @@ from infertune.quant.placement import TARGETS
 def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, eval_samples, mode, method, target,
                 exclude, top, backend, settings, as_json, output) -> None:
     """Rank MODEL's quantized nodes by their effect on the outputs (exact or fast)."""
-    from infertune.analysis.accuracy import Evaluator
     from infertune.analysis.sensitivity import check_mode
     from infertune.analysis.sensitivity import sensitivity as run_sensitivity
     from infertune.model import Model
-    from infertune.quant.space import calibrated_space
 
     target = placement_for(backend, target)
     check_mode(mode, backend)
     m = Model.load(model)
-    calib = load_data(m, data, preprocess, dims, samples, seed)
-    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed)
-    evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
-    with progress_bar("calibrating", not as_json) as update:
-        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
-                                 progress=update)
+    space, evaluator = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
+                                           target, exclude, settings, as_json)
     with progress_bar(f"sensitivity ({mode})", not as_json) as update:
         r = run_sensitivity(space, evaluator, mode=mode, progress=update, backend=backend)
 

@@ -97,19 +97,8 @@ def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
 
 
 def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkeypatch):
-    import infertune.search.choice
-    import infertune.search.measure
-
-    class Lat:
-        def __init__(self, p50):
-            self.latency_ms = type("L", (), {"p50": p50})()
-
     # every DQ node costs time: the fully quantized model is the slowest variant
-    def fake_bench(model, data, **_):
-        return Lat(1.0 + 0.01 * sum(n.op_type == "DequantizeLinear" for n in model.graph.node))
-
-    for module in (infertune.search.measure, infertune.search.choice):
-        monkeypatch.setattr(module, "bench", fake_bench)
+    _fake_clock(monkeypatch, lambda model, settings: 1.0 + 0.01 * _count(model, "DequantizeLinear"))
     m, calib, ev = _digits(60)
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",))
     assert [t.spec.precision for t in r.trials] == ["fp32", "int8"] and not r.sensitivity
@@ -148,23 +137,28 @@ def test_run_dir_of_another_configuration_is_refused(tmp_path):
         tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.05)
 
 
+def _count(model, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def _fake_clock(monkeypatch, p50_of):
+    """Replace tune's one timing function (each variant in its own process) by ``p50_of(model, settings)``."""
+    import infertune.search.measure
+    from infertune.model import Model
+    from infertune.perf.isolated import IsolatedLatency
+
+    def time_variants(variants, feed, *, rounds, seconds):
+        return {v.key: IsolatedLatency(v.key, p50_of(Model.load(v.model), v.settings), [1.0] * rounds, [1] * rounds)
+                for v in variants}
+
+    monkeypatch.setattr(infertune.search.measure, "time_variants", time_variants)
+
+
 def _steady_clock(monkeypatch):
     """Latency as a fixed function of the model (fewer float ops, faster): the same measurements
     in every run, so a resumed search can be compared with an uninterrupted one."""
-
-    class Lat:
-        def __init__(self, p50):
-            self.latency_ms = type("L", (), {"p50": p50})()
-
-    def fake_bench(model, data, *, settings, **_):
-        dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
-        return Lat(1.0 - 0.01 * dq + 0.001 * settings.intra_op_threads)
-
-    import infertune.search.choice
-    import infertune.search.measure
-
-    for module in (infertune.search.measure, infertune.search.choice):
-        monkeypatch.setattr(module, "bench", fake_bench)
+    _fake_clock(monkeypatch, lambda model, settings: 1.0 - 0.01 * _count(model, "DequantizeLinear")
+                + 0.001 * settings.intra_op_threads)
 
 
 def test_resume_reuses_recorded_trials_and_skips_a_torn_line(tmp_path, monkeypatch):

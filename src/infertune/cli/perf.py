@@ -23,7 +23,7 @@ from infertune.cli.common import (
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @data_options
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
@@ -38,19 +38,35 @@ from infertune.cli.common import (
 @click.option("--sweep", "sweep_axes", multiple=True, metavar="AXIS=V1,V2",
               help="Sweep batch, threads, sessions (concurrent) or opt, e.g. --sweep batch=1,2,4,8 "
                    "--sweep threads=1,2; reports throughput, latency and peak memory per point and the knee.")
+@click.option("--isolate", is_flag=True,
+              help="Time each model in its own fresh process, alternated over --rounds rounds (implied by "
+                   "several MODELs): the ratios between them are side by side.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="With --isolate: rounds of one fresh process per model; the median of rounds is reported.")
 @backend_options
 @json_option
 @output_option
-def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, iterations,
-          time_budget, save_optimized, preallocate, sweep_axes, backend, settings, as_json, output) -> None:
-    """Latency percentiles and throughput of MODEL (or a sweep over settings)."""
+def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch, warmup, iterations,
+          time_budget, save_optimized, preallocate, sweep_axes, isolate, rounds, backend, settings, as_json,
+          output) -> None:
+    """Latency percentiles and throughput of MODEL (or a sweep over settings); several MODELs (or
+    --isolate): each timed in its own process, side by side."""
     from dataclasses import replace
 
     from infertune.data import parse_dims
+    from infertune.errors import UsageError
     from infertune.model import Model
     from infertune.perf.latency import bench as run_bench
 
-    m = Model.load(model)
+    if isolate or len(models) > 1:
+        bad = [f for f, v in (("--sweep", sweep_axes), ("--save-optimized", save_optimized),
+                              ("--iterations", iterations), ("--preallocate", preallocate)) if v]
+        if bad:
+            raise UsageError(f"{bad[0]} times one model in this process; it does not combine with --isolate or "
+                             "several models")
+        return run_isolated(models, data, preprocess, dims, samples, seed, batch, rounds, time_budget, backend,
+                            settings, as_json, output)
+    m = Model.load(models[0])
     ds = None if data in (None, "synthetic") else load_data(m, data, preprocess, dims, samples,
                                                              seed)
     settings = replace(settings, optimized_model_path=str(save_optimized) if save_optimized else None,
@@ -82,6 +98,32 @@ def bench(model: Path, data, preprocess, dims, samples, seed, batch, warmup, ite
             err.print(f"optimised graph saved to {save_optimized}")
         for w in r.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+    emit(r.to_dict(), as_json, output, human)
+
+
+def run_isolated(models, data, preprocess, dims, samples, seed, batch, rounds, seconds, backend, settings,
+                 as_json: bool, output) -> None:
+    from infertune.data import parse_dims
+    from infertune.model import Model
+    from infertune.perf.isolated import bench_isolated
+
+    loaded = [Model.load(p) for p in models]
+    ds = None if data in (None, "synthetic") else load_data(loaded[0], data, preprocess, dims, samples, seed)
+    with progress_bar(f"timing {len(loaded)} model(s), each in its own process, {rounds} round(s)", not as_json):
+        r = bench_isolated(loaded, ds, backend=backend, settings=settings, batch_size=batch, dims=parse_dims(dims),
+                           rounds=rounds, seconds=seconds or 1.0)
+
+    def human() -> None:
+        out.print(f"on {backend}, inputs {', '.join(f'{k} {v}' for k, v in r.input_shapes.items())}: each model "
+                  f"in its own process, {rounds} round(s) of {r.seconds_per_round:g} s, order alternated")
+        t = table(("model", "p50 ms (median of rounds)", "rounds ms", "spread", "vs first"),
+                  numeric=("p50 ms (median of rounds)", "spread", "vs first"))
+        first = r.latencies[0].p50_ms
+        for lat in r.latencies:
+            t.add_row(escape(lat.key), f"{lat.p50_ms:.3f}", " ".join(f"{v:.3f}" for v in lat.rounds_ms),
+                      f"{lat.spread:.1%}", f"{lat.p50_ms / first:.3f}x")
+        out.print(t)
 
     emit(r.to_dict(), as_json, output, human)
 

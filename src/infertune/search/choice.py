@@ -1,8 +1,10 @@
 """The choice among the trials that met the budget.
 
 The finalists (the fastest FP32 trial and the fastest others that meet the budget) are measured
-again (``runoff``); the fastest wins, but a quantized one must beat FP32 by more than ``NOISE`` to
-be preferred, since latencies on a shared machine differ by a few percent from run to run.
+again (``runoff``): each in its own process, alternated over ``RUNOFF_ROUNDS`` rounds, median of
+the rounds, with their spread recorded. The fastest wins, but a quantized one must beat FP32 by
+more than ``NOISE`` to be preferred, since latencies on a shared machine differ by a few percent
+from run to run.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import json
 from pathlib import Path
 
 from infertune._io import write_json
-from infertune.data import Dataset
-from infertune.perf.latency import bench
-from infertune.search.measure import TrialRunner, settings_of
+from infertune.search.measure import TrialRunner
 from infertune.search.trials import Trial
 
 NOISE = 0.03
@@ -22,13 +22,15 @@ RUNOFF_FINALISTS = 3
 RUNOFF = "runoff.json"
 
 
-def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial]) -> dict[str, float]:
-    """The fastest FP32 trial and the fastest passing others, measured again side by side.
+def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial]) -> dict[str, dict]:
+    """The fastest FP32 trial and the fastest passing others, measured again side by side:
+    {trial key: {"p50_ms", "rounds_ms", "spread", ...}}.
 
     A trial's p50 comes from one short measurement; on a shared machine two of them taken
     minutes apart differ by more than the gaps being decided. The finalists are measured again,
-    interleaved, best p50 of ``RUNOFF_ROUNDS`` rounds; recorded in the run directory so that a
-    resumed run decides on the same numbers. Empty when there is nothing to decide.
+    each in its own process, alternated in ``RUNOFF_ROUNDS`` rounds, median of the rounds;
+    recorded in the run directory so that a resumed run decides on the same numbers. Empty when
+    there is nothing to decide.
     """
     best_fp32 = min(fp32, key=lambda t: t.p50_ms)
     others = sorted((t for t in met if t is not best_fp32), key=lambda t: t.p50_ms)[:RUNOFF_FINALISTS - 1]
@@ -40,20 +42,13 @@ def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial])
     if path.exists():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("keys") == keys:
-                return saved["p50_ms"]
+            if saved.get("keys") == keys and all(isinstance(v, dict) for v in saved["latency"].values()):
+                return saved["latency"]
         except (ValueError, KeyError, AttributeError):
             pass
-    one = Dataset.from_iterable(runner.evaluator.feeds[:1])
-    built = {t.spec.key: (runner.build(t.spec), settings_of(t.spec), t.spec.backend) for t in finalists}
-    best: dict[str, float] = {}
-    for _ in range(RUNOFF_ROUNDS):
-        for key, (model, settings, backend) in built.items():
-            p50 = bench(model, one, backend=backend, settings=settings, warmup=5,
-                        time_budget_s=runner.latency_s).latency_ms.p50
-            best[key] = min(best.get(key, float("inf")), p50)
-    write_json(path, {"keys": keys, "p50_ms": best})
-    return best
+    measured = {k: v.to_dict() for k, v in runner.time([t.spec for t in finalists], rounds=RUNOFF_ROUNDS).items()}
+    write_json(path, {"keys": keys, "latency": measured})
+    return measured
 
 
 def choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:

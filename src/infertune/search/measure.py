@@ -1,4 +1,5 @@
-"""One trial, measured: build the variant, judge its accuracy on its runtime, time it."""
+"""One trial, measured: build the variant, judge its accuracy on its runtime, time it in its own
+process (``perf.isolated``: a fresh runtime with nothing else loaded)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from infertune.analysis.accuracy import Budget, Evaluator
 from infertune.data import Dataset
 from infertune.errors import InfertuneError
 from infertune.model import Model
-from infertune.perf.latency import bench
+from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
 from infertune.quant.space import QuantSpace, calibrated_space
 from infertune.search.trials import Trial, TrialSpec
 
@@ -52,8 +53,6 @@ class TrialRunner:
     def _measure(self, spec: TrialSpec, start: float) -> Trial:
         model = self.build(spec)
         verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend), self.budget)
-        lat = bench(model, Dataset.from_iterable(self.evaluator.feeds[:1]), backend=spec.backend,
-                    settings=settings_of(spec), warmup=5, time_budget_s=self.latency_s)
         rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
         if model is not self.source:
             rel = f"models/{spec.key}.onnx"
@@ -62,7 +61,32 @@ class TrialRunner:
             # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
             # which does not count as an INT8 variant meeting the budget
             note, met = "nothing left to quantize: the float model", False
-        return Trial(self._next(), spec, metrics, lat.latency_ms.p50, met, time.perf_counter() - start, rel, note)
+        lat = self.time([spec], rounds=1)[spec.key]
+        return Trial(self._next(), spec, metrics, lat.p50_ms, met, time.perf_counter() - start, rel, note)
+
+    def model_file(self, spec: TrialSpec) -> Path:
+        """The file of ``spec``'s model (what a timing process loads)."""
+        if spec.precision != "fp32" and self.build(spec) is not self.source:
+            path = self.run_dir / "models" / f"{spec.key}.onnx"
+            if not path.is_file():
+                self.build(spec).save(path)
+            return path
+        if self.source.path is not None and Path(self.source.path).is_file():
+            return Path(self.source.path)
+        path = self.run_dir / "models" / "source.onnx"
+        if not path.is_file():
+            self.source.save(path)
+        return path
+
+    def time(self, specs: list[TrialSpec], rounds: int) -> dict[str, IsolatedLatency]:
+        """p50 on the first evaluation feed, each variant in its own process, alternated in rounds."""
+        variants = [Variant(s.key, self.model_file(s), s.backend, settings_of(s)) for s in specs]
+        return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=self.latency_s)
+
+
+def time_variants(variants: list[Variant], feed: dict, *, rounds: int, seconds: float) -> dict[str, IsolatedLatency]:
+    """The one place tune times anything (tests replace it with a deterministic clock)."""
+    return time_isolated(variants, feed, rounds=rounds, seconds=seconds)
 
 
 def settings_of(spec: TrialSpec) -> backends.Settings:

@@ -20,7 +20,8 @@ class TuneResult:
     run_dir: str = ""
     artifact: str | None = None
     stopped: str = ""  # why the search ended
-    runoff: dict[str, float] = field(default_factory=dict)  # trial key -> p50 ms re-measured
+    runoff: dict[str, float] = field(default_factory=dict)  # trial key -> p50 ms re-measured (median of rounds)
+    runoff_rounds: dict[str, list[float]] = field(default_factory=dict)  # trial key -> each round's p50 ms
     measurements: dict = field(default_factory=dict)  # for the report: {"op_types": ..., "sweep": ...}
     environment: dict = field(default_factory=environment)
 
@@ -46,6 +47,7 @@ class TuneResult:
         return {"schema_version": SCHEMA_VERSION, "kind": "tune", "budget": self.budget,
                 "chosen": self.chosen.to_dict(), "decisions": self.decisions, "stopped": self.stopped,
                 "trials": [t.to_dict() for t in self.trials], "pareto": [t.index for t in self.pareto()],
-                "sensitivity": self.sensitivity, "runoff_p50_ms": self.runoff, "run_dir": self.run_dir,
+                "sensitivity": self.sensitivity, "runoff_p50_ms": self.runoff,
+                "runoff_rounds_ms": self.runoff_rounds, "run_dir": self.run_dir,
                 "artifact": self.artifact, "measurements": self.measurements,
                 "environment": self.environment}

@@ -169,10 +169,13 @@ class Tuner:
 
     def decide(self) -> TuneResult:
         met = [t for t in self.trials.values() if t.met]
-        measured = runoff(self.runner, self.root, met, self.fp32)
+        runoff_latency = runoff(self.runner, self.root, met, self.fp32)
+        measured = {k: v["p50_ms"] for k, v in runoff_latency.items()}
         if measured:
-            self.decisions.append("finalists measured again, interleaved, best p50 of rounds: " + "; ".join(
-                f"{self.trials[k].spec.label()} {v:.3f} ms" for k, v in sorted(measured.items(), key=lambda kv: kv[1])))
+            self.decisions.append(
+                "finalists measured again, each in its own process, alternated, median of rounds (spread): " +
+                "; ".join(f"{self.trials[k].spec.label()} {v:.3f} ms ({runoff_latency[k]['spread']:.0%})"
+                          for k, v in sorted(measured.items(), key=lambda kv: kv[1])))
             final = {k: replace(self.trials[k], p50_ms=v) for k, v in measured.items()}
             # the chosen trial carries its runoff p50: the number the choice was made on
             chosen = choose([final[t.spec.key] for t in self.fp32 if t.spec.key in final], list(final.values()),
@@ -184,7 +187,8 @@ class Tuner:
                 else "FP32 is the fastest variant that meets the budget"
         ranking = self.rankings.get(chosen.spec.backend) or next(iter(self.rankings.values()), [])
         return TuneResult(str(self.budget), sorted(self.trials.values(), key=lambda t: t.index), chosen,
-                          self.decisions, ranking, str(self.root), stopped=self.stopped, runoff=measured)
+                          self.decisions, ranking, str(self.root), stopped=self.stopped, runoff=measured,
+                          runoff_rounds={k: v["rounds_ms"] for k, v in runoff_latency.items()})
 
     # ---- trials -----------------------------------------------------------------------------------
     def ask(self, specs: Iterable[TrialSpec]) -> list[Trial]:

@@ -33,9 +33,11 @@ def render(result: dict) -> str:
     data = {"result": r, "op_types": measured.get("op_types", {}), "sweep": measured.get("sweep")}
     doc = json.dumps(_finite(data), default=json_default, allow_nan=False).replace("</", "<\\/")
     decisions = "".join(f"<li>{html.escape(d)}</li>" for d in r["decisions"])
+    again, rounds = r.get("runoff_p50_ms") or {}, r.get("runoff_rounds_ms") or {}
     rows = "".join(
         f"<tr class='{'chosen' if t['index'] == chosen['index'] else ''}'><td>{t['index']}</td>"
-        f"<td>{html.escape(t['label'])}</td><td>{t['p50_ms']:.3f}</td><td>{_num(t['metrics'].get('sqnr_db'))}</td>"
+        f"<td>{html.escape(t['label'])}</td><td>{t['p50_ms']:.3f}</td>"
+        f"<td>{_remeasured(again.get(t['key']), rounds.get(t['key']))}</td><td>{_num(t['metrics'].get('sqnr_db'))}</td>"
         f"<td>{_num(t['metrics'].get('cosine'), 5)}</td><td>{_num(t['metrics'].get('top1_drop'), 2)}</td>"
         f"<td>{'yes' if t['met'] else 'no'}</td></tr>" for t in r["trials"])
     page = (_ASSETS / "template.html").read_text(encoding="utf-8")
@@ -54,6 +56,12 @@ def write_report(result: dict, path: str | os.PathLike[str]) -> Path:
     """Render ``result`` (a tune result as plain data) to ``path``."""
     write_text(path, render(result))
     return Path(path)
+
+
+def _remeasured(p50: float | None, rounds: list[float] | None) -> str:
+    if p50 is None:
+        return "—"
+    return f"{p50:.3f}" + (f" <span class='note'>({', '.join(f'{v:.3f}' for v in rounds)})</span>" if rounds else "")
 
 
 def _num(v, digits: int = 1) -> str:

@@ -71,7 +71,21 @@ def test_thread_setting_reaches_openvino():
     assert compile_config(backends.Settings())["INFERENCE_PRECISION_HINT"] == "f32"
     m = Model.from_proto(MODELS["conv"]())
     r = backends.compile(m, backends.Settings(intra_op_threads=1), backend="openvino")
-    assert int(r.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    r.run({"x": np.ones((1, 3, 16, 16), np.float32)})
+    assert int(r.compiled_models[0].get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+def test_a_dynamic_model_is_compiled_for_each_feed_shape_it_meets():
+    m = Model.from_proto(MODELS["conv"]())  # x [N, 3, 16, 16]
+    r = backends.compile(m, backend="openvino")
+    ref = backends.compile(m)
+    for n in (1, 3, 1):
+        x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+        np.testing.assert_allclose(r.run({"x": x})["y"], ref.run({"x": x})["y"], rtol=1e-4, atol=1e-5)
+    shapes = [[list(i.get_partial_shape().to_shape()) for i in c.inputs] for c in r.compiled_models]
+    assert shapes == [[[1, 3, 16, 16]], [[3, 3, 16, 16]]]  # static, one per size, reused
+    fixed = backends.compile(m, backends.Settings(static_shapes={"x": (2, 3, 16, 16)}), backend="openvino")
+    assert not fixed.dynamic and len(fixed.compiled_models) == 1
 
 
 def test_bad_feed_is_a_data_error():

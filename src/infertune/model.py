@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,6 +300,32 @@ class Model:
                 vi = helper.make_tensor_value_info(name, elem, None)
             proto.graph.output.append(vi)
             existing.add(name)
+        return Model(proto=proto, path=None, renamed_nodes=dict(self.renamed_nodes))
+
+    def with_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> Model:
+        """A copy whose inputs have the given static shapes (what a deployment that always feeds
+        one size compiles): symbolic and unknown dims become those sizes, fixed dims must agree.
+        Intermediate shape annotations are dropped (the runtime infers them again from the inputs)."""
+        proto = copy.deepcopy(self.proto)
+        for vi in proto.graph.input:
+            if vi.name not in shapes:
+                continue
+            want = [int(d) for d in shapes[vi.name]]
+            dims = vi.type.tensor_type.shape.dim
+            if vi.type.tensor_type.HasField("shape") and len(dims) != len(want):
+                raise ModelError(f"input '{vi.name}' has rank {len(dims)}, a static shape of rank {len(want)} "
+                                 f"was given ({want})")
+            for axis, (d, size) in enumerate(zip(dims, want, strict=False)):
+                if d.HasField("dim_value") and d.dim_value != size:
+                    raise ModelError(f"input '{vi.name}' axis {axis} is fixed at {d.dim_value}, not {size}")
+            del vi.type.tensor_type.shape.dim[:]
+            for size in want:
+                vi.type.tensor_type.shape.dim.add().dim_value = size
+        del proto.graph.value_info[:]
+        for vi in proto.graph.output:  # symbolic output dims would contradict the inferred static ones
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param"):
+                    d.Clear()
         return Model(proto=proto, path=None, renamed_nodes=dict(self.renamed_nodes))
 
     def to_bytes(self) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -108,7 +108,11 @@ class Evaluator:
         self._ref_outputs = outputs
 
     def run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
-        runner = backends.compile(model, self.settings, backend=backend)
+        """``model``'s outputs on every feed; compiled for the feeds' shapes when they all share them."""
+        settings = self.settings or backends.Settings()
+        if not settings.static_shapes:
+            settings = replace(settings, static_shapes=backends.static_shapes(self.feeds))
+        runner = backends.compile(model, settings, backend=backend)
         self.passes += 1
         return [runner.run(f) for f in self.feeds]
 

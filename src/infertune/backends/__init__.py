@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
 
@@ -31,6 +31,8 @@ class Settings:
 
     Threads of 0 mean the runtime's default. ``optimized_model_path``: where to save the
     graph the runtime actually executes after its optimisations (when the backend can).
+    ``static_shapes``: compile for these input shapes (what a deployment that always feeds one
+    size runs; OpenVINO computed garbage for a Q/DQ detector compiled with dynamic dims).
     ``preallocate``: bind input and output buffers once and reuse them (I/O binding), so a
     steady-state ``run`` allocates nothing; its outputs are then the same arrays every call
     (copy what you keep). ``profile_prefix``: where the backend's own profiler writes.
@@ -44,6 +46,7 @@ class Settings:
     preallocate: bool = False
     profile_prefix: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
+    static_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
@@ -63,6 +66,7 @@ class Settings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["options"] = dict(self.options)
+        d["static_shapes"] = {k: list(v) for k, v in self.static_shapes.items()}
         return d
 
 
@@ -209,4 +213,18 @@ def compile(model: Model, settings: Settings | None = None, *, backend: str = "o
     """Compile ``model`` with ``settings`` on the named backend (settings it cannot honour are refused)."""
     settings = settings or Settings()
     check_settings(backend, settings)
+    if settings.static_shapes:
+        model = model.with_input_shapes(settings.static_shapes)
     return get_backend(backend).compile(model, settings)
+
+
+def static_shapes(feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, tuple[int, ...]]:
+    """The input shapes every feed shares ({} when they differ: the model then stays dynamic)."""
+    shapes: dict[str, tuple[int, ...]] | None = None
+    for f in feeds:
+        these = {k: tuple(int(d) for d in np.shape(v)) for k, v in f.items()}
+        if shapes is None:
+            shapes = these
+        elif these != shapes:
+            return {}
+    return shapes or {}

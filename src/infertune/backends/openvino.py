@@ -40,29 +40,66 @@ def compile_config(settings: Settings) -> dict[str, str]:
 
 
 class OpenVinoRunner:
+    """An OpenVINO compiled model per input shape: a model with dynamic dims is reshaped to each
+    feed's static shapes before it is compiled (a deployment feeding one size compiles that;
+    OpenVINO computed garbage for a Q/DQ detector compiled with dynamic dims). Up to
+    ``MAX_SHAPES`` shapes are kept compiled."""
+
     backend = "openvino"
+    MAX_SHAPES = 8
 
     def __init__(self, model: Model, settings: Settings) -> None:
+        self.name, self.config = model.name, compile_config(settings)
         try:
             if model.path is not None and Path(model.path).is_file() and not model.renamed_nodes:
-                ov_model = core().read_model(str(model.path))
+                self.ov_model = core().read_model(str(model.path))
             else:
                 with tempfile.TemporaryDirectory(prefix="infertune-ov-") as d:
                     path = model.save(Path(d) / "model.onnx")
-                    ov_model = core().read_model(str(path))
-            self.compiled = core().compile_model(ov_model, "CPU", compile_config(settings))
+                    self.ov_model = core().read_model(str(path))
         except RuntimeError as e:
-            raise ModelError(f"OpenVINO cannot compile {model.name}: {_reason(e)}") from None
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
-        self.request = self.compiled.create_infer_request()
+            raise ModelError(f"OpenVINO cannot read {model.name}: {_reason(e)}") from None
+        self.input_names = [i.get_any_name() for i in self.ov_model.inputs]
+        self.output_names = [o.get_any_name() for o in self.ov_model.outputs]
+        self.dynamic = any(i.get_partial_shape().is_dynamic for i in self.ov_model.inputs)
+        self.requests: dict[tuple, ov.InferRequest] = {}
+        if not self.dynamic:
+            self.requests[()] = self._compile(self.ov_model)
+
+    def _compile(self, ov_model) -> ov.InferRequest:
+        try:
+            return core().compile_model(ov_model, "CPU", self.config).create_infer_request()
+        except RuntimeError as e:
+            raise ModelError(f"OpenVINO cannot compile {self.name}: {_reason(e)}") from None
+
+    def _request(self, feeds: Mapping[str, np.ndarray]) -> ov.InferRequest:
+        if not self.dynamic:
+            return self.requests[()]
+        key = tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items()))
+        if key not in self.requests:
+            if len(self.requests) >= self.MAX_SHAPES:
+                self.requests.pop(next(iter(self.requests)))
+            static = self.ov_model.clone()
+            try:
+                static.reshape({name: ov.PartialShape(list(shape)) for name, shape in key})
+            except RuntimeError as e:
+                shapes = ", ".join(f"{name} {list(shape)}" for name, shape in key)
+                raise DataError(f"OpenVINO rejected the feed's shapes ({shapes}): {_reason(e)}") from None
+            self.requests[key] = self._compile(static)
+        return self.requests[key]
+
+    @property
+    def compiled_models(self) -> list:
+        """The compiled models so far, one per static input shape (one in all for a static model)."""
+        return [r.get_compiled_model() for r in self.requests.values()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self._request(feeds)
         try:
-            self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         except RuntimeError as e:
             raise DataError(f"OpenVINO rejected the feed: {_reason(e)}") from None
-        return {name: np.array(self.request.get_output_tensor(i).data, copy=True)
+        return {name: np.array(request.get_output_tensor(i).data, copy=True)
                 for i, name in enumerate(self.output_names)}
 
 

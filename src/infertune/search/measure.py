@@ -4,6 +4,7 @@ process (``perf.isolated``: a fresh runtime with nothing else loaded)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from infertune import backends
@@ -26,6 +27,8 @@ class TrialRunner:
         self.run_dir, self.latency_s = run_dir, latency_s
         self.spaces: dict[tuple[str, str], QuantSpace] = {}
         self.next_index = first_index
+        # every evaluation feed has one size: compile for it, as a deployment feeding that size does
+        self.static_shapes = backends.static_shapes(evaluator.feeds)
 
     def space(self, method: str, target: str) -> QuantSpace:
         if (method, target) not in self.spaces:
@@ -78,9 +81,13 @@ class TrialRunner:
             self.source.save(path)
         return path
 
+    def settings(self, spec: TrialSpec) -> backends.Settings:
+        """How ``spec``'s variant is compiled: its threads and level, for the feeds' static shapes."""
+        return replace(settings_of(spec), static_shapes=self.static_shapes)
+
     def time(self, specs: list[TrialSpec], rounds: int) -> dict[str, IsolatedLatency]:
         """p50 on the first evaluation feed, each variant in its own process, alternated in rounds."""
-        variants = [Variant(s.key, self.model_file(s), s.backend, settings_of(s)) for s in specs]
+        variants = [Variant(s.key, self.model_file(s), s.backend, self.settings(s)) for s in specs]
         return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=self.latency_s)
 
 

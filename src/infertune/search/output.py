@@ -7,6 +7,7 @@ per-node profiler), and throughput over batch and threads for the chosen variant
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from infertune.model import Model
 from infertune.perf.profile import profile
 from infertune.perf.sweep import sweep
 from infertune.report import write_report
-from infertune.search.measure import TrialRunner, settings_of
+from infertune.search.measure import TrialRunner
 from infertune.search.result import TuneResult
 
 SWEEP_BATCHES = (1, 4, 16)
@@ -30,7 +31,7 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
     recipe = None
     if chosen.spec.precision == "int8":
         recipe = runner.space(chosen.spec.method, chosen.spec.target).result(chosen.spec.exclude).recipe.to_dict()
-    settings = settings_of(chosen.spec)
+    settings = runner.settings(chosen.spec)
     result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0], settings,
                                              chosen.spec.backend)
     report = write_report(result.to_dict(), runner.run_dir / "report.html")
@@ -57,8 +58,9 @@ def measure_for_report(result: TuneResult, source: Model, chosen: Model, feed: d
         ops[label] = {o.op_type: o.mean_us for o in p.op_types}
     batches = [b for b in SWEEP_BATCHES if batchable(chosen)] or [1]
     threads = sorted({t.spec.threads for t in result.trials}) or [settings.intra_op_threads]
+    # the sweep asks what other batch sizes would give: the model keeps its dynamic dims there
     sw = sweep(chosen, Dataset.from_iterable([feed] * max(batches)), {"batch": batches, "threads": threads},
-               settings=settings, seconds=sweep_seconds, backend=backend)
+               settings=replace(settings, static_shapes={}), seconds=sweep_seconds, backend=backend)
     return {"op_types": ops, "sweep": sw.to_dict(), "profiled_on": backends.DEFAULT, "backend": backend}
 
 

@@ -380,3 +380,36 @@ def test_a_variant_that_cannot_run_on_a_runtime_is_a_failed_trial_not_a_crash(tm
     (failed,) = [t for t in r.trials if t.note.startswith("failed")]
     assert failed.spec.backend == "openvino" and failed.spec.precision == "int8" and not failed.met
     assert "simulated" in failed.note and failed not in r.pareto() and r.chosen.met
+
+
+def test_a_runtime_whose_fp32_disagrees_with_onnx_runtime_gets_no_int8_trials(tmp_path, monkeypatch):
+    _fake_clock(monkeypatch, lambda model, settings: 1.0)
+    noisy = backends.Runtime("noisy", "Noisy", "fake_runtimes", "NoisyBackend", "numpy", None, "ort-cpu")
+    monkeypatch.setitem(backends._REGISTRY, "noisy", noisy)
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "run", threads=(1,),
+             runtimes=("ort", "noisy"))
+    fp32_noisy = next(t for t in r.trials if t.spec.backend == "noisy")
+    assert not fp32_noisy.met and "disagrees with ONNX Runtime's FP32" in fp32_noisy.note
+    assert fp32_noisy.metrics["sqnr_db"] < 40  # measured against ORT's FP32, which is the reference
+    assert not [t for t in r.trials if t.spec.backend == "noisy" and t.spec.precision == "int8"]
+    assert any("Noisy's FP32 outputs" in d and "not tried" in d for d in r.decisions)
+
+
+def test_the_bisection_never_runs_a_variant_with_nothing_left_to_quantize(tmp_path, monkeypatch):
+    from infertune.quant.space import calibrated_space
+
+    # INT8 clearly faster than FP32, so that tune ranks and bisects; a budget nothing but FP32 meets
+    _fake_clock(monkeypatch, lambda model, settings: 2.0 - 0.5 * (_count(model, "DequantizeLinear") > 0))
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=200"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",),
+             methods=("minmax",))
+    space = calibrated_space(m, calib, method="minmax")
+    order = [g["node"] for g in r.sensitivity]
+    limit = space.most_in_float(order)
+    assert 0 < limit < len(order)  # digits: the last ranked groups do not run in 8-bit alone
+    assert not space.quantizes(order[:limit + 1]) and space.quantizes(order[:limit])
+    int8 = [t for t in r.trials if t.spec.precision == "int8"]
+    assert int8 and all(len(t.spec.exclude) <= limit for t in int8)
+    assert not any("nothing left to quantize" in t.note for t in r.trials)
+    assert any(f"up to {limit} of its {len(order)} ranked nodes" in d for d in r.decisions)

@@ -87,7 +87,9 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: SensitivityMode =
     if mode == "exact":
         baseline = evaluator.evaluate(full, backend)
         for i, g in enumerate(space.groups):
-            scores[g] = evaluator.evaluate(space.build([o for o in space.groups if o != g]), backend)["nsr"]
+            alone = space.build([o for o in space.groups if o != g])
+            # a group that cannot run in 8-bit alone (an Add after float convs) adds no noise alone: no pass
+            scores[g] = evaluator.evaluate(alone, backend)["nsr"] if alone is not space.source else 0.0
             if progress:
                 progress(i + 1, len(space.groups))
         passes = evaluator.passes - passes_before + had_reference  # the reference pass is part of its cost

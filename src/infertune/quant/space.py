@@ -7,6 +7,7 @@ for any set of excluded groups is built in memory, without data.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -22,6 +23,8 @@ from infertune.quant.quantize import Progress, QuantizeResult, quantize, rebuild
 class QuantSpace:
     """A calibrated model and every Q/DQ variant of it that excludes some groups."""
 
+    CACHED = 16
+
     def __init__(self, source: Model, calibrated: QuantizeResult) -> None:
         self.source = source
         self.calibrated = calibrated
@@ -29,7 +32,7 @@ class QuantSpace:
         converted = ensure_opset(source)
         self.op_types = {n.name: n.op_type for n in converted.graph.node}
         self.groups = [n for n in calibrated.plan.quantized_nodes if self.op_types[n] not in rules.passthrough_ops]
-        self._cache: dict[frozenset[str], Model] = {}
+        self._cache: OrderedDict[frozenset[str], Model] = OrderedDict()
 
     def result(self, excluded: Sequence[str] = ()) -> QuantizeResult:
         """The full result (model, recipe, plan) of one exclusion set; some group must remain."""
@@ -37,14 +40,39 @@ class QuantSpace:
         return rebuild(self.source, recipe, check_source=False)
 
     def build(self, excluded: Sequence[str] = ()) -> Model:
-        """The Q/DQ model with ``excluded`` groups in float (the float model when none is left)."""
+        """The Q/DQ model with ``excluded`` groups in float (the float model when none is left).
+        The last ``CACHED`` variants are kept (a bisection asks for some twice)."""
         key = frozenset(excluded)
-        if key not in self._cache:
-            try:
-                self._cache[key] = self.source if set(self.groups) <= key else self.result(sorted(key)).model
-            except CalibrationError:  # what is left cannot run in 8-bit on its own (an Add without its convs)
-                self._cache[key] = self.source
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            model = self.source if set(self.groups) <= key else self.result(sorted(key)).model
+        except CalibrationError:  # what is left cannot run in 8-bit on its own (an Add without its convs)
+            model = self.source
+        self._cache[key] = model
+        if len(self._cache) > self.CACHED:
+            self._cache.popitem(last=False)
+        return model
+
+    def quantizes(self, excluded: Sequence[str] = ()) -> bool:
+        """Does anything stay in 8-bit with ``excluded`` in float?"""
+        return self.build(excluded) is not self.source
+
+    def most_in_float(self, order: Sequence[str]) -> int:
+        """The largest k for which keeping ``order[:k]`` in float still leaves something quantized
+        (beyond it the 'INT8' variant is the float model: what is left, element-wise ops after
+        float producers, does not run in 8-bit on its own). Built in memory, no data."""
+        lo, hi = 0, len(order) + 1  # k = lo quantizes (when k = 0 does); k = hi does not
+        if not self.quantizes():
+            return -1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if mid <= len(order) and self.quantizes(order[:mid]):
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
 
 

@@ -16,6 +16,8 @@ from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
 from infertune.quant.space import QuantSpace, calibrated_space
 from infertune.search.trials import Trial, TrialSpec
 
+AGREEMENT_DB = 40.0  # FP32 on two runtimes: ~1% relative error at most (they differ by rounding only)
+
 
 class TrialRunner:
     """What every trial needs: the source, the calibrations (one per method and placement, made
@@ -57,6 +59,8 @@ class TrialRunner:
         model = self.build(spec)
         verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend), self.budget)
         rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
+        if spec.precision == "fp32" and spec.backend != backends.DEFAULT:
+            met, note = self._agrees(metrics, met, note, spec.backend)
         if model is not self.source:
             rel = f"models/{spec.key}.onnx"
             model.save(self.run_dir / rel)
@@ -66,6 +70,16 @@ class TrialRunner:
             note, met = "nothing left to quantize: the float model", False
         lat = self.time([spec], rounds=1)[spec.key]
         return Trial(self._next(), spec, metrics, lat.p50_ms, met, time.perf_counter() - start, rel, note)
+
+    @staticmethod
+    def _agrees(metrics: dict[str, float], met: bool, note: str, backend: str) -> tuple[bool, str]:
+        """Another runtime's FP32 is judged against ONNX Runtime's FP32 (the reference): one that
+        disagrees cannot be trusted with INT8 either (OpenVINO computed garbage with dynamic dims)."""
+        sqnr = metrics.get("sqnr_db", float("inf"))
+        if sqnr < AGREEMENT_DB:
+            return False, (f"disagrees with ONNX Runtime's FP32: output SQNR {sqnr:.1f} dB < {AGREEMENT_DB:g} dB "
+                           f"(cosine {metrics.get('cosine', float('nan')):.5f})")
+        return met, note
 
     def model_file(self, spec: TrialSpec) -> Path:
         """The file of ``spec``'s model (what a timing process loads)."""

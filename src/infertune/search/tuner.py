@@ -106,6 +106,12 @@ class Tuner:
     def search_int8(self, runtime: str) -> list[Trial]:
         """INT8 on ``runtime``: every method; if none meets the budget, bisection over its ranking."""
         on = backends.runtime(runtime).on()
+        fp32 = [t for t in self.fp32 if t.spec.backend == runtime]
+        if fp32 and not any(t.met for t in fp32):
+            self.decisions.append(f"{backends.runtime(runtime).display}'s FP32 outputs do not meet {self.budget} "
+                                  f"against ONNX Runtime's ({fp32[0].note or metric_text(fp32[0], self.budget)}): "
+                                  "its INT8 numbers cannot be trusted, not tried")
+            return []
         int8 = self.ask(TrialSpec("int8", method=m, threads=self.threads[0], backend=runtime) for m in self.methods)
         passing = [t for t in int8 if t.met]
         ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
@@ -141,8 +147,13 @@ class Tuner:
         return [r["node"] for r in ranking]
 
     def bisect(self, best: Trial, order: list[str]) -> list[Trial]:
-        """The fewest of ``order``'s first groups kept in float for which ``best``'s variant meets the budget."""
+        """The fewest of ``order``'s first groups kept in float for which ``best``'s variant meets the budget.
+
+        Beyond ``most_in_float`` groups in float nothing is left to quantize (the rest are element-wise
+        ops that do not run in 8-bit after float producers): such a variant is the float model, so it
+        counts as "too many excluded" and is never run as a trial."""
         on = backends.runtime(best.spec.backend).on()
+        limit = self.runner.space(best.spec.method, best.spec.target).most_in_float(order)
 
         def spec(k: int) -> TrialSpec:
             return replace(best.spec, exclude=tuple(order[:k]))
@@ -153,12 +164,13 @@ class Tuner:
             (t,) = self.ask([spec(k)]) or (None,)
             return None if t is None else t.met
 
-        hi = fewest_in_float(meets, 0, len(order))  # k = 0 misses; k = len: the float model, which meets
-        if hi < len(order) and spec(hi).key in self.trials and self.trials[spec(hi).key].met:
+        hi = fewest_in_float(meets, 0, limit + 1)  # k = 0 misses; k = limit + 1: nothing left in 8-bit
+        if hi <= limit and spec(hi).key in self.trials and self.trials[spec(hi).key].met:
             self.decisions.append(f"kept the {hi} most sensitive node(s) in float{on} to meet {self.budget}: "
                                   f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
             return [self.trials[spec(hi).key]]
-        self.decisions.append(f"no INT8 variant{on} with fewer than all {len(order)} nodes in float met {self.budget}")
+        self.decisions.append(f"no INT8 variant{on} with up to {limit} of its {len(order)} ranked nodes in float "
+                              f"(beyond that nothing is left in 8-bit) met {self.budget}")
         return []
 
     def other_threads(self, passing: list[Trial]) -> None:

@@ -35,6 +35,11 @@ class UsageError(InfertuneError):
     """An option or argument is malformed or contradicts another one."""
 
 
+class OutputError(UsageError):
+    """An output cannot be written where asked: it is an input, a directory infertune did not
+    create, a protected location (home, the working directory, ...) or an unwritable place."""
+
+
 class BackendUnavailable(InfertuneError):
     """A backend's optional dependency or device is missing; the message names the extra."""
 
@@ -49,3 +54,8 @@ class CheckFailed(InfertuneError):
     def __init__(self, message: str, result: object | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class InfertuneWarning(UserWarning):
+    """Something the user should know that does not stop the work (data notes, a stale lock taken
+    over, a damaged journal line kept aside); the CLI prints each as one ``warning:`` line."""

@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m infertune inspect $(DIGITS)/digits_cnn.onnx -o $(DEMO_OUT)/inspect.json
 	$(PY) -m infertune tune $(DIGITS)/digits_cnn.onnx --calib $(DIGITS)/calib.npz --eval $(DIGITS)/test.npz \
 		--eval-samples 360 --budget 'top1_drop<=0.5' --threads 1,2 --methods auto,minmax \
-		-o $(DEMO_OUT)/digits-tuned --run-dir $(DEMO_OUT)/digits-tuned.run
+		-o $(DEMO_OUT)/digits-tuned --run-dir $(DEMO_OUT)/digits-tuned.run --force
 	$(PY) -c "import infertune; a = infertune.load('$(DEMO_OUT)/digits-tuned'); \
 		print('artifact verified:', a.path, a.manifest['latency'], a.differences or 'same machine')"
 	@echo "artifact and report: $(DEMO_OUT)/digits-tuned/ (open report.html in a browser)"

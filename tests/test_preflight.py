@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -60,12 +61,22 @@ def test_engine_rules(rec, probe, expected, words):
 def test_engine_files_on_disk(tmp_path):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"\x00" * 64)
-    (f,) = preflight(engine, HEALTHY)
-    assert f.severity == "warning" and "no build record" in f.message
-    engine.with_suffix(".json").write_text(json.dumps(record(tensorrt="9.0.0")))
+    (f,) = preflight(engine, HEALTHY)  # random bytes named .engine: nothing vouches for them
+    assert f.severity == "error" and "no build record" in f.message and "cannot tell" in f.message
+    digest = hashlib.sha256(engine.read_bytes()).hexdigest()
+    engine.with_suffix(".json").write_text(json.dumps(record(tensorrt="9.0.0", engine_sha256=digest)))
     assert severities(preflight(engine, HEALTHY)) == [("error", "tensorrt")]
+    engine.with_suffix(".json").write_text(json.dumps(record(engine_sha256=digest)))
+    assert preflight(engine, HEALTHY) == []
+    engine.write_bytes(b"\x01" * 64)  # not the engine the record describes
+    (f,) = preflight(engine, HEALTHY)
+    assert f.severity == "error" and "not the engine its build record" in f.message
+    engine.with_suffix(".json").write_text(json.dumps(record()))  # an older record, without the hash
+    assert severities(preflight(engine, HEALTHY)) == [("warning", "engine")]
     engine.with_suffix(".json").write_text("{not json")
     assert "not valid JSON" in preflight(engine, HEALTHY)[0].message
+    engine.with_suffix(".json").write_text(json.dumps(record(gpu="A100", engine_sha256=digest)))
+    assert "'gpu' has the wrong type" in preflight(engine, HEALTHY)[0].message
     with pytest.raises(UsageError, match="neither an artifact directory"):
         preflight(tmp_path / "model.onnx", HEALTHY)
 

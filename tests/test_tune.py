@@ -18,6 +18,7 @@ import pytest
 from infertune import Budget, Evaluator, backends, tune
 from infertune.data import Dataset
 from infertune.deploy import artifact
+from infertune.deploy.manifest import signed
 from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.search.choice import NOISE, choose
@@ -183,8 +184,8 @@ def test_kill_9_mid_run_then_resume_with_the_same_command(tmp_path):
 
     The budget is out of INT8's reach, so the choice (FP32 on ONNX Runtime) does not depend on a
     latency measured twice; the path can (whether INT8 is fast enough to be worth ranking), so an
-    uninterrupted run is compared on its choice, and a third run of the same command must reuse
-    every recorded trial and add none."""
+    uninterrupted run is compared on its choice, and a third run of the same command (with --force, the
+    artifact being there now) must reuse every recorded trial and add none."""
     out = tmp_path / "art"
     cmd = [sys.executable, "-m", "infertune", "tune", str(DIGITS / "digits_cnn.onnx"), "--calib",
            str(DIGITS / "calib.npz"), "--eval", str(DIGITS / "test.npz"), "--eval-samples", "60", "--budget",
@@ -211,7 +212,9 @@ def test_kill_9_mid_run_then_resume_with_the_same_command(tmp_path):
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-800:]
     assert json.loads(ref.stdout)["chosen"]["spec"] == doc["chosen"]["spec"]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the artifact exists now
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr[-800:]
+    again = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-800:]
     third = json.loads(again.stdout)
     assert [t["key"] for t in third["trials"]] == [t["key"] for t in doc["trials"]]  # all reused, none added
@@ -261,16 +264,17 @@ def test_artifact_damage_is_named(saved, damage, message):
 
 
 def _edit(d: Path, **changes) -> None:
+    """Change the manifest as a writer would have made it (its digest recomputed)."""
     m = json.loads((d / "manifest.json").read_text())
     m.update(changes)
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(json.dumps(signed(m)))
 
 
 def test_artifact_from_another_machine_loads_with_differences_or_is_refused_when_strict(saved):
     m = json.loads((saved / "manifest.json").read_text())
     # an ISA flag and a CPU name no real machine running this test has
     m["target"].update(cpu="Imaginary CPU 9000", isa=[*m["target"]["isa"], "avx1024_imaginary"])
-    (saved / "manifest.json").write_text(json.dumps(m))
+    (saved / "manifest.json").write_text(json.dumps(signed(m)))
     a = artifact.load(saved)
     assert any("avx1024_imaginary" in d for d in a.differences) and any("Imaginary" in d for d in a.differences)
     with pytest.raises(artifact.ArtifactError, match="tuned for another target"):

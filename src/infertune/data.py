@@ -14,15 +14,17 @@ from __future__ import annotations
 import math
 import os
 import re
-import zipfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from infertune.errors import DataError, UsageError
-from infertune.model import Model, TensorInfo
+from infertune.errors import DataError, InfertuneWarning, UsageError
+from infertune.limits import check_feed_bytes
+from infertune.model import Model, TensorInfo, dim_key
+from infertune.npfiles import load_arrays, load_npy
 
 Feed = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -73,21 +75,20 @@ class Dataset:
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "arrays") -> Dataset:
-        """Samples stacked along axis 0 of every array (all arrays share that length)."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "arrays",
+                    inputs: Iterable[str] | None = None) -> Dataset:
+        """Samples stacked along axis 0 of every array (all arrays share that length).
+
+        With ``inputs`` (the model's input names), the sample count is theirs: other arrays of
+        that length travel with each sample (labels), those of another length or rank 0 (say,
+        ``class_names``) are ignored with a note.
+        """
         if not arrays:
             raise DataError(f"dataset {name} is empty: it holds no arrays")
-        lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
-        if any(n is None for n in lengths.values()) or len(set(lengths.values())) != 1:
-            desc = ", ".join(f"{k}: {v.shape}" for k, v in arrays.items())
-            raise DataError(
-                f"dataset {name}: arrays must hold samples stacked along axis 0 with the same "
-                f"count; got {desc}"
-            )
-        n = next(iter(lengths.values()))
+        arrays = _per_sample(arrays, name, None if inputs is None else list(inputs))
+        n = next(iter(arrays.values())).shape[0]
         if n == 0:
             raise DataError(f"dataset {name} is empty: its arrays have 0 samples")
-        arrays = dict(arrays)
 
         def gen() -> Iterator[Feed]:
             for i in range(n):
@@ -96,17 +97,12 @@ class Dataset:
         return cls(gen, name=name, size=n)
 
     @classmethod
-    def from_npz(cls, path: str | os.PathLike[str]) -> Dataset:
+    def from_npz(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None) -> Dataset:
         p = _existing(path)
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-            raise DataError(f"cannot read data file {p}: {e}") from None
-        return cls.from_arrays(arrays, name=str(p))
+        return cls.from_arrays(load_arrays(p, "data file"), name=str(p), inputs=inputs)
 
     @classmethod
-    def from_directory(cls, path: str | os.PathLike[str]) -> Dataset:
+    def from_directory(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None) -> Dataset:
         """A directory of ``.npz`` files (one feed each) or ``<input>.npy`` files per sample dir.
 
         Layout accepted: ``dir/*.npz`` (each a feed of one or more samples) or
@@ -119,17 +115,17 @@ class Dataset:
         if npz:
             def gen() -> Iterator[Feed]:
                 for f in npz:
-                    yield from Dataset.from_npz(f)
+                    yield from Dataset.from_npz(f, inputs=inputs)
 
             return cls(gen, name=str(p), size=None)
         if subdirs:
             def gen_dirs() -> Iterator[Feed]:
                 for d in subdirs:
-                    yield {f.stem: _load_npy(f) for f in sorted(d.glob("*.npy"))}
+                    yield {f.stem: load_npy(f) for f in sorted(d.glob("*.npy"))}
 
             return cls(gen_dirs, name=str(p), size=len(subdirs))
         if npy:
-            return cls.from_arrays({f.stem: _load_npy(f) for f in npy}, name=str(p))
+            return cls.from_arrays({f.stem: load_npy(f) for f in npy}, name=str(p), inputs=inputs)
         raise DataError(f"data directory {p} holds no .npz, .npy or sample folders")
 
     @classmethod
@@ -187,10 +183,12 @@ def synthetic_feed(
     """
     rng = rng or np.random.default_rng(0)
     dims = dims or {}
+    shapes = {info.name: concrete_shape(info, dims) for info in model.inputs}
+    dtypes = {info.name: np.dtype(info.dtype or "float32") for info in model.inputs}
+    check_feed_bytes(shapes, {k: d.itemsize for k, d in dtypes.items()}, f"synthetic data for {model.name}")
     feed: Feed = {}
     for info in model.inputs:
-        shape = concrete_shape(info, dims)
-        dtype = np.dtype(info.dtype or "float32")
+        shape, dtype = shapes[info.name], dtypes[info.name]
         if "mask" in info.name.lower():
             feed[info.name] = np.ones(shape, dtype=dtype)
         elif dtype.kind == "f":
@@ -213,19 +211,26 @@ def concrete_shape(info: TensorInfo, dims: dict[str, int]) -> tuple[int, ...]:
             out.append(d)
         elif isinstance(d, str) and d in dims:
             out.append(int(dims[d]))
+        elif f"{info.name}:{axis}" in dims:
+            out.append(int(dims[f"{info.name}:{axis}"]))
         elif axis == 0:
             out.append(int(dims.get("batch", 1)))
         else:
             label = f"'{d}'" if d else f"axis {axis}"
             raise DataError(
                 f"input '{info.name}' dim {label} is symbolic: give its size, e.g. "
-                f"--dims {d or 'name'}=N"
+                f"--dims {dim_key(info.name, axis, d)}=N"
             )
     return tuple(out)
 
 
+MAX_DIM = 2**31 - 1
+
+
 def parse_dims(text: str | Iterable[str] | None) -> dict[str, int]:
-    """'batch=1,sequence=128' (or a list of 'k=v') -> {'batch': 1, 'sequence': 128}."""
+    """'batch=1,sequence=128' (or a list of 'k=v') -> {'batch': 1, 'sequence': 128}.
+
+    A dim without a symbolic name is given as ``INPUT:AXIS=SIZE`` (e.g. ``x:2=224``)."""
     if not text:
         return {}
     parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
@@ -233,8 +238,11 @@ def parse_dims(text: str | Iterable[str] | None) -> dict[str, int]:
     for part in parts:
         m = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", part)
         if not m:
-            raise UsageError(f"bad dim '{part}': expected name=size, e.g. batch=1")
-        out[m.group(1)] = int(m.group(2))
+            raise UsageError(f"bad dim '{part}': expected name=size (or input:axis=size), e.g. batch=1")
+        size = int(m.group(2))
+        if not 1 <= size <= MAX_DIM:
+            raise UsageError(f"bad dim '{part.strip()}': a size must be from 1 to {MAX_DIM}")
+        out[m.group(1)] = size
     return out
 
 
@@ -268,7 +276,10 @@ class FeedValidator:
     """Checks feeds against the model: once in full, then only the cheap per-feed scan.
 
     Non-finite values are counted per input; with ``nonfinite='skip'`` such feeds are
-    dropped (and counted), with 'keep' they are passed on, with 'error' they raise.
+    dropped (and counted), with 'keep' they are passed on, with 'error' they raise. Feeds whose
+    index is in ``skip_feeds`` are dropped (and counted) whatever they hold. The range of every
+    input over the feeds passed on is kept, so that data in which every input is constant (all
+    zeros, say) can be told apart (``constant_inputs``).
     """
 
     model: Model
@@ -279,6 +290,10 @@ class FeedValidator:
     nonfinite_counts: dict[str, int] = field(default_factory=dict)
     first_nonfinite: dict[str, int] = field(default_factory=dict)
     extras_ignored: set[str] = field(default_factory=set)
+    ranges: dict[str, list[float]] = field(default_factory=dict)  # input -> [min, max] of finite values
+    skip_feeds: frozenset[int] = frozenset()
+    nonfinite_feeds: dict[str, set[int]] = field(default_factory=dict)  # input -> feeds holding NaN/Inf
+    nan_feeds: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("skip", "keep", "error"):
@@ -301,14 +316,49 @@ class FeedValidator:
                     bad = True
                     self.nonfinite_counts[name] = self.nonfinite_counts.get(name, 0) + n
                     self.first_nonfinite.setdefault(name, index)
+                    self.nonfinite_feeds.setdefault(name, set()).add(index)
+                    if np.isnan(arr).any():
+                        self.nan_feeds.add(index)
                     if self.nonfinite == "error":
                         raise DataError(
                             f"input '{name}' of sample {index} holds {n} NaN/Inf values"
                         )
-        if bad and self.nonfinite == "skip":
+        if (bad and self.nonfinite == "skip") or index in self.skip_feeds:
             self.feeds_skipped += 1
             return None
+        self._track(out)
         return out
+
+    def _track(self, feed: Feed) -> None:
+        for name, arr in feed.items():
+            if arr.dtype.kind not in "iufb" or not arr.size:
+                continue
+            x = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+            if not x.size:
+                continue
+            lo, hi = float(x.min()), float(x.max())
+            r = self.ranges.setdefault(name, [lo, hi])
+            r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+    def stray_feeds(self) -> frozenset[int]:
+        """Feeds whose non-finite inputs are bad data rather than a mask: every feed holding NaN, and
+        those holding +-inf in an input that is finite in other feeds (a mask is -inf in every one)."""
+        stray = set(self.nan_feeds)
+        for feeds in self.nonfinite_feeds.values():
+            if len(feeds) < self.feeds_seen:
+                stray |= feeds
+        return frozenset(stray)
+
+    def constant_inputs(self) -> dict[str, float]:
+        """Inputs that held one value in every feed passed on: {name: value}."""
+        return {k: r[0] for k, r in self.ranges.items() if r[0] == r[1]}
+
+    def all_constant(self) -> bool:
+        """Every input held a single value over all the feeds passed on."""
+        return bool(self.ranges) and len(self.constant_inputs()) == len(self._inputs)
+
+    def constant_text(self) -> str:
+        return ", ".join(f"'{k}' is {v:g} in every sample" for k, v in self.constant_inputs().items())
 
     def _check_full(self, feed: Feed, index: int) -> None:
         if not isinstance(feed, dict):
@@ -376,6 +426,19 @@ def check_array(info: TensorInfo, arr: object) -> None:
             )
 
 
+def refuse_constant(model: Model, dataset: Dataset, what: str) -> FeedValidator:
+    """Read ``dataset`` through a validator (no model run) and refuse it when every input is one
+    constant value throughout (all-zero calibration data, say); returns the validator."""
+    v = FeedValidator(model, nonfinite="keep")
+    for feed in dataset:
+        v(feed)
+    v.finish(dataset.name)
+    if v.all_constant():
+        raise DataError(f"{what} {dataset.name}: every input is constant ({v.constant_text()}): nothing calibrated "
+                        "or measured on it means anything; give representative samples")
+    return v
+
+
 def validated(model: Model, dataset: Dataset, validator: FeedValidator | None = None
               ) -> Iterator[Feed]:
     """Feeds of ``dataset`` checked against ``model``; empty or all-bad data raises."""
@@ -406,15 +469,16 @@ def load_dataset(
 
         name = input_name or _single_input(model)
         return Dataset.from_images(p, PreprocessSpec.load(preprocess), input_name=name)
+    names = [i.name for i in model.inputs]
     if p.is_dir():
         if any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()):
             raise UsageError(
                 f"{p} holds images: give a preprocessing spec with --preprocess SPEC.json"
             )
-        return Dataset.from_directory(p)
+        return Dataset.from_directory(p, inputs=names)
     if p.suffix == ".npy":
-        return Dataset.from_arrays({_single_input(model): _load_npy(_existing(p))}, name=str(p))
-    return Dataset.from_npz(p)
+        return Dataset.from_arrays({_single_input(model): load_npy(_existing(p))}, name=str(p))
+    return Dataset.from_npz(p, inputs=names)
 
 
 def _single_input(model: Model) -> str:
@@ -424,18 +488,32 @@ def _single_input(model: Model) -> str:
     return names[0]
 
 
+def _per_sample(arrays: dict[str, np.ndarray], name: str, inputs: list[str] | None) -> dict[str, np.ndarray]:
+    """The arrays that hold one row per sample; with ``inputs``, the others are dropped with a note."""
+    lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if inputs is not None and any(k in arrays for k in inputs):
+        counts = {lengths[k] for k in inputs if k in arrays}
+        if len(counts) == 1 and None not in counts:
+            n = counts.pop()
+            ignored = sorted(k for k, length in lengths.items() if length != n)
+            if ignored:
+                warnings.warn(f"{name}: ignored array(s) {', '.join(ignored)} (not one row per sample: the inputs "
+                              f"have {n} samples)", InfertuneWarning, stacklevel=3)
+            return {k: v for k, v in arrays.items() if k not in ignored}
+    if any(n is None for n in lengths.values()) or len(set(lengths.values())) != 1:
+        desc = ", ".join(f"{k}: {v.shape}" for k, v in arrays.items())
+        raise DataError(
+            f"dataset {name}: arrays must hold samples stacked along axis 0 with the same "
+            f"count; got {desc}"
+        )
+    return dict(arrays)
+
+
 def _existing(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path not found: {p}")
     return p
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"cannot read data file {path}: {e}") from None
 
 
 def _len_or_none(items: object) -> int | None:

@@ -45,6 +45,11 @@ class TensorInfo:
         return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
 
 
+def dim_key(input_name: str, axis: int, dim: object) -> str:
+    """How ``--dims`` names a dim: its symbolic name, or ``INPUT:AXIS`` when it has none."""
+    return dim if isinstance(dim, str) and dim else f"{input_name}:{axis}"
+
+
 def numpy_dtype(elem_type: int) -> str:
     """Numpy dtype name of an ONNX TensorProto element type ('' if it has none)."""
     if elem_type == onnx.TensorProto.UNDEFINED:
@@ -331,11 +336,25 @@ class Model:
     def to_bytes(self) -> bytes:
         return self.proto.SerializeToString()
 
+    def require_ir(self, minimum: int, what: str) -> None:
+        """Refuse, naming the fix, a model whose IR version is below what ``what`` rewrites.
+
+        Before IR 4 every initializer had to be listed as a graph input as well: a rewrite that adds
+        or replaces weights (Q/DQ, FP16) would produce a model the checker refuses."""
+        if self.proto.ir_version < minimum:
+            raise ModelError(
+                f"{self.name} is ONNX IR version {self.proto.ir_version} (opset {self.opset}): {what} needs IR "
+                f">= {minimum}, where weights are not graph inputs; re-export it with a newer exporter, or "
+                "upgrade it: remove the initializers from graph.input and set ir_version to 7 or later")
+
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the model atomically (external data beside it when over 2 GB)."""
+        """Write the model atomically (external data beside it when over 2 GB); never over the file
+        it was loaded from (``infertune.outputs``)."""
         from infertune._io import atomic_path
+        from infertune.outputs import Guard
 
         target = Path(path)
+        Guard.of(self.path).file(target, "model output")
         large = self.proto.ByteSize() > 2**31 - 2**20
         with atomic_path(target) as tmp:
             if large:
@@ -371,15 +390,18 @@ def _infer_value_info(proto: onnx.ModelProto) -> dict[str, TensorInfo]:
 
 
 def infer_shapes_with_dims(model: Model, dims: dict[str, int]) -> dict[str, TensorInfo]:
-    """Shape inference with symbolic input dims replaced by the given sizes."""
+    """Shape inference with symbolic input dims replaced by the given sizes (an unnamed dim by
+    the key ``INPUT:AXIS``)."""
     proto = copy.deepcopy(model.proto)
     inits = model.initializer_names
     for vi in proto.graph.input:
         if vi.name in inits:
             continue
-        for d in vi.type.tensor_type.shape.dim:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_param") and d.dim_param in dims:
                 d.dim_value = int(dims[d.dim_param])
+            elif not d.HasField("dim_value") and not d.dim_param and f"{vi.name}:{axis}" in dims:
+                d.dim_value = int(dims[f"{vi.name}:{axis}"])  # an unnamed dim, given as INPUT:AXIS
     # Drop stale intermediate shapes so inference recomputes them from the fixed inputs.
     del proto.graph.value_info[:]
     return _infer_value_info(proto)

@@ -9,7 +9,9 @@ preprocessing diagnosis does.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -21,6 +23,7 @@ COLORS = ("RGB", "BGR", "GRAY")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "uint8", "int8")
 SCHEMA_VERSION = 1
+MAX_SIDE = 16384  # pixels: a resize or crop beyond this is a typo, not a model input
 
 
 def _pil():
@@ -56,12 +59,11 @@ class PreprocessSpec:
         _one_of("interpolation", self.interpolation, INTERPOLATIONS)
         _one_of("layout", self.layout, LAYOUTS)
         _one_of("dtype", self.dtype, DTYPES)
-        if isinstance(self.resize, list):
-            object.__setattr__(self, "resize", tuple(self.resize))
-        if isinstance(self.center_crop, list):
-            object.__setattr__(self, "center_crop", tuple(self.center_crop))
-        object.__setattr__(self, "mean", tuple(float(m) for m in _seq(self.mean)))
-        object.__setattr__(self, "std", tuple(float(s) for s in _seq(self.std)))
+        object.__setattr__(self, "resize", _size("resize", self.resize, allow_int=True))
+        object.__setattr__(self, "center_crop", _size("center_crop", self.center_crop, allow_int=False))
+        object.__setattr__(self, "scale", _number("scale", self.scale))
+        object.__setattr__(self, "mean", tuple(_number("mean", m) for m in _seq(self.mean)))
+        object.__setattr__(self, "std", tuple(_number("std", s) for s in _seq(self.std)))
         if any(s == 0 for s in self.std):
             raise UsageError("preprocess spec: std must not contain 0")
         channels = 1 if self.color == "GRAY" else 3
@@ -71,10 +73,6 @@ class PreprocessSpec:
                     f"preprocess spec: {key} needs 1 or {channels} values for {self.color}, "
                     f"got {len(getattr(self, key))}"
                 )
-        if self.resize is not None and not (
-            isinstance(self.resize, int) or (isinstance(self.resize, tuple) and len(self.resize) == 2)
-        ):
-            raise UsageError(f"preprocess spec: resize must be an int or [h, w], got {self.resize}")
 
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -87,6 +85,8 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
+        if not isinstance(d, dict):
+            raise UsageError(f"preprocess spec: expected a JSON object of settings, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
@@ -103,7 +103,10 @@ class PreprocessSpec:
     def load(cls, path: str | os.PathLike[str]) -> PreprocessSpec:
         from infertune._io import read_json
 
-        return cls.from_dict(read_json(path, "preprocess spec", DataError))
+        try:
+            return cls.from_dict(read_json(path, "preprocess spec", DataError))
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         from infertune._io import write_json
@@ -138,9 +141,13 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """An image file as an HxWx3 uint8 RGB array (grayscale files are expanded to RGB)."""
     image_mod = _pil()
     try:
-        with image_mod.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+            with image_mod.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+    except (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} refused: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
@@ -190,3 +197,25 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _seq(v: object) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+def _number(key: str, v: object) -> float:
+    """A finite real number (not a bool, not a string)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UsageError(f"preprocess spec: {key}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _size(key: str, v: object, *, allow_int: bool) -> int | tuple[int, int] | None:
+    """None, an int side (``allow_int``) or [height, width], each from 1 to ``MAX_SIDE`` pixels."""
+    def side(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_SIDE
+
+    if v is None:
+        return None
+    if allow_int and side(v):
+        return v  # type: ignore[return-value]
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(side(x) for x in v):
+        return (v[0], v[1])
+    form = "an int or [height, width]" if allow_int else "[height, width]"
+    raise UsageError(f"preprocess spec: {key} must be {form}, sides from 1 to {MAX_SIDE} pixels, got {v!r}")

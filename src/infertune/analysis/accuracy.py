@@ -17,11 +17,13 @@ import numpy as np
 
 from infertune import backends
 from infertune.checks import Check
-from infertune.errors import UsageError
+from infertune.errors import DataError, UsageError
+from infertune.labels import check_labels
 from infertune.model import Model
 
 Feed = dict[str, np.ndarray]
 METRICS = ("cosine", "sqnr_db", "top1_drop")
+FP32_METRICS = {"cosine": 1.0, "sqnr_db": math.inf, "top1_drop": 0.0}  # the float model against itself
 CONFIDENCE = 0.9  # share of bootstrap resamples of the evaluation set on which a variant must meet the budget
 RESAMPLES = 200
 
@@ -36,8 +38,16 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
+        """The budget of ``text``; one that FP32 itself cannot meet (cosine>=1.5, top1_drop>=0.5:
+        a bound in the wrong direction or out of the metric's range) is refused."""
         c = Check.parse(text, metrics=(*METRICS, "sqnr"))
-        return cls(Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c)
+        budget = cls(Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c)
+        exact = FP32_METRICS[budget.check.metric]  # type: ignore[union-attr]
+        if not budget.check.passes(exact):  # type: ignore[union-attr]
+            raise UsageError(f"budget {text!r} cannot be met even by the FP32 model itself ({c.metric} {exact:g} "
+                             "against itself): give a bound FP32 meets and INT8 may, e.g. 'cosine>=0.999', "
+                             "'sqnr>=30' or 'top1_drop<=0.5'")
+        return budget
 
     def met(self, metrics: dict[str, float]) -> bool:
         if self.check is None:
@@ -63,11 +73,35 @@ class Evaluator:
     labels: np.ndarray | None = None
     settings: backends.Settings | None = None
     passes: int = 0
+    label_source: str = "labels"  # where the labels came from, for messages
     _ref_outputs: list[dict[str, np.ndarray]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.feeds:
             raise UsageError("the evaluation set is empty")
+        if self.labels is not None:
+            scores = self.reference.outputs[0]
+            rows = None  # one label per sample when the scores are [N, classes]
+            firsts = [next(iter(f.values()), None) for f in self.feeds]
+            if scores.shape is not None and len(scores.shape) == 2 and all(a is not None and a.ndim for a in firsts):
+                rows = sum(int(a.shape[0]) for a in firsts)
+            self.labels = check_labels(self.labels, where=self.label_source, rows=rows, classes=self.classes,
+                                       output=scores.name)
+
+    @property
+    def classes(self) -> int | None:
+        """The class count of the first output (the one top-1 reads), when its shape says it."""
+        shape = self.reference.outputs[0].shape
+        return shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+
+    def check_labels(self) -> None:
+        """Labels against the class count of the reference outputs (run now when the model's
+        shape does not say it), so a bad label is a DataError before any search starts."""
+        if self.labels is None or self.classes is not None:
+            return
+        first = self.ref_outputs[0][self.reference.outputs[0].name]
+        check_labels(self.labels, where=self.label_source, classes=int(first.shape[-1]),
+                     output=self.reference.outputs[0].name)
 
     @classmethod
     def from_dataset(cls, reference: Model, data: Iterable[Feed], samples: int,
@@ -76,6 +110,7 @@ class Evaluator:
         from infertune.data import FeedValidator
 
         validator = FeedValidator(reference)
+        name = getattr(data, "name", "the evaluation data")
         feeds, labels = [], []
         for raw in data:
             clean = validator(raw)
@@ -86,9 +121,14 @@ class Evaluator:
                 labels.append(np.asarray(raw["label"]).reshape(-1))
             if len(feeds) >= samples:
                 break
-        validator.finish(getattr(data, "name", "the evaluation data"))
+        validator.finish(name)
+        if validator.all_constant():
+            raise DataError(f"evaluation data {name}: every input is constant ({validator.constant_text()}): "
+                            "accuracy measured on it says nothing; give representative samples")
         lab = np.concatenate(labels) if labels and len(labels) == len(feeds) else None
-        return cls(reference, feeds, labels=lab, settings=settings)
+        evaluator = cls(reference, feeds, labels=lab, settings=settings, label_source=f"'label' in {name}")
+        evaluator.check_labels()
+        return evaluator
 
     @property
     def ref_outputs(self) -> list[dict[str, np.ndarray]]:

@@ -9,7 +9,6 @@ axis 0). Metrics are streamed (see ``metrics.ErrorAccumulator``); labels found i
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,9 @@ from infertune.checks import Check
 from infertune.data import Dataset, Feed, FeedValidator
 from infertune.errors import DataError, UsageError
 from infertune.fingerprint import environment
+from infertune.labels import check_labels
 from infertune.model import Model
+from infertune.npfiles import load_arrays
 
 SCHEMA_VERSION = 1
 OUTPUT_METRICS = ("max_abs", "mean_abs", "max_rel", "cosine", "cosine_min", "sqnr_db",
@@ -96,13 +97,7 @@ class _SavedOutputs:
     """Reference outputs read from an .npz, handed out run by run in sample order."""
 
     def __init__(self, path: Path) -> None:
-        if not path.exists():
-            raise DataError(f"reference outputs not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                self.arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-            raise DataError(f"cannot read reference outputs {path}: {e}") from None
+        self.arrays = load_arrays(path, "reference outputs")
         self.path = path
         self.offset = 0
 
@@ -175,7 +170,7 @@ def compare(
             acc[n].add(ref_out[n], cand_out[n], name=n)
         label = raw.get(labels_key) if isinstance(raw, dict) else None
         if label is not None:
-            top1.add(ref_out, cand_out, label)
+            top1.add(ref_out, cand_out, label, where=f"'{labels_key}' in {data.name} (sample {i})")
         if progress:
             progress(i + 1, data.size)
     validator.finish(data.name)
@@ -183,6 +178,9 @@ def compare(
     accuracy = top1.accuracy()
     outcomes = _evaluate(parsed, outputs, accuracy)
     warnings = validator.warnings()
+    if validator.all_constant():
+        warnings.append(f"every input is constant ({validator.constant_text()}): outputs compared on such data "
+                        "say little about real inputs")
     for o in outputs:
         if o.metrics["nonfinite_candidate"]:
             warnings.append(f"output '{o.name}': candidate produced "
@@ -212,11 +210,12 @@ class _Top1:
         self.correct = {"reference": 0, "candidate": 0}
         self.labelled = 0
 
-    def add(self, ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray], label) -> None:
+    def add(self, ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray], label, where: str) -> None:
         scores = _class_scores(cand_out, self.names)
         if scores is None:
             return
-        lab = np.asarray(label).reshape(-1)
+        lab = check_labels(label, where=where, classes=scores[0].shape[-1], rows=scores[0].shape[0],
+                           output=scores[1])
         self.correct["candidate"] += int(np.count_nonzero(scores[0].argmax(-1) == lab))
         self.correct["reference"] += int(np.count_nonzero(ref_out[scores[1]].argmax(-1) == lab))
         self.labelled += lab.size

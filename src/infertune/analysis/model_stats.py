@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from infertune.fingerprint import environment
-from infertune.model import Model, TensorInfo, infer_shapes_with_dims
+from infertune.model import Model, TensorInfo, dim_key, infer_shapes_with_dims
 
 SCHEMA_VERSION = 1
 # op type -> (index of the first operand, index of the second) for MatMul-like ops
@@ -108,7 +108,8 @@ def inspect_model(model: Model, *, dims: dict[str, int] | None = None,
                   and n.domain in ("", "ai.onnx")]
     missing = [t for n in flop_nodes for t in _needed(n) if not _known(shapes.get(t))]
     measured = False
-    unresolved = sorted({d for i in model.inputs for d in i.symbolic_dims if d not in dims})
+    unresolved = sorted({dim_key(i.name, axis, d) for i in model.inputs for axis, d in enumerate(i.shape or ())
+                         if not isinstance(d, int) and dim_key(i.name, axis, d) not in dims})
     if missing and probe and not unresolved:
         shapes.update(_measure_shapes(model, dims, missing))
         measured = True
@@ -199,8 +200,9 @@ def _measure_shapes(model: Model, dims: dict[str, int], names: list[str]) -> dic
 def _default_dims(model: Model, dims: dict[str, int]) -> dict[str, int]:
     out = dict(dims)
     for info in model.inputs:
-        if info.shape and isinstance(info.shape[0], str) and info.shape[0] not in out:
-            out[info.shape[0]] = int(dims.get("batch", 1))
+        if info.shape and not isinstance(info.shape[0], int):
+            key = dim_key(info.name, 0, info.shape[0])
+            out.setdefault(key, int(dims.get("batch", 1)))
     return out
 
 

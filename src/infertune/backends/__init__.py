@@ -17,6 +17,7 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 import numpy as np
 
 from infertune.errors import BackendUnavailable, UsageError
+from infertune.limits import check_threads
 from infertune.model import Model
 
 GraphOptimization = Literal["disable", "basic", "extended", "layout", "all"]
@@ -60,8 +61,7 @@ class Settings:
                 f"got {self.execution_mode!r}"
             )
         for key in ("intra_op_threads", "inter_op_threads"):
-            if getattr(self, key) < 0:
-                raise UsageError(f"{key} must be >= 0, got {getattr(self, key)}")
+            check_threads(getattr(self, key), key)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -90,9 +90,10 @@ def engine_record(plan: BuildPlan, gpu: dict, options: GpuOptions, model: Model)
 
 
 def save_engine(path: Path, blob: bytes, record: dict) -> None:
+    """The engine and its build record, which carries the engine's sha256 (preflight checks the pair)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
-    write_json(path.with_suffix(".json"), record)
+    write_json(path.with_suffix(".json"), {**record, "engine_sha256": hashlib.sha256(blob).hexdigest()})
 
 
 def _cuda_runtime_version() -> str:

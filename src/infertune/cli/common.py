@@ -19,6 +19,7 @@ from rich.text import Text
 from infertune import backends
 from infertune._io import json_default, write_json
 from infertune.errors import UsageError
+from infertune.limits import check_threads
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -59,6 +60,8 @@ def backend_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def with_settings(*args, threads: int, inter_threads: int, opt_level: str, execution_mode: str,
                       backend_option: tuple[str, ...], **kwargs):
+        check_threads(threads, "--threads")
+        check_threads(inter_threads, "--inter-threads")
         kwargs["settings"] = backends.Settings(intra_op_threads=threads, inter_op_threads=inter_threads,
                                                graph_optimization=opt_level, execution_mode=execution_mode,
                                                options=parse_options(backend_option))
@@ -82,6 +85,13 @@ def backend_options(f: Callable) -> Callable:
     ]):
         with_settings = opt(with_settings)
     return with_settings
+
+
+def force_option(what: str) -> Callable:
+    def deco(f: Callable) -> Callable:
+        return click.option("--force", is_flag=True, help=f"Replace {what} infertune wrote before "
+                            "(never a directory it did not write).")(f)
+    return deco
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, str]:
@@ -146,8 +156,6 @@ def si(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {prefix}{unit}"
     return f"{n:g} {unit}".strip()
-
-
 
 
 def table(columns: Sequence[str], *, numeric: Collection[str] = (), title: str | None = None,

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import click
-import numpy as np
 from rich.markup import escape
 
 from infertune.cli.common import (
@@ -49,7 +48,9 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
     from infertune.analysis.compare import compare as run_compare
     from infertune.data import batched
     from infertune.model import Model
+    from infertune.outputs import Guard
 
+    output = Guard.of(reference, candidate, data, preprocess).file(output)
     cand = Model.load(candidate)
     ds = batched(load_data(cand, data, preprocess, dims, samples, seed), batch)
     if layerwise:
@@ -138,21 +139,24 @@ def diagnose_preprocess(model: Path, images: Path, spec: Path, reference_spec, r
     from infertune.data import IMAGE_SUFFIXES
     from infertune.errors import DataError, UsageError
     from infertune.model import Model
+    from infertune.npfiles import load_arrays
+    from infertune.outputs import Guard
     from infertune.preprocess import PreprocessSpec, load_image
 
     if (reference_spec is None) == (reference_outputs is None):
         raise UsageError("give exactly one of --reference-spec and --reference-outputs")
+    output = Guard.of(model, images, spec, reference_spec, reference_outputs).file(output)
     m = Model.load(model)
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
     if not files:
         raise DataError(f"no images found in {images}")
+    arrays = load_arrays(reference_outputs, "reference outputs") if reference_outputs is not None else None
     imgs = [load_image(p) for p in files]
     ref_out = None
-    if reference_outputs is not None:
-        with np.load(reference_outputs) as z:
-            arrays = {k: z[k] for k in z.files}
-        if any(len(a) != len(imgs) for a in arrays.values()):
-            raise DataError(f"{reference_outputs}: every array needs one row per image ({len(imgs)})")
+    if arrays is not None:
+        if any(a.ndim == 0 or len(a) != len(imgs) for a in arrays.values()):
+            raise DataError(f"reference outputs {reference_outputs}: every array needs one row per image "
+                            f"({len(imgs)} images in {images})")
         ref_out = [{k: a[i:i + 1] for k, a in arrays.items()} for i in range(len(imgs))]
     with progress_bar("trying preprocessing variants", not as_json) as update:
         d = diagnose(m, imgs, PreprocessSpec.load(spec), reference_outputs=ref_out,

@@ -20,7 +20,9 @@ STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 def doctor(as_json, output) -> None:
     """Will it run here, and run well? Exit 1 when a problem is found (each with its fix)."""
     from infertune.deploy.doctor import doctor as run_doctor
+    from infertune.outputs import Guard
 
+    output = Guard.of().file(output)
     r = run_doctor()
     p = r.probe
 
@@ -53,7 +55,9 @@ def doctor(as_json, output) -> None:
 def preflight(path: Path, as_json, output) -> None:
     """Will the TensorRT engine or infertune artifact at PATH load and run well here? Read, not tried."""
     from infertune.deploy.preflight import preflight as run_preflight
+    from infertune.outputs import Guard
 
+    output = Guard.of(path).file(output)
     findings = run_preflight(path)
     doc = {"schema_version": 1, "kind": "preflight", "path": str(path),
            "ok": not any(f.severity == "error" for f in findings), "findings": [f.to_dict() for f in findings]}
@@ -73,4 +77,6 @@ def _fail_on_errors(what: str, findings, doc: dict) -> None:
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise CheckFailed(f"{what} found {len(errors)} problem(s): " + "; ".join(f.message for f in errors), doc)
+
+
 COMMANDS = (doctor, preflight)

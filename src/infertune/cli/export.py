@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from infertune.cli.common import emit, json_option, out
+from infertune.cli.common import emit, force_option, json_option, out
 
 
 @click.group()
@@ -24,13 +24,14 @@ def export() -> None:
 @click.option("--instances", type=click.IntRange(min=1), help="Model instances (default: cores / tuned threads).")
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
               help="Dynamic batching: how long a request may wait for others.")
+@force_option("a Triton model directory")
 @json_option
-def triton(artifact: Path, repo: Path, name, max_batch, instances, queue_delay_us, as_json) -> None:
+def triton(artifact: Path, repo: Path, name, max_batch, instances, queue_delay_us, force, as_json) -> None:
     """Write ARTIFACT as REPO/NAME/{config.pbtxt,1/model.onnx} for Triton Inference Server."""
     from infertune.deploy.triton import export_triton
 
     dest = export_triton(artifact, repo, name=name, max_batch_size=max_batch, instances=instances,
-                         queue_delay_us=queue_delay_us)
+                         queue_delay_us=queue_delay_us, force=force)
     doc = {"kind": "export-triton", "model_dir": str(dest), "config": (dest / "config.pbtxt").read_text()}
 
     def human() -> None:
@@ -38,5 +39,6 @@ def triton(artifact: Path, repo: Path, name, max_batch, instances, queue_delay_u
         out.print(f"serve with: tritonserver --model-repository {repo}")
 
     emit(doc, as_json, None, human)
+
 
 COMMANDS = (export,)

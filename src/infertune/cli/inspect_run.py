@@ -37,8 +37,10 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
     """Inputs, outputs, op histogram, parameters and FLOPs of MODEL."""
     from infertune.analysis.model_stats import inspect_model
     from infertune.data import parse_dims
-    from infertune.model import Model
+    from infertune.model import Model, dim_key
+    from infertune.outputs import Guard
 
+    output = Guard.of(model).file(output)
     stats = inspect_model(Model.load(model), dims=parse_dims(dims))
 
     def human() -> None:
@@ -71,8 +73,8 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
             where: dict[str, str] = {}  # the first input axis each unresolved dim names
             for i in stats.inputs:
                 for axis, d in enumerate(i.shape or ()):
-                    if isinstance(d, str):
-                        where.setdefault(d, f"{i.name} axis {axis}")
+                    if not isinstance(d, int):
+                        where.setdefault(dim_key(i.name, axis, d), f"{i.name} axis {axis}")
             hint = "; give " + " ".join(f"--dims '{d}=N' ({where.get(d, 'an input')})" for d in stats.unresolved_dims)
             err.print(f"[yellow]warning:[/] FLOPs of {len(stats.uncounted)} node(s) unknown "
                       f"(shapes not inferable): {escape(', '.join(stats.uncounted[:5]))}"
@@ -101,7 +103,9 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
 
     from infertune.data import FeedValidator, batched
     from infertune.model import Model
+    from infertune.outputs import Guard
 
+    output = Guard.of(model, data, preprocess).file(output)
     m = Model.load(model)
     ds = batched(load_data(m, data, preprocess, dims, samples, seed), batch)
     runner = backends.compile(m, settings, backend=backend)
@@ -115,12 +119,15 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
             update(i + 1, ds.size)
     validator.finish(ds.name)
     write_npz(output, {n: np.concatenate(v, axis=0) for n, v in collected.items()})
+    warnings = validator.warnings()
+    if validator.all_constant():
+        warnings.append(f"every input is constant ({validator.constant_text()})")
     doc = {"kind": "run", "model": str(model), "backend": backend, "runs": validator.feeds_seen,
-           "outputs": list(collected), "written": str(output), "warnings": validator.warnings()}
+           "outputs": list(collected), "written": str(output), "warnings": warnings}
 
     def human() -> None:
         err.print(f"wrote {validator.feeds_seen} runs of {len(collected)} output(s) on {backend} to {output}")
-        for w in validator.warnings():
+        for w in warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
     emit(doc, as_json, None, human)

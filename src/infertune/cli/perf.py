@@ -56,8 +56,11 @@ def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch
     from infertune.data import parse_dims
     from infertune.errors import UsageError
     from infertune.model import Model
+    from infertune.outputs import Guard
     from infertune.perf.latency import bench as run_bench
 
+    guard = Guard.of(*models, data, preprocess)
+    output, save_optimized = guard.file(output), guard.file(save_optimized, "--save-optimized")
     if isolate or len(models) > 1:
         bad = [f for f, v in (("--sweep", sweep_axes), ("--save-optimized", save_optimized),
                               ("--iterations", iterations), ("--preallocate", preallocate)) if v]
@@ -174,14 +177,19 @@ def run_sweep(model, ds, specs, backend: str, settings, seconds, as_json: bool, 
 def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, warmup, trace, save_optimized,
             with_roofline, top, backend, settings, as_json, output) -> None:
     """Per-node and per-op-type time of MODEL on the graph ONNX Runtime executes."""
+    from infertune.data import parse_dims
     from infertune.model import Model
+    from infertune.outputs import Guard
     from infertune.perf.profile import profile as run_profile
 
+    guard = Guard.of(model, data, preprocess)
+    output, trace = guard.file(output), guard.file(trace, "--trace")
+    save_optimized = guard.file(save_optimized, "--save-optimized")
     m = Model.load(model)
     ds = None if data in (None, "synthetic") else load_data(m, data, preprocess, dims, samples, seed)
     with progress_bar("profiling", not as_json) as update:
         r = run_profile(m, ds, settings=settings, batch_size=batch, runs=runs, warmup=warmup, trace=trace,
-                        optimized_model=save_optimized, progress=update, backend=backend)
+                        optimized_model=save_optimized, progress=update, backend=backend, dims=parse_dims(dims))
     doc = r.to_dict()
     roof = None
     if with_roofline:
@@ -232,14 +240,18 @@ def profile(model: Path, data, preprocess, dims, samples, seed, batch, runs, war
 def explain(a: Path, b: Path, data, preprocess, dims, samples, seed, batch, runs, backend, settings, as_json,
             output) -> None:
     """Why B (e.g. INT8) is slower or faster than A (e.g. FP32): per op type, unfused Q/DQ, suggestions."""
+    from infertune.data import parse_dims
     from infertune.model import Model
+    from infertune.outputs import Guard
     from infertune.perf.explain import explain as run_explain
 
+    output = Guard.of(a, b, data, preprocess).file(output)
     ma = Model.load(a)
     mb = Model.load(b)
     ds = None if data in (None, "synthetic") else load_data(ma, data, preprocess, dims, samples, seed)
     with progress_bar("profiling both", not as_json):
-        r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs, backend=backend)
+        r = run_explain(ma, mb, ds, settings=settings, batch_size=batch, runs=runs, backend=backend,
+                        dims=parse_dims(dims))
 
     def human() -> None:
         fa, fb = r.a, r.b

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.markup import escape
 
 from infertune.analysis.sensitivity import MODES
@@ -76,6 +77,7 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
     from infertune._io import atomic_path, write_json
     from infertune.errors import UsageError
     from infertune.model import Model
+    from infertune.outputs import Guard
     from infertune.quant.fusion import fusion_report
     from infertune.quant.quantize import rebuild
     from infertune.quant.recipe import Recipe, recipe_path
@@ -83,8 +85,10 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
 
     if output.suffix != ".onnx":
         raise UsageError(f"-o must name an .onnx file, got {output}")
-    if output.resolve() == model.resolve():
-        raise UsageError("-o would overwrite the input model")
+    _refuse_ignored(recipe_file is not None)
+    guard = Guard.of(model, opts["data"], opts["eval_data"], opts["preprocess"], recipe_file)
+    output = guard.file(output)
+    guard.file(recipe_path(output), "the recipe beside -o")
     opts["target"] = placement_for(backend, opts["target"])
     m = Model.load(model)
     budget_result = None
@@ -104,6 +108,28 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
            "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations],
            "budget": budget_result.to_dict() if budget_result else None}
     emit(doc, as_json, None, lambda: _print_quantized(m.name, output, rpath, result, fused, violations, budget_result))
+
+
+# what a rebuild from --recipe takes from the recipe instead: given with it, they would be ignored
+RECIPE_IGNORES = ("data", "preprocess", "dims", "samples", "seed", "method", "target", "exclude", "overrides",
+                  "percentile", "bins", "calib_batch", "max_samples", "reduce_range", "stability_halves",
+                  "stability_threshold", "budget", "eval_data", "eval_samples", "rank", "backend")
+
+
+def _refuse_ignored(with_recipe: bool) -> None:
+    """Refuse options the command would silently ignore: calibration options with --recipe, --force without."""
+    from infertune.errors import UsageError
+
+    ctx = click.get_current_context()
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if p.name and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)}
+    if with_recipe:
+        ignored = [given[n] for n in RECIPE_IGNORES if n in given]
+        if ignored:
+            raise UsageError(f"--recipe rebuilds from the recipe's ranges, exclusions and target: "
+                             f"{', '.join(ignored)} would be ignored; drop them, or quantize without --recipe")
+    elif "force" in given:
+        raise UsageError("--force applies only with --recipe (to a recipe made for another model file)")
 
 
 def _calibrated(m, settings, as_json, *, data, preprocess, dims, samples, seed, max_samples, method, target, exclude,
@@ -205,10 +231,12 @@ def fp16(model: Path, keep_nodes, data, preprocess, dims, backend, settings, as_
     from infertune.analysis.compare import compare
     from infertune.errors import UsageError
     from infertune.model import Model
+    from infertune.outputs import Guard
     from infertune.quant.fp16 import to_fp16
 
     if output.suffix != ".onnx":
         raise UsageError(f"-o must name an .onnx file, got {output}")
+    output = Guard.of(model, data, preprocess).file(output)
     m = Model.load(model)
     r = to_fp16(m, keep_nodes=keep_nodes)
     fidelity = None

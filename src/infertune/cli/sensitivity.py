@@ -45,7 +45,9 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
     from infertune.analysis.sensitivity import check_mode
     from infertune.analysis.sensitivity import sensitivity as run_sensitivity
     from infertune.model import Model
+    from infertune.outputs import Guard
 
+    output = Guard.of(model, data, eval_data, preprocess).file(output)
     target = placement_for(backend, target)
     check_mode(mode, backend)
     m = Model.load(model)
@@ -69,7 +71,6 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
                   f"or let --budget choose them")
 
     emit(r.to_dict(), as_json, output, human)
-
 
 
 COMMANDS = (sensitivity,)

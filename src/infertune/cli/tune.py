@@ -8,12 +8,13 @@ import click
 from rich.markup import escape
 
 from infertune import backends
-from infertune.cli.common import emit, err, fmt, json_option, load_data, out, table
+from infertune.cli.common import emit, err, fmt, force_option, json_option, load_data, out, table
 from infertune.quant.methods import METHODS
 
 
 def _ints(text: str, what: str) -> list[int]:
     from infertune.errors import UsageError
+    from infertune.limits import check_threads
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -21,6 +22,8 @@ def _ints(text: str, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values or any(v < 0 for v in values):
         raise UsageError(f"{what} must be integers >= 0, got {text!r}")
+    for v in values:
+        check_threads(v, what)
     return values
 
 
@@ -50,15 +53,25 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where trials are recorded (default: OUT.run); the same command resumes from it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The artifact directory (model, manifest.json, report.html).")
+              help="The artifact directory (model, manifest.json, report.html): a new one, or with --force one "
+                   "infertune wrote before.")
+@force_option("an artifact")
 @json_option
 def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, budget, threads_text, methods_text,
-         runtimes_text, max_trials, time_budget, latency_seconds, run_dir, output, as_json) -> None:
+         runtimes_text, max_trials, time_budget, latency_seconds, run_dir, output, force, as_json) -> None:
     """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
     from infertune.analysis.accuracy import Budget, Evaluator
+    from infertune.data import refuse_constant
+    from infertune.deploy.artifact import OWNED
     from infertune.errors import UsageError
     from infertune.model import Model
+    from infertune.outputs import Guard
+    from infertune.search.journal import RUN_DIR
     from infertune.search.tuner import tune as run_tune
+
+    guard = Guard.of(model, calib_data, eval_data, preprocess)
+    output = guard.directory(output, OWNED, force=force)
+    run_dir = guard.directory(run_dir or output.with_name(output.name + ".run"), RUN_DIR, what="--run-dir")
 
     threads = _ints(threads_text, "--threads")
     methods = [m.strip() for m in methods_text.split(",") if m.strip()]
@@ -72,6 +85,7 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
     b = Budget.parse(budget)
     m = Model.load(model)
     calib = load_data(m, calib_data, preprocess, dims, 8, 0)
+    refuse_constant(m, calib, "calibration data")  # before the search, not as a failed INT8 trial
     ev = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, 8, 0)
     evaluator = Evaluator.from_dataset(m, ev, eval_samples, backends.Settings(intra_op_threads=threads[0]))
     if b.check is not None and b.check.metric == "top1_drop" and evaluator.labels is None:
@@ -86,9 +100,9 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         err.print(f"trial {t.index:>2} {escape(t.spec.label()):<40} p50 {t.p50_ms:8.3f} ms  "
                   f"SQNR {fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
 
-    r = run_tune(m, calib, evaluator, b, run_dir=run_dir or output.with_name(output.name + ".run"),
-                 threads=threads, methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget,
-                 latency_s=latency_seconds, on_trial=shown, output=output)
+    r = run_tune(m, calib, evaluator, b, run_dir=run_dir, threads=threads, methods=methods, runtimes=runtimes,
+                 max_trials=max_trials, time_budget_s=time_budget, latency_s=latency_seconds, on_trial=shown,
+                 output=output, force=force)
 
     def human() -> None:
         c = r.chosen

@@ -21,11 +21,11 @@ Findings use doctor's ``Finding`` (error / warning / info, each with its fix).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from infertune._io import read_json
 from infertune.backends import GPU_BACKENDS
-from infertune.deploy.artifact import MANIFEST, ArtifactError, read_manifest, verify_files
+from infertune.deploy.artifact import MANIFEST, ArtifactError, sha256_file, verify
 from infertune.deploy.doctor import SEVERITIES, Finding, version_tuple
 from infertune.errors import UsageError
 
@@ -44,31 +44,69 @@ def preflight(path: str | Path, probe: dict | None = None) -> list[Finding]:
     here = probe if probe is not None else probe_here()
     if p.is_dir():
         try:
-            manifest = read_manifest(p)
+            found = verify(p)
         except ArtifactError as e:
             return [Finding("error", "artifact", str(e), "point at an infertune artifact directory")]
         findings = [Finding("error", "artifact", problem, "re-export the artifact; never edit it by hand")
-                    for problem in verify_files(p, manifest)]
-        return _sorted(findings + check_artifact(manifest, here))
-    if p.is_file():
-        record = p.with_suffix(".json")
-        if record.is_file():
-            try:
-                data = json.loads(record.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                return [Finding("error", "engine", f"build record {record} is not valid JSON: {e}", "rebuild")]
-            return _sorted(check_engine(data, here))
-        if p.suffix in ENGINE_SUFFIXES:
-            return [Finding("warning", "engine", f"{p.name} has no build record ({record.name}): what it was built "
-                            "for cannot be read without deserializing it with TensorRT",
-                            "rebuild it with infertune (--backend tensorrt --option engine_cache=DIR), which writes "
-                            "the record")]
+                    for problem in found.problems]
+        return _sorted(findings + check_artifact(found.manifest, here))
+    record = p.with_suffix(".json")
+    if p.is_file() and (p.suffix in ENGINE_SUFFIXES or (record.is_file() and record != p)):
+        return _sorted(check_engine_file(p, record, here))
     raise UsageError(f"{p} is neither an artifact directory (with {MANIFEST}) nor a TensorRT engine file")
+
+
+def check_engine_file(engine: Path, record_path: Path, here: dict) -> list[Finding]:
+    """An engine file against its build record: the record's shape, the engine's hash, then the rules."""
+    rebuild = ("rebuild it with infertune (--backend tensorrt --option engine_cache=DIR), which writes the record "
+               "beside the engine")
+    if not record_path.is_file():
+        return [Finding("error", "engine", f"{engine.name} has no build record ({record_path.name}): infertune "
+                        "cannot tell whether it is a TensorRT engine, or what it was built for, without "
+                        "deserializing it", rebuild)]
+    try:
+        record = read_json(record_path, "build record", ArtifactError, max_bytes=MAX_RECORD_BYTES, expect=dict)
+        check_record(record, record_path)
+    except ArtifactError as e:
+        return [Finding("error", "engine", str(e), rebuild)]
+    digest = record.get("engine_sha256")
+    if digest is None:
+        head = [Finding("warning", "engine", f"the build record {record_path.name} carries no engine hash (older "
+                        f"infertune): whether {engine.name} is the engine it describes cannot be checked", rebuild)]
+    elif sha256_file(engine) != digest:
+        return [Finding("error", "engine", f"{engine.name} is not the engine its build record {record_path.name} "
+                        "describes (sha256 differs): not a TensorRT engine infertune built, or altered", rebuild)]
+    else:
+        head = []
+    return head + check_engine(record, here)
+
+
+RECORD_FIELDS = {"kind": (str,), "tensorrt": (str,), "version_compatible": (bool,), "hardware_compatibility": (str,),
+                 "gpu": (dict,), "cuda_runtime": (str, type(None)), "engine_sha256": (str,)}
+MAX_RECORD_BYTES = 2**20
+
+
+def check_record(record: dict, where: Path | str = "build record") -> None:
+    """Refuse a build record whose fields do not have the types infertune writes."""
+    for key, types in RECORD_FIELDS.items():
+        if key in record and not isinstance(record[key], types):
+            raise ArtifactError(f"{where}: {key!r} has the wrong type ({type(record[key]).__name__}): not a build "
+                                "record infertune wrote")
+    gpu = record.get("gpu") or {}
+    for key in ("name", "compute_capability"):
+        if key in gpu and not isinstance(gpu[key], str):
+            raise ArtifactError(f"{where}: gpu.{key} has the wrong type ({type(gpu[key]).__name__})")
+    if "sm_count" in gpu and (isinstance(gpu["sm_count"], bool) or not isinstance(gpu["sm_count"], (int, type(None)))):
+        raise ArtifactError(f"{where}: gpu.sm_count has the wrong type ({type(gpu['sm_count']).__name__})")
 
 
 def check_engine(record: dict, here: dict) -> list[Finding]:
     if record.get("kind") != "infertune-tensorrt-engine":
         return [Finding("error", "engine", "the build record is not an infertune TensorRT engine record", "rebuild")]
+    try:
+        check_record(record)
+    except ArtifactError as e:
+        return [Finding("error", "engine", str(e), "rebuild")]
     out: list[Finding] = []
     built = str(record.get("tensorrt") or "")
     pk = here.get("packages", {})

@@ -12,21 +12,29 @@ serving GPU rather than shipped for the tuning one.
 Batching: when every input and output has a symbolic leading dim, Triton owns that dim
 (``max_batch_size`` > 0, dims listed without it) and may batch requests dynamically; otherwise
 ``max_batch_size`` is 0 and the dims are given in full. Symbolic dims are -1.
+
+Where it writes (``infertune.outputs``): ``REPO/NAME`` is created new, or is a previous export of
+infertune (recognised by ``infertune-export.json``, which lists the sha256 of the files it wrote),
+replaced only with ``force``. It is never the artifact, never holds it and never lies inside it.
+A NAME derived from the artifact's directory that an export of another artifact already holds
+(two names that sanitise alike, or two artifacts of one name) is refused: give ``name``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from infertune._io import default_mode, read_json, write_text
 from infertune.backends import GPU_BACKENDS
 from infertune.backends.gpu import GpuOptions, is_quantized
 from infertune.deploy.artifact import load, sha256_file
 from infertune.errors import UsageError
 from infertune.model import TensorInfo
+from infertune.outputs import Guard, Owned, discard_temp_dir, new_temp_dir, replace_dir
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
                 "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -37,36 +45,74 @@ BACKENDS = {"ort": "onnxruntime", "openvino": "openvino", "ort-cuda": "onnxrunti
 
 
 def export_triton(artifact: str | os.PathLike[str], repo: str | os.PathLike[str], *, name: str | None = None,
-                  max_batch_size: int = 8, instances: int | None = None, queue_delay_us: int = 100) -> Path:
+                  max_batch_size: int = 8, instances: int | None = None, queue_delay_us: int = 100,
+                  force: bool = False) -> Path:
     """Write ``repo/name`` (see the module docstring); returns the model directory."""
     a = load(artifact)
     runtime = a.manifest.get("backend", "ort")
     backend = BACKENDS.get(runtime)
     if backend is None:
         raise UsageError(f"no Triton backend for artifacts of backend {a.manifest.get('backend')!r}")
-    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(artifact).resolve().name)
     if max_batch_size < 0 or queue_delay_us < 0 or (instances is not None and instances < 1):
         raise UsageError("max_batch_size and queue delay must be >= 0 and instances >= 1")
-    dest = Path(repo) / name
+    derived = name is None
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", a.path.resolve().name)
+    elif not NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"--name {name!r}: a Triton model name is letters, digits, '_', '.' and '-' only")
+    what = "the Triton model directory"
+    previous = export_record(Path(repo) / name)
+    if derived and previous is not None and previous.get("source") != str(a.path.resolve()):
+        raise UsageError(f"{Path(repo) / name} holds the export of another artifact ({previous.get('source')}) whose "
+                         f"name gives the same model name {name!r}: give --name for this one")
+    dest = Guard.of(a.path).directory(Path(repo) / name, EXPORT, force=force, what=what)
     config = config_pbtxt(name, a.model.inputs, a.model.outputs, backend=backend, settings=a.manifest["settings"],
                           max_batch_size=max_batch_size, instances=instances or _instances(a.manifest),
                           queue_delay_us=queue_delay_us, gpu=runtime in GPU_BACKENDS,
                           tensorrt=_tensorrt_accelerator(a) if runtime in ("ort-tensorrt", "tensorrt") else None)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    tmp = new_temp_dir(dest, what)
     try:
-        (tmp / "1").mkdir()
+        (tmp / "1").mkdir(mode=default_mode(directory=True))
         shutil.copyfile(a.path / a.manifest["model"], tmp / "1" / "model.onnx")
+        os.chmod(tmp / "1" / "model.onnx", default_mode())
         if sha256_file(tmp / "1" / "model.onnx") != a.manifest["files"][a.manifest["model"]]:
             raise UsageError(f"{a.path}: the model changed while it was being copied")
-        (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        write_text(tmp / "config.pbtxt", config)
+        files = {rel: sha256_file(tmp / rel) for rel in ("config.pbtxt", "1/model.onnx")}
+        write_text(tmp / EXPORT_RECORD, json.dumps({"kind": EXPORT_KIND, "schema_version": 1,
+                                                    "source": str(a.path.resolve()),
+                                                    "source_digest": a.manifest["digest"], "files": files}, indent=1))
+        return replace_dir(tmp, dest, EXPORT, force=force, what=what)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp_dir(tmp)
         raise
-    return dest
+
+
+def export_record(model_dir: Path) -> dict | None:
+    """The record of a previous infertune export in ``model_dir`` (None: there is none)."""
+    try:
+        record = read_json(model_dir / EXPORT_RECORD, "export record", UsageError, max_bytes=2**20, expect=dict)
+    except UsageError:
+        return None
+    files = record.get("files")
+    if record.get("kind") != EXPORT_KIND or not isinstance(files, dict) or not all(
+            isinstance(f, str) and f and not f.startswith("/") and ".." not in Path(f).parts for f in files):
+        return None
+    return record
+
+
+def _export_names(model_dir: Path) -> set[str] | None:
+    record = export_record(model_dir)
+    if record is None:
+        return None
+    names = {EXPORT_RECORD, *record["files"]}
+    return names | {Path(f).parent.as_posix() for f in record["files"] if Path(f).parent != Path(".")}
+
+
+EXPORT_RECORD = "infertune-export.json"
+EXPORT_KIND = "infertune-triton-export"
+EXPORT = Owned("an infertune Triton export", _export_names)
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _tensorrt_accelerator(a) -> dict[str, str]:

@@ -113,8 +113,9 @@ class ExplainResult:
 
 def explain(a: Model | str | os.PathLike[str], b: Model | str | os.PathLike[str], data: Dataset | None = None, *,
             settings: backends.Settings | None = None, batch_size: int = 1, runs: int = 50,
-            backend: str = "ort") -> ExplainResult:
-    """Profile ``a`` and ``b`` on the same feed and explain where ``b``'s time differs."""
+            backend: str = "ort", dims: dict[str, int] | None = None) -> ExplainResult:
+    """Profile ``a`` and ``b`` on the same feed (without ``data``: synthetic, with the symbolic
+    ``dims`` given) and explain where ``b``'s time differs."""
     backends.require(backend, "profiles", "explain")
     settings = settings or backends.Settings()
     ma = a if isinstance(a, Model) else Model.load(a)
@@ -124,7 +125,7 @@ def explain(a: Model | str | os.PathLike[str], b: Model | str | os.PathLike[str]
         for tag, m in (("a", ma), ("b", mb)):
             opt = Path(d) / f"{tag}.onnx"
             prof = profile(m, data, settings=replace(settings, preallocate=False), batch_size=batch_size,
-                           runs=runs, optimized_model=opt, backend=backend)
+                           runs=runs, optimized_model=opt, backend=backend, dims=dims)
             facts.append(variant_facts(m, onnx.load(str(opt), load_external_data=False), prof))
     fa, fb = facts
     return ExplainResult(fa, fb, isa_facts(cpu()["isa"]), suggest(fa, fb), settings.to_dict(), backend)

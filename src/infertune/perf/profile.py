@@ -117,9 +117,11 @@ def profile(model: Model | str | os.PathLike[str], data: Dataset | None = None, 
             settings: backends.Settings | None = None, batch_size: int = 1, runs: int = 50,
             warmup: int = 5, trace: str | os.PathLike[str] | None = None,
             optimized_model: str | os.PathLike[str] | None = None,
-            progress: Progress | None = None, backend: str = "ort") -> ProfileResult:
+            progress: Progress | None = None, backend: str = "ort",
+            dims: dict[str, int] | None = None) -> ProfileResult:
     """Per-node and per-op-type time of ``model`` over ``runs`` runs after ``warmup`` runs
-    (on ONNX Runtime: the runtimes whose registry entry says ``profiles``)."""
+    (on ONNX Runtime: the runtimes whose registry entry says ``profiles``); without ``data``, on a
+    synthetic feed with the symbolic ``dims`` given."""
     backends.require(backend, "profiles", "profile")
     if runs < 1:
         raise UsageError(f"runs must be >= 1, got {runs}")
@@ -130,7 +132,7 @@ def profile(model: Model | str | os.PathLike[str], data: Dataset | None = None, 
     m = model if isinstance(model, Model) else Model.load(model)
     settings = replace(settings or backends.Settings(), profile_prefix=None, preallocate=False)
     if data is None:
-        data = Dataset.synthetic(m, samples=batch_size, dims={"batch": 1})
+        data = Dataset.synthetic(m, samples=batch_size, dims={**(dims or {}), "batch": 1})
     feed = first_feed(m, batched(data, batch_size), data.name, batch_size)
     opt_path = str(optimized_model) if optimized_model else None
     overhead = kernel_overhead_us(settings)

@@ -27,6 +27,7 @@ from infertune import backends
 from infertune.data import Dataset, batched
 from infertune.errors import UsageError
 from infertune.fingerprint import environment
+from infertune.limits import check_threads
 from infertune.model import Model
 from infertune.perf.latency import LatencyStats, first_feed
 
@@ -58,6 +59,9 @@ def parse_sweep(specs: Sequence[str]) -> dict[str, list]:
                 raise UsageError(f"sweep {name}: values must be integers, got {values!r}") from None
             if any(v < (0 if name == "threads" else 1) for v in nums):
                 raise UsageError(f"sweep {name}: values must be >= {0 if name == 'threads' else 1}, got {values!r}")
+            if name in ("threads", "sessions"):  # each concurrent session runs at least one thread
+                for v in nums:
+                    check_threads(v, f"sweep {name}")
             axes[name] = nums
     return axes
 

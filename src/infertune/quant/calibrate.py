@@ -45,6 +45,21 @@ class CalibrationResult:
                 "warnings": self.warnings}
 
 
+NEAR_ZERO = 1e-6  # a range narrower than this (in absolute value) holds no signal worth 256 levels
+
+
+def degenerate_ranges(stats: dict[str, TensorStats]) -> list[str]:
+    """One warning naming the tensors whose calibrated range is a single value or near zero."""
+    flat = {t: s for t, s in stats.items() if s.count and (s.lo == s.hi or s.absmax < NEAR_ZERO)}
+    if not flat:
+        return []
+    shown = ", ".join(f"'{t}' ({s.lo:g})" if s.lo == s.hi else f"'{t}' (|x| < {NEAR_ZERO:g})"
+                      for t, s in list(flat.items())[:5])
+    more = f" and {len(flat) - 5} more" if len(flat) > 5 else ""
+    return [f"{len(flat)} tensor(s) held a single value or almost nothing over all calibration samples: {shown}"
+            f"{more}; their scales are arbitrary: calibrate on representative data"]
+
+
 def calibrate(
     model: Model,
     tensors: Sequence[str],
@@ -66,7 +81,19 @@ def calibrate(
     start = time.perf_counter()
     c = _Calibrator(model, tensors, batched(data, batch_size), data.name, halves, seed, settings, backend, progress,
                     passes=2 if histogram else 1)
-    count = c.stream(0)
+    first = c.stream(0)
+    stray = first.stray_feeds()
+    if stray:  # NaN, or +-inf in some samples only: bad data, not a mask; calibrate on the rest
+        c.reset(seed)
+        c.warnings += [f"{w.split(';')[0]}; {len(stray)} sample(s) holding them left out of calibration"
+                       for w in first.warnings()]
+        first = c.stream(0, stray)
+    else:
+        c.warnings += first.warnings()
+    if first.all_constant():
+        raise CalibrationError(f"calibration data {data.name}: every input is constant ({first.constant_text()}): "
+                               "ranges calibrated on it mean nothing; give representative samples")
+    count = first.feeds_seen - first.feeds_skipped
     c.add_constants(0)
     if histogram:
         for t in tensors:
@@ -74,13 +101,14 @@ def calibrate(
             for hs in c.half_stats:
                 hs[t].start_histogram(bins)
                 hs[t].limit = c.stats[t].limit  # same edges as the full set
-        c.stream(1)
+        c.stream(1, stray)
         c.add_constants(1)
     for t, st in c.stats.items():
         if st.nonfinite:
             c.warnings.append(f"tensor '{t}': {st.nonfinite} non-finite values excluded from its range")
         if not st.count:
             c.warnings.append(f"tensor '{t}': no finite value seen")
+    c.warnings += degenerate_ranges({t: st for t, st in c.stats.items() if t not in c.from_const})
     return CalibrationResult(stats=c.stats, half_stats=c.half_stats, samples=count * batch_size,
                              feeds=count, batch_size=batch_size, bins=bins, passes=c.passes,
                              seconds=time.perf_counter() - start, warnings=c.warnings)
@@ -108,8 +136,16 @@ class _Calibrator:
         self.rng = np.random.default_rng(seed)
         self.warnings: list[str] = []
 
-    def stream(self, pass_index: int) -> int:
-        validator = FeedValidator(self.model, nonfinite="keep")  # masks of -inf are data; stats skip them
+    def reset(self, seed: int) -> None:
+        """Every observer as new (a pass 0 to be made again on other feeds)."""
+        self.stats = {t: TensorStats(t) for t in self.stats}
+        self.half_stats = [{t: TensorStats(t) for t in self.stats} for _ in range(self.halves)]
+        self.membership.clear()
+        self.rng = np.random.default_rng(seed)
+
+    def stream(self, pass_index: int, skip: frozenset[int] = frozenset()) -> FeedValidator:
+        """One pass over the feeds (``skip``: indices left out); returns the pass's validator."""
+        validator = FeedValidator(self.model, nonfinite="keep", skip_feeds=skip)  # masks of -inf are data
         total = self.feeds.size
         n = 0
         for feed in self.feeds:
@@ -127,9 +163,7 @@ class _Calibrator:
             if self.progress:
                 self.progress(pass_index * (total or 0) + n, None if total is None else self.passes * total)
         validator.finish(self.name)
-        if pass_index == 0:
-            self.warnings.extend(validator.warnings())
-        return n
+        return validator
 
     def _observe(self, t: str, arr: np.ndarray, pass_index: int, in_half) -> None:
         for st in (self.stats, *(h for h, member in zip(self.half_stats, in_half, strict=True) if member)):

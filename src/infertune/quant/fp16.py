@@ -76,6 +76,7 @@ def to_fp16(model: Model, *, keep_fp32_ops: Iterable[str] | None = None, keep_no
     """A copy of ``model`` computing in float16 where the rules allow it."""
     keep_ops = dict(KEEP_FP32) if keep_fp32_ops is None else {op: "kept float32 on request" for op in keep_fp32_ops}
     keep_names = set(keep_nodes)
+    model.require_ir(4, "FP16 conversion")
     known = {n.name for sub in iter_graphs(model.graph) for n in sub.node}
     unknown = sorted(keep_names - known)
     if unknown:

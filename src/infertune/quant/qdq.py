@@ -27,6 +27,7 @@ MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 
 def ensure_opset(model: Model, minimum: int = MIN_OPSET) -> Model:
     """The model converted to at least ``minimum`` (Paddle exports are often opset 11)."""
+    model.require_ir(4, "INT8 quantization")
     if model.opset >= minimum:
         return model
     from onnx import version_converter

@@ -150,7 +150,10 @@ def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: st
         if not new:
             break
         auto.update(new)
-        p = _plan_or_fail(m, target, Exclusions.parse([*exclude, *auto]))
+        try:
+            p = _plan_or_fail(m, target, Exclusions.parse([*exclude, *auto]))
+        except CalibrationError:
+            raise CalibrationError(_nothing_finite(m, target, auto, cal.warnings)) from None
     for n, why in auto.items():
         p.float_nodes[n] = why
     return p, auto
@@ -205,6 +208,14 @@ def _plan_or_fail(m: Model, target: str, exclusions: Exclusions) -> QuantPlan:
             f"the main graph has no {'/'.join(sorted(TARGETS[target].compute_ops))} node"
         raise CalibrationError(f"nothing to quantize in {m.name} for {target} ({why})")
     return p
+
+
+def _nothing_finite(m: Model, target: str, auto: dict[str, str], warnings: list[str]) -> str:
+    node, why = next(iter(auto.items()))
+    inputs = [w for w in warnings if w.startswith("input '")]
+    return (f"nothing to quantize in {m.name} for {target}: every quantizable node reads a tensor without a usable "
+            f"range ({len(auto)} node(s), e.g. {node} {why})"
+            + (f"; the calibration data holds them: {'; '.join(inputs[:2])}: remove them" if inputs else ""))
 
 
 def _nodes_touching(p: QuantPlan, m: Model, tensor: str) -> list[str]:

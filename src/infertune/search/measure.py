@@ -4,13 +4,14 @@ process (``perf.isolated``: a fresh runtime with nothing else loaded)."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from infertune import backends
 from infertune.analysis.accuracy import Budget, Evaluator
 from infertune.data import Dataset
-from infertune.errors import InfertuneError
+from infertune.errors import InfertuneError, InfertuneWarning
 from infertune.model import Model
 from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
 from infertune.quant.space import QuantSpace, calibrated_space
@@ -36,6 +37,8 @@ class TrialRunner:
         if (method, target) not in self.spaces:
             self.spaces[method, target] = calibrated_space(self.source, self.calib, method=method, target=target,
                                                            settings=self.evaluator.settings)
+            for w in self.spaces[method, target].calibrated.warnings:  # NaN left out, constant ranges: say so
+                warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
         return self.spaces[method, target]
 
     def build(self, spec: TrialSpec) -> Model:

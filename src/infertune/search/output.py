@@ -25,7 +25,8 @@ from infertune.search.result import TuneResult
 SWEEP_BATCHES = (1, 4, 16)
 
 
-def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, output: Path) -> Path:
+def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, output: Path,
+                   force: bool = False) -> Path:
     chosen = result.chosen
     model = runner.build(chosen.spec)
     recipe = None
@@ -40,7 +41,7 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
                          accuracy={**{k: v for k, v in chosen.metrics.items() if np.isfinite(v)},
                                    "budget": result.budget},
                          latency={"p50_ms": result.p50(chosen), "fp32_p50_ms": result.p50(result.fp32)},
-                         decision=" ".join(result.decisions), extra_files={"report.html": report})
+                         decision=" ".join(result.decisions), extra_files={"report.html": report}, force=force)
 
 
 def measure_for_report(result: TuneResult, source: Model, chosen: Model, feed: dict[str, np.ndarray],

@@ -48,12 +48,13 @@ from infertune._io import write_json
 from infertune.analysis.accuracy import Budget, Evaluator
 from infertune.analysis.sensitivity import sensitivity
 from infertune.data import Dataset
-from infertune.deploy.artifact import sha256_file
+from infertune.deploy.artifact import OWNED, sha256_file
 from infertune.errors import UsageError
 from infertune.model import Model
+from infertune.outputs import Guard
 from infertune.search.choice import choose, runoff
 from infertune.search.executors import Executor, LocalExecutor
-from infertune.search.journal import Journal, claim_run_dir
+from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
 from infertune.search.measure import TrialRunner
 from infertune.search.mixed_precision import fewest_in_float
 from infertune.search.result import TuneResult
@@ -115,6 +116,8 @@ class Tuner:
         int8 = self.ask(TrialSpec("int8", method=m, threads=self.threads[0], backend=runtime) for m in self.methods)
         passing = [t for t in int8 if t.met]
         ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
+        if int8 and not ran:
+            self.decisions.append(f"no INT8 variant{on} could be built or run: {int8[0].note}")
         if passing or not ran or self.stopped:
             return passing
         best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
@@ -234,8 +237,9 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
          runtimes: Sequence[str] = ("ort",),
          max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
          executor: Executor | None = None, on_trial: OnTrial | None = None,
-         output: str | os.PathLike[str] | None = None) -> TuneResult:
-    """Search (see the module docstring); with ``output``, write the artifact there."""
+         output: str | os.PathLike[str] | None = None, force: bool = False) -> TuneResult:
+    """Search (see the module docstring); with ``output``, write the artifact there (replacing a
+    previous artifact only with ``force``). One tune at a time holds ``run_dir`` (``RunLock``)."""
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
     for r in runtimes:
@@ -244,14 +248,17 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     if max_trials < 1:
         raise UsageError(f"max_trials must be >= 1, got {max_trials}")
     source = model if isinstance(model, Model) else Model.load(model)
-    tuner = Tuner(source, calib, evaluator, budget, run_dir=Path(run_dir), threads=threads, methods=methods,
-                  runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s, latency_s=latency_s,
-                  executor=executor, on_trial=on_trial)
-    result = tuner.run()
-    if output is not None:
-        from infertune.search.output import write_artifact
+    guard = Guard.of(source.path)  # refused outputs fail now, not after the search
+    output = None if output is None else guard.directory(output, OWNED, force=force)
+    with RunLock(guard.directory(run_dir, RUN_DIR, what="run directory")):
+        tuner = Tuner(source, calib, evaluator, budget, run_dir=Path(run_dir), threads=threads, methods=methods,
+                      runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s, latency_s=latency_s,
+                      executor=executor, on_trial=on_trial)
+        result = tuner.run()
+        if output is not None:
+            from infertune.search.output import write_artifact
 
-        result.artifact = str(write_artifact(result, tuner.runner, tuner.source_sha, Path(output)))
+            result.artifact = str(write_artifact(result, tuner.runner, tuner.source_sha, output, force=force))
     return result
 
 

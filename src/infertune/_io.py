@@ -4,7 +4,8 @@ Nothing half-written is ever left behind: a file is written to a temporary sibli
 over its target. What the written file ends up with is what a new file gets under the user's
 umask (0644 under the usual 022), not the 0600 of a temporary file. A failure to write is an
 ``OutputError`` naming the target, not a traceback. JSON read from the user is bounded in size
-and nesting; a malformed document is one line naming the file.
+and nesting; a malformed document is one line naming the file. Arrays are read from .npz / .npy
+without ever unpickling; a missing, empty, pickled or unreadable file is one DataError naming it.
 
 Which paths may be written at all is decided by ``infertune.outputs``.
 """
@@ -16,13 +17,14 @@ import json
 import os
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from infertune.errors import OutputError
+from infertune.errors import DataError, OutputError
 
 MAX_JSON_BYTES = 64 * 2**20  # a JSON document from the user larger than this is refused unread
 _UMASK_LOCK = threading.Lock()
@@ -109,6 +111,45 @@ def read_json(path: str | os.PathLike[str], what: str, error: type[Exception], *
         raise error(f"{what} {p}: expected a JSON {'object' if expect is dict else expect.__name__}, "
                     f"got {type(doc).__name__}")
     return doc
+
+
+def load_arrays(path: str | os.PathLike[str], what: str = "data file") -> dict[str, np.ndarray]:
+    """Every array of an .npz (or the one of an .npy, under its file stem), never unpickling;
+    a missing, empty, pickled or unreadable file is a DataError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{what} {p} is not a regular file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{what} {p} is empty (0 bytes)")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {p.stem: loaded}
+        else:
+            with loaded as z:
+                arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise DataError(f"cannot read {what} {p}: {_first_line(e)}") from None
+    if not arrays:
+        raise DataError(f"{what} {p} holds no arrays")
+    return arrays
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"cannot read data file {path}: {_first_line(e)}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"data file {path} is an .npz archive; name it .npz")
+    return arr
 
 
 def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from infertune._io import load_arrays, load_npy
 from infertune.errors import DataError, InfertuneWarning, UsageError
 from infertune.limits import check_feed_bytes
 from infertune.model import Model, TensorInfo, dim_key
-from infertune.npfiles import load_arrays, load_npy
 
 Feed = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from infertune import backends
+from infertune.analysis.labels import check_labels
 from infertune.checks import Check
 from infertune.errors import DataError, UsageError
-from infertune.labels import check_labels
 from infertune.model import Model
 
 Feed = dict[str, np.ndarray]

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from infertune import backends
+from infertune._io import load_arrays
+from infertune.analysis.labels import check_labels
 from infertune.analysis.metrics import ErrorAccumulator
 from infertune.checks import Check
 from infertune.data import Dataset, Feed, FeedValidator
 from infertune.errors import DataError, UsageError
 from infertune.fingerprint import environment
-from infertune.labels import check_labels
 from infertune.model import Model
-from infertune.npfiles import load_arrays
 
 SCHEMA_VERSION = 1
 OUTPUT_METRICS = ("max_abs", "mean_abs", "max_rel", "cosine", "cosine_min", "sqnr_db",

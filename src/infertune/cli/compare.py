@@ -135,11 +135,11 @@ def _db(v: float) -> str:
 def diagnose_preprocess(model: Path, images: Path, spec: Path, reference_spec, reference_outputs, input_name,
                         backend, settings, as_json, output) -> None:
     """Find the single preprocessing transform that explains a mismatch, before blaming the model."""
+    from infertune._io import load_arrays
     from infertune.analysis.preprocess_diagnosis import diagnose
     from infertune.data import IMAGE_SUFFIXES
     from infertune.errors import DataError, UsageError
     from infertune.model import Model
-    from infertune.npfiles import load_arrays
     from infertune.outputs import Guard
     from infertune.preprocess import PreprocessSpec, load_image
 

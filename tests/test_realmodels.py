@@ -79,3 +79,65 @@ def test_rec_int8_keeps_the_characters_and_fuses():
     # ~0.958 where VNNI lets weights keep 8 bits; ~0.945 on AVX2 without VNNI, where they are
     # reduced to 7 bits (reduce_range) so that vpmaddubsw's int16 sums cannot saturate
     assert cos > 0.93
+
+
+def _yolo_output(anchors: list[tuple[float, float, float, float, int, float]], n: int = 2100) -> np.ndarray:
+    """A [1, 22, n] YOLOv8 output (n = 2100: a 320x320 input) with the given (cx, cy, w, h, class, score)
+    anchors; every other anchor scores 0.01."""
+    out = np.zeros((1, 22, n), np.float32)
+    out[0, 4:] = 0.01
+    out[0, :4] = 1.0
+    for k, (cx, cy, w, h, cls, score) in enumerate(anchors):
+        out[0, :4, k] = cx, cy, w, h
+        out[0, 4 + cls, k] = score
+    return out
+
+
+def test_yolo_boxes_thresholds_and_suppresses_across_classes_as_nudenet_does():
+    out = _yolo_output([(50, 50, 20, 20, 1, 0.9),  # kept
+                        (52, 50, 20, 20, 3, 0.8),  # IoU 0.82 with the first, another class: suppressed
+                        (200, 200, 40, 40, 2, 0.3),  # kept
+                        (100, 100, 10, 10, 5, 0.25),  # not above the 0.25 threshold
+                        (310, 10, 40, 40, 0, 0.5)])  # clipped to the 320x320 input
+    ((boxes, scores, classes),) = realmodels.yolo_boxes(out)
+    assert classes.tolist() == [1, 0, 2]
+    np.testing.assert_allclose(scores, [0.9, 0.5, 0.3])
+    np.testing.assert_allclose(boxes, [[40, 40, 60, 60], [290, 0, 320, 30], [180, 180, 220, 220]])
+
+
+def test_box_f1_matches_same_class_boxes_at_iou_half():
+    ref = [{"o": _yolo_output([(50, 50, 20, 20, 1, 0.9), (200, 200, 40, 40, 2, 0.6)])},
+           {"o": _yolo_output([(100, 100, 30, 30, 4, 0.7)])}]
+    same = [{"o": r["o"].copy()} for r in ref]
+    assert realmodels.BoxF1()(ref, same) == 1.0
+    cand = [{"o": _yolo_output([(56, 50, 20, 20, 1, 0.9),  # IoU 14/26 = 0.54: a match
+                                (200, 200, 40, 40, 3, 0.6)])},  # another class: no match
+            {"o": _yolo_output([(115, 100, 30, 30, 4, 0.7),  # IoU 15/45 = 0.33: no match
+                                (250, 250, 10, 10, 4, 0.5)])}]  # an extra box
+    f1 = realmodels.BoxF1()
+    assert f1(ref, cand) == 2 * 1 / (4 + 3)  # 1 true positive; 4 candidate and 3 reference boxes
+    assert f1(ref[:1], cand[:1]) == 2 * 1 / (2 + 2)  # from the kept counts of the same arrays
+    assert realmodels.BoxF1()([{"o": _yolo_output([])}], [{"o": _yolo_output([])}]) == 1.0
+
+
+def test_resize_bilinear_halving_averages_pixel_pairs():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    want = img.astype(np.float32).reshape(4, 2, 4, 2, 3).mean(axis=(1, 3))  # half-pixel centres: 2x2 means
+    np.testing.assert_allclose(realmodels.resize_bilinear(img, 4), want, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_yolov8n_finds_faces_and_the_evaluation_set_has_enough_boxes():
+    path = realmodels.yolov8n()
+    session = _session(path)
+    photos = dict(realmodels.yolo_photos())
+    out = session.run(None, {realmodels.YOLO_INPUT: realmodels.nudenet_preprocess(photos["astronaut"], 320)[None]})
+    ((_, scores, classes),) = realmodels.yolo_boxes(out[0])
+    assert classes.tolist() == [1] and scores[0] > 0.5  # FACE_FEMALE
+    x = realmodels.yolo_inputs(200, seed=1, size=320)  # benchmarks/tune.py's evaluation set
+    outs = [{"output0": session.run(None, {realmodels.YOLO_INPUT: x[i:i + 1]})[0]} for i in range(len(x))]
+    assert realmodels.yolo_box_count(outs) >= 200  # 238: F1 over fewer boxes says little
+    assert realmodels.box_f1(outs, outs) == 1.0
+    noisy = x + np.random.default_rng(0).normal(0, 0.01, x.shape).astype(np.float32)
+    got = [{"output0": session.run(None, {realmodels.YOLO_INPUT: noisy[i:i + 1]})[0]} for i in range(len(x))]
+    assert 0.5 < realmodels.box_f1(outs, got) < 0.97  # 2.5/255 of noise moves boxes near the threshold

@@ -1,17 +1,26 @@
 """GPU backends: every part that needs no GPU is tested here (options, provider options, the
-TensorRT build plan, refusal without a GPU); the runs themselves carry the `gpu` marker."""
+TensorRT build plan, refusal without a usable GPU); the runs themselves carry the `gpu` marker.
+
+On the first GPU machine: `pip install -e '.[gpu-cu13,dev]'` (or `.[tensorrt,dev]` for native
+TensorRT 11), swap onnxruntime for onnxruntime-gpu as the README says, then `pytest -m gpu`.
+Against the real TensorRT / cuda-python / onnxruntime-gpu bindings without a GPU:
+tests/test_gpu_conformance.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
 from infertune import backends
+from infertune.backends import cuda
 from infertune.backends.gpu import (
     GpuOptions,
     build_plan,
     cuda_provider_options,
+    graph_precision,
     parse_profile_shapes,
     provider_chain,
     resolved_profile,
@@ -20,6 +29,7 @@ from infertune.backends.gpu import (
 from infertune.data import Dataset
 from infertune.errors import BackendUnavailable, UsageError
 from infertune.model import Model
+from infertune.quant.fp16 import to_fp16
 from infertune.quant.quantize import quantize
 from models import MODELS
 
@@ -38,7 +48,9 @@ def static_conv() -> Model:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "s", [x], [y])
-    return Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10  # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu 1.31 refuses (it reads <= 13)
+    return Model.from_proto(m)
 
 
 @pytest.fixture(scope="module")
@@ -128,46 +140,152 @@ def test_provider_chain_order(cnn):
         provider_chain("ort", cnn, o)
 
 
+def _gpu_usable() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and cuda.usable_gpus().usable
+
+
 def test_ort_gpu_backends_refuse_a_cpu_only_onnxruntime(static_conv):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu is installed here")
+        pytest.skip("onnxruntime-gpu is installed here (tests/test_gpu_conformance.py runs this with it)")
     for name in ("ort-cuda", "ort-tensorrt"):
-        with pytest.raises(BackendUnavailable, match=r"not in this onnxruntime .*pip install 'infertune\[gpu\]'"):
+        with pytest.raises(BackendUnavailable, match=r"not in this onnxruntime .*pip install 'infertune\[gpu-cu13\]'"):
             backends.compile(static_conv, backend=name)
+
+
+def test_listed_providers_without_a_usable_gpu_are_refused(static_conv, monkeypatch):
+    """onnxruntime-gpu lists CUDA and TensorRT on a machine without a GPU: listed is not usable."""
+    from infertune.backends import ort_gpu
+
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_gpu.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(cuda, "usable_gpus", lambda api=None: cuda.GpuState(0, None, "no NVIDIA driver (test)"))
+    for name in ("ort-cuda", "ort-tensorrt"):
+        with pytest.raises(BackendUnavailable, match=r"needs an NVIDIA GPU, and none is usable here: no NVIDIA driver"):
+            backends.compile(static_conv, backend=name)
+        assert backends.get_backend(name).unavailable() is None  # listed: only the driver can tell
+
+
+def test_a_session_that_fell_back_to_the_cpu_is_refused(static_conv, monkeypatch):
+    """ONNX Runtime logs and falls back to the CPU when a GPU provider fails to load: refused, exit 3."""
+    from infertune.backends import ort_gpu
+
+    class CpuSession:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_gpu.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(cuda, "usable_gpus", lambda api=None: cuda.GpuState(1, "13.0"))
+    chains = []
+    monkeypatch.setattr(ort_gpu, "create_session", lambda model, settings, chain: chains.append(chain) or CpuSession())
+    with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider did not load .*fell back to CPUExecution"):
+        backends.compile(static_conv, backends.Settings(options={"cuda_graph": "1"}), backend="ort-cuda")
+    assert chains[0][0] == ("CUDAExecutionProvider", cuda_provider_options(GpuOptions(cuda_graph=True)))
 
 
 def test_native_tensorrt_without_the_package_names_the_extra(static_conv):
     try:
         import tensorrt  # noqa: F401, TID251 - only probing whether it is installed
     except ImportError:
-        with pytest.raises(BackendUnavailable, match=r"pip install 'infertune\[gpu\]'"):
+        with pytest.raises(BackendUnavailable, match=r"pip install 'infertune\[tensorrt\]'"):
             backends.compile(static_conv, backend="tensorrt")
     else:
         pytest.skip("tensorrt is installed here")
 
 
+def test_a_backend_module_that_cannot_load_is_backend_unavailable(monkeypatch, static_conv):
+    """TensorRT's bindings without its libraries raise ImportError (libnvinfer.so.N) on import: exit 3."""
+    broken = backends.Runtime("broken", "Broken", "infertune_no_such_module.backend", "X", "onnxruntime", "tensorrt",
+                              None, gpu=True)
+    monkeypatch.setitem(backends._REGISTRY, "broken", broken)
+    with pytest.raises(BackendUnavailable, match=r"backend 'broken': the onnxruntime package is installed but cannot "
+                                                 r"be loaded \(No module named .*pip install 'infertune\[tensorrt\]'"):
+        backends.compile(static_conv, backend="broken")
+
+
+# ---- cuda-python layouts and GPU detection (with the real wheels: tests/test_gpu_conformance.py) ------
+class _FakeRuntime:
+    """cuda-python's runtime API as far as usable_gpus uses it."""
+
+    def __init__(self, count=None, error=0, raises=None):
+        self.count, self.error, self.raises = count, error, raises
+
+    def cudaGetDeviceCount(self):  # noqa: N802 - cuda-python's name
+        if self.raises:
+            raise self.raises
+        return (self.error, self.count)
+
+    def cudaDriverGetVersion(self):  # noqa: N802
+        return (0, 13000)
+
+    def cudaGetErrorName(self, err):  # noqa: N802
+        return (0, b"cudaErrorInsufficientDriver")
+
+
+def test_cuda_runtime_module_layouts(monkeypatch):
+    import sys
+    import types
+
+    new, old = types.ModuleType("cuda.bindings.runtime"), types.ModuleType("cuda.cudart")
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", new)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", old)
+    assert cuda.runtime_api() is new  # cuda-python >= 12.6 and 13.x
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)  # import raises ImportError
+    assert cuda.runtime_api() is old  # before 12.6
+    monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    assert cuda.runtime_api() is None
+
+
+def test_usable_gpus_asks_the_driver():
+    assert cuda.usable_gpus(_FakeRuntime(2)) == cuda.GpuState(2, "13.0", "")
+    none = cuda.usable_gpus(_FakeRuntime(None, error=35))
+    assert not none.usable and "cudaErrorInsufficientDriver" in none.reason
+    old = cuda.usable_gpus(_FakeRuntime(raises=RuntimeError('Function "cuInit" not found')))
+    assert not old.usable and "no NVIDIA driver" in old.reason
+    assert not cuda.usable_gpus(_FakeRuntime(0)).usable
+    here = cuda.usable_gpus()  # this machine: cuda-python absent, so libcuda through ctypes
+    assert here.usable == Path("/dev/nvidia0").exists() and (here.usable or here.reason)
+
+
+def test_checked_raises_backend_unavailable_with_the_error_name():
+    assert cuda.checked((0, 7)) == 7 and cuda.checked((0,)) is None and cuda.checked((0, 1, 2)) == [1, 2]
+    with pytest.raises(BackendUnavailable, match="CUDA call failed: cudaErrorInsufficientDriver"):
+        cuda.checked((35, None), _FakeRuntime())
+
+
 # ---- native TensorRT build plan ------------------------------------------------------------------------
-def test_build_plan_float_model_with_fp16(cnn, tmp_path):
-    o = GpuOptions(fp16=True, workspace_mib=1024, builder_optimization_level=5, hardware_compatibility="same-cc",
+def test_build_plan_is_strongly_typed_per_major(cnn, tmp_path):
+    o = GpuOptions(workspace_mib=1024, builder_optimization_level=5, hardware_compatibility="same-cc",
                    version_compatible=True, timing_cache=str(tmp_path / "t.cache"),
                    profile_shapes=parse_profile_shapes(PROFILE))
-    p = build_plan(cnn, o)
-    assert p.network_flags == () and p.builder_flags == ("FP16", "VERSION_COMPATIBLE")
-    assert (p.workspace_bytes, p.builder_optimization_level) == (2**30, 5)
-    assert p.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY" and p.profiling_verbosity == "DETAILED"
-    assert p.timing_cache == str(tmp_path / "t.cache")
-    assert p.to_dict()["profile"] == {"x": [[1, 3, 12, 12], [4, 3, 12, 12], [16, 3, 12, 12]]}
+    ten, eleven = build_plan(cnn, o, 10), build_plan(cnn, o, 11)
+    assert ten.network_flags == ("STRONGLY_TYPED",)  # 10.x: the flag makes it strongly typed
+    assert eleven.network_flags == ()  # 11.x: always strongly typed; the flag is deprecated and ignored
+    for p in (ten, eleven):
+        assert p.builder_flags == ("VERSION_COMPATIBLE",) and p.precision == "fp32"
+        assert (p.workspace_bytes, p.builder_optimization_level) == (2**30, 5)
+        assert p.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY" and p.profiling_verbosity == "DETAILED"
+        assert p.timing_cache == str(tmp_path / "t.cache")
+        assert p.to_dict()["profile"] == {"x": [[1, 3, 12, 12], [4, 3, 12, 12], [16, 3, 12, 12]]}
+    with pytest.raises(UsageError, match=r"TensorRT 8.x is not supported .*10.x, 11.x"):
+        build_plan(cnn, o, 8)
 
 
-def test_build_plan_qdq_model_is_strongly_typed_and_refuses_the_fp16_flag(qdq):
+def test_build_plan_takes_precision_from_the_graph_and_refuses_the_fp16_switch(cnn, qdq):
     o = GpuOptions(profile_shapes=parse_profile_shapes(PROFILE))
-    p = build_plan(qdq, o)
-    assert p.network_flags == ("STRONGLY_TYPED",) and p.builder_flags == ()
-    assert p.hardware_compatibility_level == "NONE" and p.workspace_bytes is None
-    with pytest.raises(UsageError, match="strongly typed.*to_fp16"):
-        build_plan(qdq, GpuOptions(fp16=True, profile_shapes=o.profile_shapes))
+    half = to_fp16(cnn).model
+    assert [build_plan(m, o, 11).precision for m in (cnn, half, qdq)] == ["fp32", "fp16", "int8"]
+    assert [graph_precision(m) for m in (cnn, half, qdq)] == ["fp32", "fp16", "int8"]
+    for major in (10, 11):
+        p = build_plan(qdq, o, major)
+        assert "FP16" not in p.builder_flags and "INT8" not in p.builder_flags and p.workspace_bytes is None
+        assert p.hardware_compatibility_level == "NONE"
+        with pytest.raises(UsageError, match="strongly typed.*infertune fp16 MODEL"):
+            build_plan(cnn, GpuOptions(fp16=True, profile_shapes=o.profile_shapes), major)
 
 
 def test_cli_option_flag_reaches_the_backend(capsys, static_conv, tmp_path):
@@ -177,12 +295,11 @@ def test_cli_option_flag_reaches_the_backend(capsys, static_conv, tmp_path):
     assert main(["bench", str(path), "--option", "nonsense", "--iterations", "2"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     code = main(["bench", str(path), "--backend", "ort-cuda", "--option", "cuda_graph=1", "--iterations", "2"])
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert code == 0
-    else:
-        assert code == 3 and "onnxruntime-gpu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if _gpu_usable():
+        assert code == 0, err
+    else:  # a CPU onnxruntime, or onnxruntime-gpu on a machine without a usable GPU
+        assert code == 3 and ("onnxruntime-gpu" in err or "none is usable" in err), err
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------

@@ -100,7 +100,9 @@ class Runtime:
     the ``Settings`` fields it honours (another one set away from its default is refused, never
     ignored); ``options``: the families of ``--option`` keys it takes (``session``: ONNX Runtime
     session entries ``session.*``; ``property``: OpenVINO properties in UPPER_CASE; ``gpu``:
-    ``backends.gpu.GpuOptions``).
+    ``backends.gpu.GpuOptions``). ``gpu``: runs on an NVIDIA GPU (tune adds it to ``--runtimes
+    auto`` only when a GPU is usable); ``fp16``: an FP16 graph (``quant.fp16``) runs there in
+    float16 (tune searches an FP16 variant on it).
     """
 
     name: str
@@ -115,6 +117,7 @@ class Runtime:
     gpu: bool = False
     settings: frozenset[str] = frozenset({"intra_op_threads"})
     options: frozenset[str] = frozenset()
+    fp16: bool = False
 
     def on(self) -> str:
         """' on OpenVINO' for labels ('' for the default runtime)."""
@@ -129,13 +132,15 @@ _REGISTRY: dict[str, Runtime] = {r.name: r for r in (
             profiles=True, intermediates=True, settings=_ORT_SETTINGS, options=frozenset({"session"})),
     Runtime("openvino", "OpenVINO", "infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino",
             "openvino", intermediates=True, options=frozenset({"property"})),
-    # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks its providers
-    Runtime("ort-cuda", "ONNX Runtime CUDA", "infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime", "gpu",
-            None, gpu=True, settings=_ORT_SETTINGS, options=frozenset({"session", "gpu"})),
+    # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks that a GPU is
+    # usable and that its provider loaded (ONNX Runtime falls back to the CPU silently)
+    Runtime("ort-cuda", "ONNX Runtime CUDA", "infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime",
+            "gpu-cu13", None, gpu=True, settings=_ORT_SETTINGS, options=frozenset({"session", "gpu"}), fp16=True),
     Runtime("ort-tensorrt", "ONNX Runtime TensorRT", "infertune.backends.ort_gpu", "OrtTensorrtBackend",
-            "onnxruntime", "gpu", "tensorrt", gpu=True, settings=_ORT_SETTINGS, options=frozenset({"session", "gpu"})),
-    Runtime("tensorrt", "TensorRT", "infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "gpu", "tensorrt",
-            gpu=True, settings=frozenset(), options=frozenset({"gpu"})),
+            "onnxruntime", "gpu-cu13", "tensorrt", gpu=True, settings=_ORT_SETTINGS,
+            options=frozenset({"session", "gpu"}), fp16=True),
+    Runtime("tensorrt", "TensorRT", "infertune.backends.tensorrt", "TensorRTBackend", "tensorrt", "tensorrt",
+            "tensorrt", gpu=True, settings=frozenset(), options=frozenset({"gpu"}), fp16=True),
 )}
 _FLAGS = {"intra_op_threads": "--threads", "inter_op_threads": "--inter-threads", "graph_optimization": "--opt-level",
           "execution_mode": "--execution-mode", "optimized_model_path": "--save-optimized",
@@ -178,11 +183,19 @@ def available() -> dict[str, bool]:
 
 
 def get_backend(name: str) -> Backend:
+    """The backend registered as ``name``; BackendUnavailable (naming the extra) when its package is
+    missing or cannot load (TensorRT's bindings installed without its libraries raise ImportError
+    for libnvinfer.so.N on import)."""
     entry = runtime(name)
+    hint = f": pip install 'infertune[{entry.extra}]'" if entry.extra else ""
     if importlib.util.find_spec(entry.requires) is None:
-        hint = f": pip install 'infertune[{entry.extra}]'" if entry.extra else ""
         raise BackendUnavailable(f"backend {name!r} needs the {entry.requires} package{hint}")
-    module = importlib.import_module(entry.module)
+    try:
+        module = importlib.import_module(entry.module)
+    except (ImportError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendUnavailable(f"backend {name!r}: the {entry.requires} package is installed but cannot be "
+                                 f"loaded ({first}){hint}, then run `infertune doctor`") from None
     return getattr(module, entry.cls)()
 
 

@@ -6,11 +6,13 @@ parsed from ``Settings.options``, the provider option strings ONNX Runtime docum
 for native TensorRT (``build_plan``: network creation flags, builder flags, memory pool, builder
 optimisation level, hardware and version compatibility, timing cache, optimisation profile).
 
-Precision: a model holding Q/DQ nodes runs INT8 where its Q/DQ say (explicit quantization). On
-native TensorRT it is parsed as a strongly typed network, which takes every tensor's type from
-the ONNX file; FP16 for its float parts then means converting the file (``quant.fp16``), not a
-builder flag, and asking for both is refused with that fix. A float model with ``fp16`` gets
-TensorRT's FP16 flag (weakly typed: TensorRT picks per layer).
+Precision comes from the ONNX file on native TensorRT: it builds every network strongly typed
+(TensorRT 11 knows nothing else: ``BuilderFlag.FP16`` / ``INT8`` and weak typing are gone, and
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is deprecated and ignored there; TensorRT 10
+needs the flag). A Q/DQ model runs INT8 where its Q/DQ say; FP16 means an FP16 graph
+(``quant.fp16.to_fp16``, what tune builds for its fp16 precision); asking native TensorRT for the
+``fp16`` option is refused with that fix. ONNX Runtime's TensorRT provider (built against
+TensorRT 10) still takes ``trt_fp16_enable`` for a float model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+import onnx
 
 from infertune.backends import Settings
 from infertune.errors import UsageError
@@ -201,10 +205,16 @@ def provider_chain(backend: str, model: Model, o: GpuOptions) -> list[tuple[str,
 
 
 # ---- native TensorRT ------------------------------------------------------------------------------
+SUPPORTED_TENSORRT = (10, 11)  # majors the native backend is written and conformance-tested for
+
+
 @dataclass(frozen=True)
 class BuildPlan:
-    """What native TensorRT is asked to build, as names (applied by ``backends.tensorrt``)."""
+    """What native TensorRT is asked to build, as enum member names (applied by ``backends.tensorrt``;
+    member values differ between majors: ``VERSION_COMPATIBLE`` is 13 in 10.x and 12 in 11.x)."""
 
+    tensorrt_major: int
+    precision: str  # what the graph says: fp32 | fp16 | int8 (Q/DQ), for the record
     network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag members
     builder_flags: tuple[str, ...]  # BuilderFlag members
     workspace_bytes: int | None
@@ -223,19 +233,34 @@ class BuildPlan:
 _HW_LEVEL = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 
 
-def build_plan(model: Model, o: GpuOptions) -> BuildPlan:
-    quantized = is_quantized(model)
-    if quantized and o.fp16:
-        raise UsageError(f"{model.name} holds Q/DQ nodes: TensorRT builds it strongly typed, taking every type "
-                         "from the ONNX file, so the fp16 flag cannot apply; convert its float parts to FP16 "
-                         "first (infertune.quant.fp16.to_fp16), or drop fp16")
-    flags: list[str] = []
+def graph_precision(model: Model) -> str:
+    """int8 when the graph holds Q/DQ nodes, fp16 when any tensor is float16, else fp32."""
+    if is_quantized(model):
+        return "int8"
+    fp16 = onnx.TensorProto.FLOAT16
+    typed = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    if any(t.data_type == fp16 for t in model.graph.initializer) or any(
+            v.type.tensor_type.elem_type == fp16 for v in typed):
+        return "fp16"
+    if any(n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute) for n in model.graph.node):
+        return "fp16"
+    return "fp32"
+
+
+def build_plan(model: Model, o: GpuOptions, tensorrt_major: int) -> BuildPlan:
+    """The build of ``model`` with ``o`` on TensorRT ``tensorrt_major`` (10 or 11), strongly typed."""
+    if tensorrt_major not in SUPPORTED_TENSORRT:
+        raise UsageError(f"native TensorRT {tensorrt_major}.x is not supported (supported: "
+                         f"{', '.join(f'{m}.x' for m in SUPPORTED_TENSORRT)}): pip install 'infertune[tensorrt]'")
     if o.fp16:
-        flags.append("FP16")
-    if o.version_compatible:
-        flags.append("VERSION_COMPATIBLE")
-    return BuildPlan(network_flags=("STRONGLY_TYPED",) if quantized else (),
-                     builder_flags=tuple(flags),
+        raise UsageError(f"native TensorRT builds {model.name} strongly typed, taking every type from the ONNX file, "
+                         "so there is no fp16 switch: convert the model first (infertune fp16 MODEL -o "
+                         "MODEL.fp16.onnx, or quant.fp16.to_fp16; tune does it for its fp16 precision) and drop "
+                         "the fp16 option")
+    return BuildPlan(tensorrt_major=tensorrt_major, precision=graph_precision(model),
+                     # 11.x: strongly typed is the only mode (the flag is deprecated and ignored); 10.x: the flag
+                     network_flags=("STRONGLY_TYPED",) if tensorrt_major == 10 else (),
+                     builder_flags=("VERSION_COMPATIBLE",) if o.version_compatible else (),
                      workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,
                      builder_optimization_level=o.builder_optimization_level,
                      hardware_compatibility_level=_HW_LEVEL[o.hardware_compatibility],

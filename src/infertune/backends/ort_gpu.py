@@ -1,10 +1,15 @@
 """ONNX Runtime on an NVIDIA GPU: the CUDA (``ort-cuda``) and TensorRT (``ort-tensorrt``) providers.
 
-Needs onnxruntime-gpu (``pip install 'infertune[gpu]'``; ``infertune doctor`` checks it against
-the CUDA, cuDNN and TensorRT found). Options come from ``Settings.options`` (``backends.gpu``):
-FP16, INT8 through the model's Q/DQ, engine and timing caches, builder optimisation level, CUDA
-graphs, optimisation profiles. A session whose first provider did not load (ONNX Runtime then
-falls back silently) is refused: a "GPU" latency measured on the CPU would mislead.
+Needs onnxruntime-gpu (``pip install 'infertune[gpu-cu13]'``, or ``gpu-cu12`` for CUDA 12;
+``infertune doctor`` checks it against the CUDA, cuDNN and TensorRT found). Options come from
+``Settings.options`` (``backends.gpu``): FP16, INT8 through the model's Q/DQ, engine and timing
+caches, builder optimisation level, CUDA graphs, optimisation profiles.
+
+"Listed" is not "usable": onnxruntime-gpu lists its CUDA and TensorRT providers on a machine
+without a GPU, and a session asking for them falls back to the CPU with only a log line. So a
+runner is refused (BackendUnavailable, exit 3) when the driver reports no device, and when the
+session's first provider is not the one asked for: a "GPU" latency measured on the CPU would
+mislead.
 
 Inputs and outputs live in device memory through I/O binding: a call copies the feeds into the
 bound device inputs in place (so a captured CUDA graph replays on the same addresses), runs, and
@@ -18,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from infertune.backends import Settings
+from infertune.backends import Settings, cuda
 from infertune.backends.gpu import GpuOptions, provider_chain
 from infertune.backends.ort import FEED_ERRORS, create_session, rejected_feed
 from infertune.errors import BackendUnavailable
@@ -34,8 +39,9 @@ class OrtGpuRunner:
         available = ort.get_available_providers()
         if wanted not in available:
             raise BackendUnavailable(f"{wanted} is not in this onnxruntime (it has {', '.join(available)}): "
-                                     "pip install 'infertune[gpu]' (onnxruntime-gpu, not onnxruntime) and run "
-                                     "`infertune doctor`")
+                                     "pip install 'infertune[gpu-cu13]' (onnxruntime-gpu, not onnxruntime) and "
+                                     "run `infertune doctor`")
+        cuda.require_gpu(None, f"{backend} ({wanted}, listed by onnxruntime)")
         self.session = create_session(model, settings, chain)
         active = self.session.get_providers()
         if not active or active[0] != wanted:
@@ -94,9 +100,15 @@ def _numpy_dtype(ort_type: str) -> type:
 
 class OrtCudaBackend:
     name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
 
     def compile(self, model: Model, settings: Settings) -> OrtGpuRunner:
         return OrtGpuRunner(model, settings, self.name)
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run here (its provider is not in this onnxruntime), or None."""
+        listed = ort.get_available_providers()
+        return None if self.provider in listed else f"{self.provider} is not in this onnxruntime ({', '.join(listed)})"
 
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": ort.__version__}
@@ -104,3 +116,4 @@ class OrtCudaBackend:
 
 class OrtTensorrtBackend(OrtCudaBackend):
     name = "ort-tensorrt"
+    provider = "TensorrtExecutionProvider"

@@ -1,26 +1,36 @@
 """Native TensorRT (``tensorrt``): engine build from the ONNX file, and a runner that measures it.
 
-Needs the ``tensorrt`` and ``cuda-python`` packages and an NVIDIA GPU (``pip install
-'infertune[gpu]'``). Written against TensorRT 10's documented Python API:
+Needs TensorRT 10 or 11 (``pip install 'infertune[tensorrt]'`` for 11; the ``gpu-cu12`` /
+``gpu-cu13`` extras bring 10, the version ONNX Runtime's TensorRT provider loads), cuda-python
+12 or 13 and a usable NVIDIA GPU. Written against the Python bindings of both majors, which
+``tests/test_gpu_conformance.py`` imports for real (their native libraries stubbed) to check
+every name used here:
 
-- build: ``OnnxParser`` into a network (strongly typed for a Q/DQ model, see ``backends.gpu``),
-  builder config from ``gpu.build_plan`` (workspace pool, builder optimisation level, FP16 or
-  version-compatible flags, hardware-compatibility level, detailed profiling verbosity, an
-  optimisation profile), a timing cache loaded and saved back, ``build_serialized_network``;
+- build: ``OnnxParser`` into a strongly typed network (precision from the graph: Q/DQ for INT8,
+  an FP16 graph for FP16; see ``backends.gpu``), builder config from ``gpu.build_plan`` (workspace
+  pool, builder optimisation level, version-compatible flag, hardware-compatibility level,
+  detailed profiling verbosity, an optimisation profile), enum members looked up by name (their
+  values differ between majors), a timing cache loaded and saved back, ``build_serialized_network``;
 - engine cache: ``<engine_cache>/<key>.engine`` with its build record ``<key>.json`` (what
   ``infertune preflight`` reads); the key covers the model bytes, the plan, the TensorRT
-  version and the GPU, so a changed input never reuses a stale engine;
-- run: one execution context and CUDA stream per ``streams``; device buffers allocated once per
-  input shape; ``execute_async_v3``; optional CUDA graph captured per shape and replayed;
+  version and the GPU, so a changed input never reuses a stale engine. The record's CUDA version
+  is TensorRT's (its package is built per CUDA major: ``tensorrt-cu12-*`` / ``tensorrt-cu13-*``),
+  not cuda-python's, whose runtime is linked in statically;
+- run: refused unless the driver reports a device (``cuda.require_gpu``); one execution context
+  and CUDA stream per ``streams``; device buffers allocated once per input shape;
+  ``execute_async_v3``; optional CUDA graph captured per shape and replayed;
 - measurement: ``timed_run`` gives host-to-device, compute and device-to-host times from CUDA
   events; ``layer_times`` runs with an ``IProfiler`` (per-layer ms); ``layer_information`` is
-  ``IEngineInspector``'s JSON.
+  the engine inspector's JSON.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +39,23 @@ import numpy as np
 import tensorrt as trt
 
 from infertune._io import atomic_path, write_json
-from infertune.backends import Settings
-from infertune.backends.gpu import BuildPlan, GpuOptions, build_plan
+from infertune.backends import Settings, cuda
+from infertune.backends.gpu import SUPPORTED_TENSORRT, BuildPlan, GpuOptions, build_plan
 from infertune.errors import BackendUnavailable, DataError, ModelError
 from infertune.model import Model
 
-ENGINE_RECORD_SCHEMA = 1
+ENGINE_RECORD_SCHEMA = 2  # 2: cuda_runtime is TensorRT's CUDA major (1: cuda-python's runtime version)
 
-try:  # cuda-python >= 12.6 moved the runtime bindings
-    from cuda.bindings import runtime as cudart
-except ImportError:  # pragma: no cover - older cuda-python
-    try:
-        from cuda import cudart
-    except ImportError:
-        cudart = None
-
+cudart = cuda.runtime_api()  # cuda.bindings.runtime (cuda-python >= 12.6 / 13.x), else cuda.cudart
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
 
+def tensorrt_major() -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
 def _cuda(result):
-    """cuda-python returns (error, *values); raise on an error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        name = cudart.cudaGetErrorName(err)[1] if cudart is not None else err
-        raise BackendUnavailable(f"CUDA call failed: {name}")
-    return values[0] if len(values) == 1 else values
+    return cuda.checked(result, cudart)
 
 
 def device_facts(device_id: int) -> dict:
@@ -63,10 +65,24 @@ def device_facts(device_id: int) -> dict:
             "memory_mib": props.totalGlobalMem // 2**20}
 
 
+@functools.cache
+def tensorrt_cuda() -> tuple[str | None, str | None]:
+    """The CUDA major TensorRT was built for and the distribution that says so: TensorRT's pip
+    packages are built per CUDA major and named for it (``tensorrt-cu13-libs``,
+    ``tensorrt_cu12_bindings``); (None, None) for an install without one (a tarball or a container)."""
+    owners = importlib.metadata.packages_distributions()
+    for top in ("tensorrt_libs", "tensorrt_bindings", "tensorrt"):
+        for dist in owners.get(top, []):
+            m = re.search(r"cu(\d+)", dist.lower())
+            if m:
+                return m.group(1), dist
+    return None, None
+
+
 # ---- build ----------------------------------------------------------------------------------------
 def build_engine(model: Model, options: GpuOptions) -> tuple[bytes, dict]:
     """Serialized engine and its build record (cached in ``options.engine_cache`` when given)."""
-    plan = build_plan(model, options)
+    plan = build_plan(model, options, tensorrt_major())
     gpu = device_facts(options.device_id)
     key = hashlib.sha256(model.to_bytes() + json.dumps(
         {"plan": plan.to_dict(), "trt": trt.__version__, "gpu": gpu}, sort_keys=True).encode()).hexdigest()[:24]
@@ -83,10 +99,12 @@ def build_engine(model: Model, options: GpuOptions) -> tuple[bytes, dict]:
 
 def engine_record(plan: BuildPlan, gpu: dict, options: GpuOptions, model: Model) -> dict:
     """What an engine was built for: read by preflight before anyone tries to deserialize it."""
+    cuda_major, source = tensorrt_cuda()
     return {"schema_version": ENGINE_RECORD_SCHEMA, "kind": "infertune-tensorrt-engine",
             "tensorrt": trt.__version__, "version_compatible": options.version_compatible,
             "hardware_compatibility": options.hardware_compatibility, "gpu": gpu,
-            "cuda_runtime": _cuda_runtime_version(), "model": model.name, "plan": plan.to_dict()}
+            "cuda_runtime": cuda_major, "cuda_runtime_source": source, "model": model.name,
+            "plan": plan.to_dict()}
 
 
 def save_engine(path: Path, blob: bytes, record: dict) -> None:
@@ -94,11 +112,6 @@ def save_engine(path: Path, blob: bytes, record: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     write_json(path.with_suffix(".json"), {**record, "engine_sha256": hashlib.sha256(blob).hexdigest()})
-
-
-def _cuda_runtime_version() -> str:
-    v = _cuda(cudart.cudaRuntimeGetVersion())
-    return f"{v // 1000}.{(v % 1000) // 10}"
 
 
 def _build(model: Model, plan: BuildPlan) -> bytes:
@@ -175,8 +188,13 @@ class TensorRTRunner:
 
     def __init__(self, model: Model, settings: Settings) -> None:
         if cudart is None:
-            raise BackendUnavailable("native TensorRT needs cuda-python: pip install 'infertune[gpu]'")
+            raise BackendUnavailable("native TensorRT needs cuda-python: pip install 'infertune[tensorrt]'")
+        if tensorrt_major() not in SUPPORTED_TENSORRT:
+            raise BackendUnavailable(f"TensorRT {trt.__version__} is installed; the native backend supports "
+                                     f"{' and '.join(f'{m}.x' for m in SUPPORTED_TENSORRT)}: "
+                                     "pip install 'infertune[tensorrt]'")
         self.options = GpuOptions.from_settings(settings)
+        cuda.require_gpu(cudart, "native TensorRT")
         _cuda(cudart.cudaSetDevice(self.options.device_id))
         blob, self.record = build_engine(model, self.options)
         self.engine = trt.Runtime(_LOGGER).deserialize_cuda_engine(blob)
@@ -312,4 +330,12 @@ class TensorRTBackend:
 
     def versions(self) -> dict[str, str]:
         return {"tensorrt": trt.__version__}
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run here (no cuda-python, an unsupported TensorRT major), or None."""
+        if cudart is None:
+            return "cuda-python is not installed"
+        if tensorrt_major() not in SUPPORTED_TENSORRT:
+            return f"TensorRT {trt.__version__} is not a supported major ({SUPPORTED_TENSORRT})"
+        return None
 

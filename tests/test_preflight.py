@@ -47,7 +47,18 @@ def test_engine_on_the_machine_that_built_it_is_fine():
     (record(hardware_compatibility="ampere+"), with_(gpus=[L4]), ("info", "gpu"), "Ampere+ engine"),
     (record(hardware_compatibility="same-cc"), with_(gpus=[dict(A100, name="NVIDIA A30", sm_count=56)]), None, ""),
     (record(), with_(gpus=[dict(A100, name="NVIDIA A30", sm_count=56)]), ("warning", "gpu"), "tactics may be slow"),
-    (record(cuda_runtime="12.8"), HEALTHY, ("error", "driver"), "up to 12.4"),
+    # a driver older in minor than the engine's CUDA runs it (minor version compatibility)
+    (record(cuda_runtime="12.8"), HEALTHY, ("info", "driver"), "minor version compatibility"),
+    (record(cuda_runtime="13"), HEALTHY, ("error", "driver"), "CUDA 13 build"),  # schema 2: TensorRT's CUDA major
+    (record(cuda_runtime="12"), with_(cuda__driver_cuda=None, cuda__driver_version="530.30.02"), ("error", "driver"),
+     "older than 535, TensorRT's minimum"),  # r530 runs CUDA 12, but TensorRT wants r535
+    (record(cuda_runtime="13"), with_(cuda__driver_cuda="13.0", cuda__driver_version="580.65.06",
+                                      packages__tensorrt="10.4.0"), None, ""),
+    # version compatibility holds within a major only
+    (record(tensorrt="10.16.1.11", version_compatible=True), with_(packages__tensorrt="11.4.0.106"),
+     ("error", "tensorrt"), "never load across major versions"),
+    (record(tensorrt="10.4.0", version_compatible=True), with_(packages__tensorrt="11.4.0.106"),
+     ("error", "tensorrt"), "version-compatible or not"),
 ])
 def test_engine_rules(rec, probe, expected, words):
     found = check_engine(rec, probe)
@@ -109,8 +120,12 @@ def test_artifact_rules():
     assert severities(check_artifact({"backend": "openvino", "target": {}}, with_(packages__openvino=None))) == [
         ("error", "backend")]
     gpu_target = {**target, "gpus": [A100]}
-    assert severities(check_artifact({"backend": "ort-cuda", "target": gpu_target}, with_(gpus=[]))) == [
-        ("error", "gpu")]
+    no_gpu = check_artifact({"backend": "ort-cuda", "target": gpu_target}, with_(gpus=[]))
+    assert severities(no_gpu) == [("error", "gpu")]
+    missing = check_artifact({"backend": "tensorrt", "target": {}}, with_(packages__tensorrt=None))
+    assert severities(missing) == [("error", "backend")] and "infertune[tensorrt]" in missing[0].fix
+    here = with_(packages__tensorrt=None, **{"packages__tensorrt-cu13-bindings": "11.4.0.106"})
+    assert not check_artifact({"backend": "tensorrt", "target": {}}, here)  # the bindings count as TensorRT
     assert severities(check_artifact({"backend": "tensorrt", "target": gpu_target}, with_(gpus=[L4]))) == [
         ("warning", "gpu")]
     assert severities(check_artifact({"backend": "tvm", "target": {}}, HEALTHY)) == [("error", "backend")]

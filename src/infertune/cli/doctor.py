@@ -15,32 +15,41 @@ STYLE = {"error": "red", "warning": "yellow", "info": "dim"}
 
 
 @click.command()
+@click.option("--probe", "probe_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json",
+              help="Judge the machine recorded in FILE.json (doctor --json output, or the short form "
+                   "{\"packages\": {...}, \"cuda_runtime\": \"13.0\", \"driver\": \"580.65\", \"gpus\": [...]}) "
+                   "instead of this one.")
 @json_option
 @output_option
-def doctor(as_json, output) -> None:
-    """Will it run here, and run well? Exit 1 when a problem is found (each with its fix)."""
+def doctor(probe_file, as_json, output) -> None:
+    """Will it run here (or on the machine in --probe), and run well? Exit 1 when a problem is found
+    (each with its fix)."""
     from infertune.deploy.doctor import doctor as run_doctor
     from infertune.outputs import Guard
 
     output = Guard.of().file(output)
-    r = run_doctor()
+    r = run_doctor(probe_file)
     p = r.probe
 
     def human() -> None:
-        t = table(("", " "), title="this machine", show_header=False)
-        c = p["cpu"]
-        t.add_row("python", f"{p['python']} ({p['platform']})")
-        t.add_row("cpu", f"{c['model']}, {c['logical_cores']} cores, {' '.join(c['isa']) or 'no SIMD flags read'}")
-        for dist, v in p["packages"].items():
+        t = table(("", " "), title=r.source, show_header=False)
+        if "python" in p:
+            t.add_row("python", f"{p['python']} ({p.get('platform', '?')})")
+        c = p.get("cpu")
+        if c:
+            t.add_row("cpu", f"{c['model']}, {c['logical_cores']} cores, {' '.join(c['isa']) or 'no SIMD flags read'}")
+        for dist, v in p.get("packages", {}).items():
             if v:
                 t.add_row(dist, v)
-        t.add_row("ORT providers", ", ".join(p["ort_providers"]))
-        cu = p["cuda"]
-        t.add_row("CUDA driver", f"{cu['driver_version'] or '—'} (supports CUDA {cu['driver_cuda'] or '—'})")
-        t.add_row("CUDA runtime / cuDNN", f"{cu['runtime'] or '—'} / {cu['cudnn'] or '—'}")
-        for g in p["gpus"]:
+        if "ort_providers" in p:
+            t.add_row("ORT providers", ", ".join(p["ort_providers"]))
+        cu = p.get("cuda", {})
+        t.add_row("CUDA driver", f"{cu.get('driver_version') or '—'} (supports CUDA {cu.get('driver_cuda') or '—'})")
+        runtimes = ", ".join(cu.get("runtimes") or []) or cu.get("runtime") or "—"
+        t.add_row("CUDA runtime / cuDNN", f"{runtimes} / {cu.get('cudnn') or '—'}")
+        for g in p.get("gpus", []):
             t.add_row("GPU", f"{g['name']}, compute capability {g['compute_capability']}, "
-                             f"{g.get('sm_count') or '?'} SMs, {g['memory_mib']} MiB")
+                             f"{g.get('sm_count') or '?'} SMs, {g.get('memory_mib') or '?'} MiB")
         out.print(t)
         _print_findings(r.findings)
 

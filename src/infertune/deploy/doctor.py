@@ -1,12 +1,14 @@
 """doctor: will this run here, and run well? Versions, devices and ISA, checked against a table.
 
 ``probe()`` reads what is installed and present: Python and the packages that matter (onnxruntime,
-onnxruntime-gpu, openvino, tensorrt, the pip-installed CUDA/cuDNN libraries), ONNX Runtime's
-execution providers, the CUDA driver (through libcuda, else nvidia-smi), the CUDA runtime and
-cuDNN libraries that can be loaded, every GPU (name, compute capability, SM count, memory), the CPU
-and its ISA flags. ``check(probe)`` applies the rules to a probe (a plain dict, so recorded probes
-from other machines can be checked too) against ``compat.json``, the compatibility table kept as
-data, and returns findings with their fix. The CLI exits 1 when an error is found.
+onnxruntime-gpu, openvino, tensorrt and its per-CUDA packages, cuda-python, the pip-installed
+CUDA runtime / cuDNN libraries: ``nvidia-cuda-runtime`` is CUDA 13's, ``-cu12`` CUDA 12's), ONNX
+Runtime's execution providers, the CUDA driver (through libcuda, else nvidia-smi), each CUDA
+runtime and cuDNN library that can be loaded, every GPU (name, compute capability, SM count,
+memory), the CPU and its ISA flags. ``compat.check(probe)`` applies the rules to a probe (plain
+data, so a probe recorded on another machine can be judged too: ``probe_from_file``) against
+``compat.json``, the compatibility table kept as data, and returns findings with their fix. The
+CLI exits 1 when an error is found.
 """
 
 from __future__ import annotations
@@ -15,48 +17,40 @@ import ctypes
 import importlib.metadata
 import json
 import platform
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infertune.deploy.compat import SEVERITIES, Finding, check, compat_table, version_tuple
+from infertune.errors import UsageError
 from infertune.fingerprint import cpu
+
+__all__ = ["SEVERITIES", "DoctorReport", "Finding", "check", "compat_table", "doctor", "normalize_probe", "probe",
+           "probe_from_file", "version_tuple"]
 
 SCHEMA_VERSION = 1
 PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "openvino", "tensorrt",
-            "tensorrt-cu12", "tensorrt-cu13", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime-cu13",
-            "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "infertune")
-SEVERITIES = ("error", "warning", "info")
-CUDART = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
-
-
-def compat_table() -> dict:
-    return json.loads((Path(__file__).with_name("compat.json")).read_text(encoding="utf-8"))
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # error | warning | info
-    topic: str
-    message: str
-    fix: str = ""
-
-    def to_dict(self) -> dict:
-        return {"severity": self.severity, "topic": self.topic, "message": self.message, "fix": self.fix}
+            "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-bindings", "tensorrt-cu13-bindings",
+            "tensorrt-cu12-libs", "tensorrt-cu13-libs", "cuda-python", "cuda-bindings",
+            "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu12", "nvidia-cudnn-cu13", "nvidia-cudnn-cu12", "infertune")
+CUDART = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
 
 
 @dataclass
 class DoctorReport:
     probe: dict
     findings: list[Finding] = field(default_factory=list)
+    source: str = "this machine"  # or the recorded probe file judged
 
     @property
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "kind": "doctor", "ok": not self.errors, "probe": self.probe,
-                "findings": [f.to_dict() for f in self.findings]}
+        return {"schema_version": SCHEMA_VERSION, "kind": "doctor", "source": self.source, "ok": not self.errors,
+                "probe": self.probe, "findings": [f.to_dict() for f in self.findings]}
 
 
 # ---- probing --------------------------------------------------------------------------------------
@@ -75,10 +69,11 @@ def probe() -> dict:
     except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash
         providers = [f"<onnxruntime failed to import: {e}>"]
     driver = _cuda_driver()
+    runtimes = [v for v in (_lib_version((name,), "cudaRuntimeGetVersion") for name in CUDART) if v]
     return {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
             "packages": packages, "ort_providers": providers,
             "cuda": {"driver_cuda": driver.get("cuda"), "driver_version": driver.get("version"),
-                     "runtime": _lib_version(CUDART, "cudaRuntimeGetVersion"),
+                     "runtime": runtimes[0] if runtimes else None, "runtimes": runtimes,
                      "cudnn": _cudnn_version()},
             "gpus": driver.get("gpus", []), "cpu": cpu()}
 
@@ -163,156 +158,95 @@ def _cuda_driver() -> dict:
     return out
 
 
-# ---- rules ----------------------------------------------------------------------------------------
-def version_tuple(v: str | None) -> tuple[int, ...]:
-    if not v:
-        return ()
-    parts = []
-    for p in v.split("."):
-        digits = "".join(ch for ch in p if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+def doctor(probe_file: str | Path | None = None) -> DoctorReport:
+    """This machine judged against the table; with ``probe_file``, the machine recorded there."""
+    if probe_file is not None:
+        p = probe_from_file(probe_file)
+        return DoctorReport(p, check(p), source=str(probe_file))
+    p = probe()
+    return DoctorReport(p, check(p))
 
 
-def _in_range(version: str, row: dict) -> bool:
-    v = version_tuple(version)[:2]
-    lo = version_tuple(row["from"])[:2]
-    hi = version_tuple(row["to"])[:2] if row.get("to") else None
-    return v >= lo and (hi is None or v <= hi)
+# ---- recorded probes ------------------------------------------------------------------------------
+SHORT_KEYS = {"cuda_runtime": "runtimes", "driver": "driver_version", "driver_cuda": "driver_cuda", "cudnn": "cudnn"}
+PROBE_KEYS = {"python", "platform", "packages", "ort_providers", "cuda", "gpus", "cpu", *SHORT_KEYS}
 
 
-def _major(v: str | None) -> int | None:
-    t = version_tuple(v)
-    return t[0] if t else None
+def probe_from_file(path: str | Path) -> dict:
+    """A recorded probe (see ``normalize_probe``); a file that is not one is a usage error (exit 2)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"probe file {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UsageError(f"probe file {path} is not JSON: {e}") from None
+    return normalize_probe(doc, str(path))
 
 
-def check(p: dict, table: dict | None = None) -> list[Finding]:
-    """Findings for probe ``p`` (see ``probe``), most severe first."""
-    t = table or compat_table()
-    pk = p.get("packages", {})
-    cuda = p.get("cuda", {})
-    gpus = p.get("gpus", [])
-    out: list[Finding] = []
-    ort_cpu, ort_gpu = pk.get("onnxruntime"), pk.get("onnxruntime-gpu")
-    if ort_cpu and ort_gpu:
-        out.append(Finding("error", "onnxruntime", f"onnxruntime {ort_cpu} and onnxruntime-gpu {ort_gpu} are both "
-                           "installed: they share the 'onnxruntime' module and the one installed last wins",
-                           "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"))
-    if not ort_cpu and not ort_gpu and not pk.get("onnxruntime-openvino"):
-        out.append(Finding("error", "onnxruntime", "ONNX Runtime is not installed", "pip install onnxruntime"))
-    runtime_major = _major(cuda.get("runtime")) or _pip_cuda_major(pk, "nvidia-cuda-runtime")
-    cudnn_major = _major(cuda.get("cudnn")) or _pip_cuda_major(pk, "nvidia-cudnn")
-    driver_major = _major(cuda.get("driver_cuda"))
-    if ort_gpu:
-        row = next((r for r in t["onnxruntime_gpu"] if _in_range(ort_gpu, r)), None)
-        if not gpus:
-            out.append(Finding("warning", "gpu", f"onnxruntime-gpu {ort_gpu} is installed but no NVIDIA GPU or driver "
-                               "was found: sessions will fall back to the CPU",
-                               "install the NVIDIA driver, or use plain onnxruntime on this machine"))
-        if row is not None:
-            need = row["cuda_major"]
-            if runtime_major is not None and runtime_major not in need:
-                out.append(Finding("error", "cuda", f"onnxruntime-gpu {ort_gpu} needs CUDA {_list(need)}.x "
-                                   f"({row['note']}); CUDA runtime {runtime_major}.x is installed",
-                                   f"install the CUDA {need[-1]} runtime "
-                                   f"(pip install nvidia-cuda-runtime-cu{need[-1]}) "
-                                   f"or an onnxruntime-gpu built for CUDA {runtime_major}"))
-            if runtime_major is None and gpus:
-                out.append(Finding("error", "cuda", f"onnxruntime-gpu {ort_gpu} needs the CUDA {_list(need)}.x "
-                                   "runtime, which cannot be loaded",
-                                   f"pip install nvidia-cuda-runtime-cu{need[-1]} or install CUDA {need[-1]} and put "
-                                   "its lib64 on LD_LIBRARY_PATH"))
-            cudnn_need = row["cudnn_major"]
-            if cudnn_major is not None and cudnn_major not in cudnn_need:
-                out.append(Finding("error", "cudnn", f"onnxruntime-gpu {ort_gpu} needs cuDNN {_list(cudnn_need)}.x; "
-                                   f"cuDNN {cudnn_major}.x is installed (8.x and 9.x are not interchangeable)",
-                                   f"pip install nvidia-cudnn-cu{need[-1]}=={cudnn_need[-1]}.*"))
-            if cudnn_major is None and gpus:
-                out.append(Finding("error", "cudnn", f"onnxruntime-gpu {ort_gpu} needs cuDNN {_list(cudnn_need)}.x, "
-                                   "which cannot be loaded", f"pip install nvidia-cudnn-cu{need[-1]}"))
-        else:
-            out.append(Finding("warning", "onnxruntime", f"onnxruntime-gpu {ort_gpu} is not in infertune's "
-                               "compatibility table; its CUDA/cuDNN needs are not checked", "see compat.json sources"))
-    want_cuda = runtime_major or (_compat_cuda(t, ort_gpu) if ort_gpu else None)
-    if driver_major is not None and want_cuda is not None and driver_major < want_cuda:
-        floor = t["min_driver_linux"].get(str(want_cuda), "?")
-        out.append(Finding("error", "driver", f"the driver supports CUDA up to {cuda.get('driver_cuda')} "
-                           f"(driver {cuda.get('driver_version') or '?'}), CUDA {want_cuda}.x is needed",
-                           f"update the NVIDIA driver to >= {floor}"))
-    elif cuda.get("driver_version") and want_cuda is not None:
-        floor = t["min_driver_linux"].get(str(want_cuda))
-        if floor and version_tuple(cuda["driver_version"]) < version_tuple(floor):
-            out.append(Finding("error", "driver", f"driver {cuda['driver_version']} is older than {floor}, the "
-                               f"minimum for CUDA {want_cuda}.x", f"update the NVIDIA driver to >= {floor}"))
-    trt = pk.get("tensorrt") or pk.get("tensorrt-cu12") or pk.get("tensorrt-cu13")
-    if trt:
-        row = next((r for r in t["tensorrt"] if r["major"] == _major(trt)), None)
-        if row and want_cuda is not None and want_cuda not in row["cuda_major"]:
-            out.append(Finding("error", "tensorrt", f"TensorRT {trt} supports CUDA {_list(row['cuda_major'])}; "
-                               f"CUDA {want_cuda} is in use", f"install the TensorRT build for CUDA {want_cuda}"))
-        ort_row = next((r for r in t["onnxruntime_tensorrt"] if ort_gpu and _in_range(ort_gpu, r)), None)
-        if ort_row and _major(trt) not in ort_row["tensorrt_major"]:
-            out.append(Finding("error", "tensorrt", f"onnxruntime-gpu {ort_gpu}'s TensorRT execution provider needs "
-                               f"TensorRT {_list(ort_row['tensorrt_major'])}.x; {trt} is installed",
-                               f"pip install 'tensorrt=={ort_row['tensorrt_major'][0]}.*'"))
-    for g in gpus:
-        cc = version_tuple(str(g.get("compute_capability")))
-        if cc and cc < (7, 5):
-            out.append(Finding("warning", "gpu", f"{g['name']} (compute capability {g['compute_capability']}) has no "
-                               "INT8 tensor cores of the Turing+ kind: FP16 is the precision to try",
-                               "prefer --target tensorrt with FP16, or keep FP32"))
-    out += _cpu_findings(p.get("cpu", {}))
-    if not pk.get("openvino"):
-        out.append(Finding("info", "openvino", "OpenVINO is not installed: only ONNX Runtime is compared on the CPU",
-                           "pip install 'infertune[openvino]'"))
-    if not gpus:
-        out.append(Finding("info", "gpu", "no NVIDIA GPU found: CPU backends only", ""))
-    return sorted(out, key=lambda f: SEVERITIES.index(f.severity))
-
-
-def _cpu_findings(c: dict) -> list[Finding]:
-    isa = set(c.get("isa", []))
-    arch = c.get("arch", "")
-    if arch not in ("x86_64", "AMD64", "i686"):
-        return [Finding("info", "cpu", f"{arch} CPU: ONNX Runtime's int8 kernels use its dot-product instructions "
-                        "where present; measure INT8 against FP32 before choosing", "")]
-    if "avx2" not in isa:
-        return [Finding("warning", "cpu", f"{c.get('model', 'this CPU')} has no AVX2: ONNX Runtime's int8 kernels "
-                        "fall back to SSE and INT8 rarely beats FP32", "keep FP32 on this machine")]
-    out = []
-    if "amx_int8" in isa:
-        out.append(Finding("info", "cpu", "AMX-INT8 present: int8 matrix tiles; INT8 can be several times FP32", ""))
-    if "avx512_vnni" in isa or "avx_vnni" in isa:
-        out.append(Finding("info", "cpu", "VNNI present: int8 dot products in one instruction; INT8 GEMM ~2-4x FP32",
-                           ""))
-    else:
-        out.append(Finding("info", "cpu", f"{c.get('model', 'this CPU')}: AVX2 without VNNI: int8 GEMM reaches "
-                           "~1.5-2x FP32 at best, weights are quantized to 7 bits (reduce_range) so that 16-bit "
-                           "intermediate sums cannot saturate, and Q/DQ overhead can eat the gain on small layers",
-                           "measure with 'infertune profile --roofline' and let 'infertune tune' decide"))
-    if "avx512f" not in isa:
-        out.append(Finding("info", "cpu", "no AVX-512: FP32 and INT8 kernels use 256-bit vectors", ""))
+def normalize_probe(doc: object, where: str = "probe") -> dict:
+    """A probe in doctor's own format from ``doc``: ``doctor --json`` output, a bare ``probe()``, or the
+    short form ``{"packages": {"onnxruntime-gpu": "1.31.1", ...}, "cuda_runtime": "13.0" (or a list),
+    "driver": "580.65", "cudnn": "9.1", "gpus": [{"name": "NVIDIA L4", "compute_capability": "8.9"}]}``.
+    Keys left out are unknown (their rules are skipped), not absent."""
+    if isinstance(doc, dict) and doc.get("kind") == "doctor":
+        doc = doc.get("probe")
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: expected a JSON object like {{\"packages\": {{\"tensorrt\": \"11.4.0.106\"}}, "
+                         f"\"gpus\": [...]}}, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - PROBE_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(PROBE_KEYS))})")
+    out = {k: doc[k] for k in ("python", "platform", "ort_providers", "cpu") if k in doc}
+    packages = _mapping(doc, "packages", where)
+    out["packages"] = {str(k): _version(v, f"{where}: packages.{k}") for k, v in packages.items()}
+    cuda = dict(_mapping(doc, "cuda", where))
+    for short, key in SHORT_KEYS.items():
+        if short in doc:
+            cuda[key] = doc[short]
+    if isinstance(cuda.get("runtimes"), str):
+        cuda["runtimes"] = [cuda["runtimes"]]
+    for key in ("driver_cuda", "driver_version", "runtime", "cudnn"):
+        if key in cuda:
+            cuda[key] = _version(cuda[key], f"{where}: cuda.{key}")
+    if "runtimes" in cuda:
+        if not isinstance(cuda["runtimes"], list):
+            raise UsageError(f"{where}: cuda_runtime must be a version like '13.0' or a list of them")
+        cuda["runtimes"] = [_version(v, f"{where}: cuda_runtime") for v in cuda["runtimes"]]
+        cuda.setdefault("runtime", cuda["runtimes"][0] if cuda["runtimes"] else None)
+    out["cuda"] = cuda
+    out["gpus"] = [_gpu(g, f"{where}: gpus[{i}]") for i, g in enumerate(_list_of(doc, "gpus", where))]
     return out
 
 
-def _pip_cuda_major(pk: dict, prefix: str) -> int | None:
-    for dist, v in pk.items():
-        if v and dist.startswith(prefix):
-            return _major(v)
-    return None
+def _mapping(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: {key} must be an object, got {type(value).__name__}")
+    return value
 
 
-def _compat_cuda(t: dict, ort_gpu: str) -> int | None:
-    row = next((r for r in t["onnxruntime_gpu"] if _in_range(ort_gpu, r)), None)
-    return row["cuda_major"][-1] if row else None
+def _list_of(doc: dict, key: str, where: str) -> list:
+    value = doc.get(key, [])
+    if not isinstance(value, list):
+        raise UsageError(f"{where}: {key} must be a list, got {type(value).__name__}")
+    return value
 
 
-def _list(v: list) -> str:
-    return " or ".join(str(x) for x in v)
+def _version(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not version_tuple(value):
+        raise UsageError(f"{what} must be a version string like '13.0', got {value!r}")
+    return value
 
 
-def doctor() -> DoctorReport:
-    p = probe()
-    return DoctorReport(p, check(p))
+def _gpu(g: object, where: str) -> dict:
+    if not isinstance(g, dict):
+        raise UsageError(f"{where} must be an object like {{\"name\": \"NVIDIA L4\", \"compute_capability\": "
+                         f"\"8.9\"}}, got {g!r}")
+    cc = g.get("compute_capability")
+    if not re.fullmatch(r"\d+\.\d+", str(cc)):
+        raise UsageError(f"{where}.compute_capability must be like '8.9', got {cc!r}")
+    return {**g, "name": str(g.get("name", "GPU")), "compute_capability": str(cc)}

@@ -6,9 +6,11 @@ best; preflight reads what it was built for and compares it with this machine's 
 
 - a TensorRT engine built by infertune has a build record beside it (``<engine>.json``, written by
   ``backends.tensorrt``): TensorRT version and the version-compatible flag, hardware-compatibility
-  level, the GPU (name, compute capability, SMs) and CUDA runtime it was built with. TensorRT's
+  level, the GPU (name, compute capability, SMs) and the CUDA major of the TensorRT build. TensorRT's
   documented rules: a standard engine loads only on the exact TensorRT version that built it; a
-  version-compatible one on that version or later. Without hardware compatibility it runs only on
+  version-compatible one on that version or a later one of the same major (a 10.x engine never
+  loads on 11.x). The driver must run the engine's CUDA major (a driver older in minor is fine:
+  minor version compatibility). Without hardware compatibility it runs only on
   the GPU model it was built on; ``ampere+`` on any compute capability >= 8.0; ``same-cc`` on the
   same compute capability. Tactics are timed on the build GPU: another GPU of the same compute
   capability loads it but may run it slower. An engine without a record cannot be judged without
@@ -26,14 +28,16 @@ from pathlib import Path
 from infertune._io import read_json
 from infertune.backends import GPU_BACKENDS
 from infertune.deploy.artifact import MANIFEST, ArtifactError, sha256_file, verify
+from infertune.deploy.compat import at_least, compat_table, driver_cuda_major
 from infertune.deploy.doctor import SEVERITIES, Finding, version_tuple
 from infertune.errors import UsageError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 BACKEND_PACKAGES = {"ort": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"), "openvino": ("openvino",),
                     "ort-cuda": ("onnxruntime-gpu",), "ort-tensorrt": ("onnxruntime-gpu",),
-                    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")}
-BACKEND_EXTRA = {"openvino": "openvino", "ort-cuda": "gpu", "ort-tensorrt": "gpu", "tensorrt": "gpu"}
+                    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-bindings",
+                                 "tensorrt-cu13-bindings")}
+BACKEND_EXTRA = {"openvino": "openvino", "ort-cuda": "gpu-cu13", "ort-tensorrt": "gpu-cu13", "tensorrt": "tensorrt"}
 
 
 def preflight(path: str | Path, probe: dict | None = None) -> list[Finding]:
@@ -114,6 +118,10 @@ def check_engine(record: dict, here: dict) -> list[Finding]:
     if not trt_here:
         out.append(Finding("error", "tensorrt", f"TensorRT is not installed; the engine was built with {built}",
                            f"pip install 'tensorrt=={built}'"))
+    elif version_tuple(trt_here)[:1] != version_tuple(built)[:1]:
+        out.append(Finding("error", "tensorrt", f"engine built with TensorRT {built}, {trt_here} is installed: engines "
+                           "never load across major versions, version-compatible or not",
+                           f"rebuild it here, or pip install 'tensorrt=={built}'"))
     elif record.get("version_compatible"):
         if version_tuple(trt_here) < version_tuple(built):
             out.append(Finding("error", "tensorrt", f"version-compatible engine built with TensorRT {built} cannot "
@@ -127,11 +135,30 @@ def check_engine(record: dict, here: dict) -> list[Finding]:
                            "standard engine loads only on the exact version that built it",
                            f"pip install 'tensorrt=={built}', rebuild it here, or build with version_compatible=true"))
     out += _gpu_findings(record.get("gpu") or {}, here.get("gpus", []), record.get("hardware_compatibility", "none"))
-    runtime, driver = record.get("cuda_runtime"), (here.get("cuda") or {}).get("driver_cuda")
-    if runtime and driver and version_tuple(driver)[:2] < version_tuple(runtime)[:2]:
-        out.append(Finding("error", "driver", f"the driver supports CUDA up to {driver}; the engine's TensorRT ran on "
-                           f"CUDA {runtime}", f"update the NVIDIA driver to one for CUDA {runtime} or later"))
-    return out
+    return out + _driver_findings(str(record.get("cuda_runtime") or ""), here.get("cuda") or {})
+
+
+def _driver_findings(runtime: str, cuda: dict) -> list[Finding]:
+    """The engine's CUDA (major, or major.minor in old records) against the driver here."""
+    need = version_tuple(runtime)
+    have = driver_cuda_major(cuda)
+    if not need or have is None:
+        return []
+    row = compat_table()["cuda"].get(str(need[0]), {})
+    floor = row.get("min_driver_linux_tensorrt") or row.get("min_driver_linux")
+    fix = f"update the NVIDIA driver to >= {floor or 'one for CUDA ' + str(need[0])}"
+    if have < need[0]:
+        return [Finding("error", "driver", f"the engine's TensorRT is a CUDA {need[0]} build; the driver here "
+                        f"({cuda.get('driver_version') or 'version unknown'}) runs CUDA up to {have}.x", fix)]
+    if cuda.get("driver_version") and floor and not at_least(cuda["driver_version"], floor):
+        return [Finding("error", "driver", f"the driver here ({cuda['driver_version']}) is older than {floor}, "
+                        f"TensorRT's minimum on CUDA {need[0]}", fix)]
+    driver = version_tuple(cuda.get("driver_cuda"))
+    if have == need[0] and len(need) > 1 and len(driver) > 1 and driver[:2] < need[:2]:
+        return [Finding("info", "driver", f"the engine's TensorRT used CUDA {runtime}; the driver here supports "
+                        f"{cuda.get('driver_cuda')}: it runs through CUDA minor version compatibility",
+                        "none needed (only PTX compiled for a newer minor would need a newer driver)")]
+    return []
 
 
 def _gpu_findings(built: dict, gpus: list[dict], level: str) -> list[Finding]:

@@ -32,3 +32,25 @@ class NoisyBackend:
 
     def versions(self) -> dict[str, str]:
         return {}
+
+
+class RecordingGpuBackend:
+    """A GPU runtime as tune sees one (tests/test_tune_gpu.py): ONNX Runtime on the CPU underneath,
+    every compile recorded (which graph, with which options), its options checked by ``GpuOptions``
+    as the real GPU backends check them."""
+
+    name = "fake-gpu"
+    compiles: list[dict] = []
+
+    def compile(self, model: Model, settings: Settings):
+        from dataclasses import replace
+
+        from infertune.backends.gpu import GpuOptions, graph_precision
+
+        GpuOptions.from_settings(settings)
+        RecordingGpuBackend.compiles.append({"precision": graph_precision(model), "options": dict(settings.options),
+                                             "threads": settings.intra_op_threads})
+        return OrtBackend().compile(model, replace(settings, options={}))
+
+    def versions(self) -> dict[str, str]:
+        return {"fake-gpu": "1"}

@@ -359,7 +359,7 @@ def test_tune_runtime_errors(tmp_path, monkeypatch):
     m, calib, ev = _digits(10)
     toy = dataclasses.replace(backends.runtime("ort"), name="toy", placement=None)  # runs, but no INT8 placement
     monkeypatch.setitem(backends._REGISTRY, "toy", toy)
-    with pytest.raises(UsageError, match="tune's INT8 search cannot run on toy"):
+    with pytest.raises(UsageError, match="tune cannot search toy .*neither an INT8 placement nor FP16"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "a", runtimes=("ort", "toy"))
     with pytest.raises(UsageError, match="unknown backend"):
         tune(m, calib, ev, Budget.parse("cosine>=0.9"), run_dir=tmp_path / "b", runtimes=("ort", "tvm"))

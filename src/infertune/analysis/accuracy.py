@@ -147,9 +147,11 @@ class Evaluator:
             raise ValueError("reference outputs must cover every feed and every model output")
         self._ref_outputs = outputs
 
-    def run(self, model: Model, backend: str = "ort") -> list[dict[str, np.ndarray]]:
-        """``model``'s outputs on every feed; compiled for the feeds' shapes when they all share them."""
-        settings = self.settings or backends.Settings()
+    def run(self, model: Model, backend: str = "ort",
+            settings: backends.Settings | None = None) -> list[dict[str, np.ndarray]]:
+        """``model``'s outputs on every feed on ``backend`` (with ``settings``, default the evaluator's);
+        compiled for the feeds' shapes when they all share them."""
+        settings = settings or self.settings or backends.Settings()
         if not settings.static_shapes:
             settings = replace(settings, static_shapes=backends.static_shapes(self.feeds))
         runner = backends.compile(model, settings, backend=backend)

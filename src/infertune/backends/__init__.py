@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
@@ -213,6 +213,17 @@ def check_settings(name: str, settings: Settings) -> None:
             takes = ", ".join(_OPTION_FAMILIES[f] for f in sorted(entry.options)) or "no --option"
             raise UsageError(f"--option {key}: {name} ({entry.display}) does not use {_OPTION_FAMILIES[family]}; "
                              f"it takes {takes}")
+
+
+def fit_settings(name: str, settings: Settings) -> Settings:
+    """``settings`` without what runtime ``name`` does not honour (defaults in its place): for the
+    library reusing one runtime's settings on another (tune's evaluator on a GPU runtime); what a
+    user gives is checked instead (``check_settings``)."""
+    entry = runtime(name)
+    default = Settings()
+    fields = {k: getattr(default, k) for k in _FLAGS if k not in entry.settings}
+    options = {k: v for k, v in settings.options.items() if option_family(k) in entry.options}
+    return replace(settings, **fields, options=options)
 
 
 def option_family(key: str) -> str:

@@ -27,6 +27,11 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
+def _searchable(name: str) -> bool:
+    entry = backends.runtime(name)
+    return bool(entry.placement or entry.fp16)
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", "calib_data", required=True, metavar="D", help="Calibration data.")
@@ -41,10 +46,11 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--methods", "methods_text", default="auto", show_default=True, metavar="M1,M2",
               help=f"Calibration methods to try ({', '.join(METHODS)}).")
 @click.option("--runtimes", "runtimes_text", default="auto", show_default=True, metavar="R1,R2",
-              help="Runtimes to try (those with an INT8 placement: "
-                   f"{', '.join(n for n in backends.names() if backends.runtime(n).placement)}); "
-                   "'auto' = ort plus openvino when it is installed. "
-                   "INT8 is placed, ranked and bisected on each runtime separately.")
+              help="Runtimes to try (those with an INT8 placement or FP16: "
+                   f"{', '.join(n for n in backends.names() if _searchable(n))}); "
+                   "'auto' = ort, plus openvino when it is installed, plus the GPU runtimes when a GPU is usable. "
+                   "INT8 is placed, ranked and bisected on each runtime separately; GPU runtimes also try FP16 "
+                   "and CUDA graphs.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
               help="Stop starting trials after S seconds.")
@@ -79,7 +85,9 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
     if bad or not methods:
         raise UsageError(f"--methods: unknown method {bad[0] if bad else methods_text!r} (known: {', '.join(METHODS)})")
     if runtimes_text == "auto":
-        runtimes = [r for r in ("ort", "openvino") if backends.available().get(r)]
+        from infertune.search.runtimes import auto_runtimes
+
+        runtimes = auto_runtimes()
     else:
         runtimes = [r.strip() for r in runtimes_text.split(",") if r.strip()]
     b = Budget.parse(budget)

@@ -56,13 +56,14 @@ def choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
     simplest = min(fp32, key=lambda t: t.p50_ms)
     fastest = min(met, key=lambda t: t.p50_ms)
     if fastest is simplest:
-        int8 = [t for t in met if t.spec.precision == "int8"]
-        if int8:
-            best8 = min(int8, key=lambda t: t.p50_ms)
-            decisions.append(f"chose {simplest.spec.label()}: {simplest.p50_ms:.3f} ms; the fastest INT8 variant "
+        reduced = [t for t in met if t.spec.precision != "fp32"]
+        if reduced:
+            best8 = min(reduced, key=lambda t: t.p50_ms)
+            kind = best8.spec.precision.upper()
+            decisions.append(f"chose {simplest.spec.label()}: {simplest.p50_ms:.3f} ms; the fastest {kind} variant "
                              f"that meets the budget takes {best8.p50_ms:.3f} ms "
                              f"({best8.p50_ms / simplest.p50_ms:.2f}x): too small a model, or too little "
-                             "8-bit work, for quantization to pay here")
+                             f"{'8-bit' if kind == 'INT8' else 'reduced-precision'} work, for quantization to pay here")
         else:
             decisions.append(f"chose {simplest.spec.label()}: no INT8 variant met the budget")
         return simplest

@@ -1,5 +1,13 @@
 """One trial, measured: build the variant, judge its accuracy on its runtime, time it in its own
-process (``perf.isolated``: a fresh runtime with nothing else loaded)."""
+process (``perf.isolated``: a fresh runtime with nothing else loaded).
+
+Variants: FP32 is the source model; INT8 the calibrated space's Q/DQ graph for the runtime's
+placement; FP16 the source converted by ``quant.fp16.to_fp16`` (float32 I/O, reductions and
+normalisations kept in float32), built once per run, for runtimes whose registry entry runs FP16.
+On a GPU runtime every compile gets the run's engine and timing caches (``run_settings``), so
+evaluating, timing and the runoff reuse one engine build; the artifact records ``settings``,
+without them.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from infertune.data import Dataset
 from infertune.errors import InfertuneError, InfertuneWarning
 from infertune.model import Model
 from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
+from infertune.quant.fp16 import to_fp16
 from infertune.quant.space import QuantSpace, calibrated_space
 from infertune.search.trials import Trial, TrialSpec
 
@@ -32,6 +41,7 @@ class TrialRunner:
         self.next_index = first_index
         # every evaluation feed has one size: compile for it, as a deployment feeding that size does
         self.static_shapes = backends.static_shapes(evaluator.feeds)
+        self._fp16: Model | None = None
 
     def space(self, method: str, target: str) -> QuantSpace:
         if (method, target) not in self.spaces:
@@ -44,7 +54,14 @@ class TrialRunner:
     def build(self, spec: TrialSpec) -> Model:
         if spec.precision == "fp32":
             return self.source
+        if spec.precision == "fp16":
+            return self.fp16_variant()
         return self.space(spec.method, spec.target).build(spec.exclude)
+
+    def fp16_variant(self) -> Model:
+        if self._fp16 is None:
+            self._fp16 = to_fp16(self.source).model
+        return self._fp16
 
     def run_trial(self, spec: TrialSpec) -> Trial:
         start = time.perf_counter()
@@ -60,7 +77,7 @@ class TrialRunner:
 
     def _measure(self, spec: TrialSpec, start: float) -> Trial:
         model = self.build(spec)
-        verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend), self.budget)
+        verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend, self.eval_settings(spec)), self.budget)
         rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
         if spec.precision == "fp32" and spec.backend != backends.DEFAULT:
             met, note = self._agrees(metrics, met, note, spec.backend)
@@ -99,12 +116,26 @@ class TrialRunner:
         return path
 
     def settings(self, spec: TrialSpec) -> backends.Settings:
-        """How ``spec``'s variant is compiled: its threads and level, for the feeds' static shapes."""
+        """How ``spec``'s variant is compiled: its threads, level and knobs, for the feeds' static shapes."""
         return replace(settings_of(spec), static_shapes=self.static_shapes)
+
+    def run_settings(self, spec: TrialSpec) -> backends.Settings:
+        """``settings`` plus, on a GPU runtime, the run's engine and timing caches."""
+        s = self.settings(spec)
+        if not backends.runtime(spec.backend).gpu:
+            return s
+        cache = {"engine_cache": str(self.run_dir / "engines"), "timing_cache": str(self.run_dir / "timing.cache")}
+        return replace(s, options={**cache, **s.options})
+
+    def eval_settings(self, spec: TrialSpec) -> backends.Settings:
+        """The evaluator's settings (its threads) with ``spec``'s knobs and caches, as its runtime takes them."""
+        base = self.evaluator.settings or backends.Settings()
+        return backends.fit_settings(spec.backend, replace(base, options={**base.options,
+                                                                           **self.run_settings(spec).options}))
 
     def time(self, specs: list[TrialSpec], rounds: int) -> dict[str, IsolatedLatency]:
         """p50 on the first evaluation feed, each variant in its own process, alternated in rounds."""
-        variants = [Variant(s.key, self.model_file(s), s.backend, self.settings(s)) for s in specs]
+        variants = [Variant(s.key, self.model_file(s), s.backend, self.run_settings(s)) for s in specs]
         return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=self.latency_s)
 
 
@@ -114,4 +145,4 @@ def time_variants(variants: list[Variant], feed: dict, *, rounds: int, seconds: 
 
 
 def settings_of(spec: TrialSpec) -> backends.Settings:
-    return backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt)
+    return backends.Settings(intra_op_threads=spec.threads, graph_optimization=spec.opt, options=dict(spec.options))

@@ -32,9 +32,9 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
     recipe = None
     if chosen.spec.precision == "int8":
         recipe = runner.space(chosen.spec.method, chosen.spec.target).result(chosen.spec.exclude).recipe.to_dict()
-    settings = runner.settings(chosen.spec)
-    result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0], settings,
-                                             chosen.spec.backend)
+    settings = runner.settings(chosen.spec)  # what the artifact records (a GPU run's engine cache is not)
+    result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0],
+                                             runner.run_settings(chosen.spec), chosen.spec.backend)
     report = write_report(result.to_dict(), runner.run_dir / "report.html")
     return save_artifact(output, model, source_sha256=source_sha, settings=settings, recipe=recipe,
                          backend=chosen.spec.backend,
@@ -55,10 +55,11 @@ def measure_for_report(result: TuneResult, source: Model, chosen: Model, feed: d
         runtime = backends.DEFAULT if label == "fp32" else backend
         if not backends.runtime(runtime).profiles:
             continue
-        p = profile(m, one, settings=settings, runs=profile_runs, backend=runtime)
+        p = profile(m, one, settings=backends.fit_settings(runtime, settings), runs=profile_runs, backend=runtime)
         ops[label] = {o.op_type: o.mean_us for o in p.op_types}
     batches = [b for b in SWEEP_BATCHES if batchable(chosen)] or [1]
-    threads = sorted({t.spec.threads for t in result.trials}) or [settings.intra_op_threads]
+    threads = sorted({t.spec.threads for t in result.trials if t.spec.backend == backend}) or [
+        settings.intra_op_threads]
     # the sweep asks what other batch sizes would give: the model keeps its dynamic dims there
     sw = sweep(chosen, Dataset.from_iterable([feed] * max(batches)), {"batch": batches, "threads": threads},
                settings=replace(settings, static_shapes={}), seconds=sweep_seconds, backend=backend)

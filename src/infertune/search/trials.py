@@ -10,12 +10,17 @@ from typing import Literal, get_args
 from infertune import backends
 from infertune.errors import UsageError
 
-Precision = Literal["fp32", "int8"]
+Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+KNOB_LABELS = {"cuda_graph": "CUDA graph"}  # runtime knobs tune searches, as a label shows them
 
 
 @dataclass(frozen=True)
 class TrialSpec:
+    """One variant on one runtime. ``options``: runtime knobs (``Settings.options``, e.g. the GPU
+    backends' ``cuda_graph``), sorted (name, value) pairs; part of the key only when given, so the
+    keys of CPU trials recorded before knobs existed still match."""
+
     precision: Precision
     method: str = ""  # calibration method (int8)
     exclude: tuple[str, ...] = ()  # nodes kept in float (int8)
@@ -23,6 +28,7 @@ class TrialSpec:
     opt: str = "all"
     backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
     target: str = ""  # Q/DQ placement (int8); empty: the runtime's own (its registry entry)
+    options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -30,24 +36,41 @@ class TrialSpec:
         if self.precision == "int8" and not self.target:
             placement = backends.require(self.backend, "placement", "INT8").placement
             object.__setattr__(self, "target", placement)
+        if self.precision == "fp16":
+            backends.require(self.backend, "fp16", "an FP16 variant")
+        pairs = self.options.items() if isinstance(self.options, dict) else self.options
+        object.__setattr__(self, "options", tuple(sorted((str(k), str(v)) for k, v in pairs)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.options:
+            d["options"] = dict(self.options)
+        else:
+            del d["options"]
+        return d
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
         t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
         on = backends.runtime(self.backend).on()
+        knobs = "".join(f", {KNOB_LABELS.get(k, k)}" + ("" if v in ("1", "true") else f"={v}")
+                        for k, v in self.options)
         if self.precision == "fp32":
-            return f"FP32{on}, {t}"
-        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}"
+            return f"FP32{on}, {t}{knobs}"
+        if self.precision == "fp16":
+            return f"FP16{on}, {t}{knobs}"
+        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}{knobs}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
         # journals from before per-runtime placement built every INT8 variant for ort-cpu
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
                    d.get("opt", "all"), d.get("backend", "ort"),
-                   d.get("target", "ort-cpu" if d["precision"] == "int8" else ""))
+                   d.get("target", "ort-cpu" if d["precision"] == "int8" else ""),
+                   tuple(sorted(dict(d.get("options") or {}).items())))
 
 
 @dataclass
@@ -62,7 +85,7 @@ class Trial:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "key": self.spec.key, "spec": asdict(self.spec), "label": self.spec.label(),
+        return {"index": self.index, "key": self.spec.key, "spec": self.spec.to_dict(), "label": self.spec.label(),
                 "metrics": self.metrics, "p50_ms": self.p50_ms, "met": self.met, "seconds": round(self.seconds, 3),
                 "model_file": self.model_file, "note": self.note}
 

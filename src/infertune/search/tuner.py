@@ -3,15 +3,17 @@
 The search (``Tuner``), cheapest first:
 
 1. ``measure_fp32``: FP32 on every runtime at every thread count asked for (the reference: it
-   always meets the budget);
-2. ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
+   always meets the budget; a GPU runtime once, ``runtimes.thread_counts``);
+2. ``search_fp16``: per runtime that runs FP16 (the GPU ones), the FP16 variant (``quant.fp16``);
+   ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
    what its graph optimiser fuses or accepts; one calibration per method asked for) with nothing
    excluded, evaluated on it;
 3. if no INT8 variant meets the budget there: ``rank`` (the exact sensitivity ranking of the best
    method's groups, measured on that runtime: kernels differ, and OpenVINO's int8 convolutions on
    a CPU without VNNI lose more than ONNX Runtime's), then ``bisect`` over how many of the most
    sensitive groups stay float;
-4. ``other_threads``: the passing INT8 variant at the other thread counts;
+4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
+   runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).
 
 It stops when the budget is met by the fewest exclusions (more exclusions only add float work),
@@ -58,6 +60,7 @@ from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
 from infertune.search.measure import TrialRunner
 from infertune.search.mixed_precision import fewest_in_float
 from infertune.search.result import TuneResult
+from infertune.search.runtimes import knob_options, searchable, thread_counts
 from infertune.search.trials import Trial, TrialSpec
 
 OnTrial = Callable[[Trial, bool], None]
@@ -98,22 +101,44 @@ class Tuner:
         for runtime in self.runtimes:
             if self.stopped:
                 break
-            self.other_threads(self.search_int8(runtime))
+            passing = self.search_fp16(runtime) + self.search_int8(runtime)
+            self.other_threads(passing)
+            self.try_knobs(runtime, passing)
         return self.decide()
 
     def measure_fp32(self) -> None:
-        self.fp32 = self.ask(TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes for t in self.threads)
+        self.fp32 = self.ask(TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes
+                             for t in thread_counts(r, self.threads))
+
+    def search_fp16(self, runtime: str) -> list[Trial]:
+        """The FP16 variant on a runtime that runs FP16 (and whose FP32 agrees with ONNX Runtime's)."""
+        fp32 = [t for t in self.fp32 if t.spec.backend == runtime]
+        if not backends.runtime(runtime).fp16 or self.stopped or (fp32 and not any(t.met for t in fp32)):
+            return []
+        spec = TrialSpec("fp16", threads=thread_counts(runtime, self.threads)[0], backend=runtime)
+        return [t for t in self.ask([spec]) if t.met]
+
+    def try_knobs(self, runtime: str, passing: list[Trial]) -> None:
+        """The fastest variant on ``runtime`` that met the budget, with each of its knobs set."""
+        options = knob_options(runtime)
+        met = passing + [t for t in self.fp32 if t.spec.backend == runtime and t.met]
+        if options and met and not self.stopped:
+            s = min(met, key=lambda t: t.p50_ms).spec
+            self.ask(replace(s, options={**dict(s.options), **o}) for o in options)
 
     def search_int8(self, runtime: str) -> list[Trial]:
         """INT8 on ``runtime``: every method; if none meets the budget, bisection over its ranking."""
         on = backends.runtime(runtime).on()
+        if not backends.runtime(runtime).placement:
+            return []
         fp32 = [t for t in self.fp32 if t.spec.backend == runtime]
         if fp32 and not any(t.met for t in fp32):
             self.decisions.append(f"{backends.runtime(runtime).display}'s FP32 outputs do not meet {self.budget} "
                                   f"against ONNX Runtime's ({fp32[0].note or metric_text(fp32[0], self.budget)}): "
                                   "its INT8 numbers cannot be trusted, not tried")
             return []
-        int8 = self.ask(TrialSpec("int8", method=m, threads=self.threads[0], backend=runtime) for m in self.methods)
+        threads = thread_counts(runtime, self.threads)[0]
+        int8 = self.ask(TrialSpec("int8", method=m, threads=threads, backend=runtime) for m in self.methods)
         passing = [t for t in int8 if t.met]
         ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
         if int8 and not ran:
@@ -178,7 +203,7 @@ class Tuner:
 
     def other_threads(self, passing: list[Trial]) -> None:
         """The fastest passing INT8 variant at every other thread count."""
-        if passing and len(self.threads) > 1 and not self.stopped:
+        if passing and len(thread_counts(passing[0].spec.backend, self.threads)) > 1 and not self.stopped:
             s = min(passing, key=lambda t: t.p50_ms).spec
             self.ask(replace(s, threads=t) for t in self.threads if t != self.threads[0])
 
@@ -198,8 +223,9 @@ class Tuner:
         else:
             chosen = choose(self.fp32, met, self.decisions)
         if not self.stopped:
-            self.stopped = "budget met; more float nodes would only add work" if chosen.spec.precision == "int8" \
-                else "FP32 is the fastest variant that meets the budget"
+            self.stopped = {"int8": "budget met; more float nodes would only add work",
+                            "fp16": "budget met by the FP16 variant"}.get(
+                chosen.spec.precision, "FP32 is the fastest variant that meets the budget")
         ranking = self.rankings.get(chosen.spec.backend) or next(iter(self.rankings.values()), [])
         return TuneResult(str(self.budget), sorted(self.trials.values(), key=lambda t: t.index), chosen,
                           self.decisions, ranking, str(self.root), stopped=self.stopped, runoff=measured,
@@ -243,7 +269,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
     for r in runtimes:
-        backends.require(r, "placement", "tune's INT8 search")
+        searchable(r)
         backends.get_backend(r)  # not installed: a clear error before any trial
     if max_trials < 1:
         raise UsageError(f"max_trials must be >= 1, got {max_trials}")

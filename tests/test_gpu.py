@@ -8,6 +8,7 @@ tests/test_gpu_conformance.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,35 @@ def test_native_tensorrt_qdq_timings_layers_streams_and_preflight(qdq, cnn, tmp_
     assert r.layer_times(x) and "Layers" in r.layer_information()
     engine = next(tmp_path.glob("*.engine"))
     assert not [f for f in preflight(engine) if f.severity == "error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-tensorrt", "tensorrt"])
+def test_an_fp16_graph_runs_in_fp16_on_the_gpu(backend, cnn, tmp_path):
+    """FP16 as tune builds it: an FP16 graph (quant.fp16), built strongly typed on native TensorRT."""
+    half = to_fp16(cnn).model
+    x = {"x": np.random.default_rng(4).standard_normal((4, 3, 12, 12)).astype(np.float32)}
+    r = backends.compile(half, _settings(profile_shapes=PROFILE, engine_cache=str(tmp_path)), backend=backend)
+    _close(r.run(x), backends.compile(cnn).run(x), 5e-2)
+    if backend == "tensorrt":
+        record = json.loads(next(tmp_path.glob("*.json")).read_text())
+        assert record["plan"]["precision"] == "fp16" and record["cuda_runtime"] in ("12", "13")
+
+
+@pytest.mark.gpu
+def test_tune_searches_the_gpu_runtimes_here(tmp_path):
+    from infertune import Budget, Evaluator, tune
+    from infertune.search.runtimes import auto_runtimes
+
+    runtimes = auto_runtimes()
+    assert any(backends.runtime(r).gpu for r in runtimes), "a usable GPU, but no GPU runtime loads"
+    digits = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    m = Model.load(digits / "digits_cnn.onnx")
+    with np.load(digits / "calib.npz") as z:
+        calib = Dataset.from_iterable([{"image": z["image"][i:i + 1]} for i in range(16)])
+        feeds = [{"image": z["image"][i:i + 1]} for i in range(16, 48)]
+    r = tune(m, calib, Evaluator(m, feeds), Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run",
+             runtimes=runtimes, latency_s=0.2)
+    gpu = [t for t in r.trials if backends.runtime(t.spec.backend).gpu]
+    assert {t.spec.precision for t in gpu} >= {"fp32", "fp16"} and all(not t.note.startswith("failed") for t in gpu)
+    assert any(t.spec.options for t in gpu)  # CUDA graphs tried

@@ -19,8 +19,8 @@ major), cuda-python 12.x and 13.x (``cuda-bindings``), onnxruntime-gpu 1.31.1. C
 - TensorRT's bindings without their libraries: BackendUnavailable (exit 3), not an ImportError;
 - the GPU extras ask for what compat.json says goes together.
 
-About 45 s warm (two harness runs of 2592 builds each dominate); the first run downloads about
-270 MB (onnxruntime-gpu is 255 MB of it).
+About 50 s here, cold or warm (the two harness runs of 2592 builds each dominate); the first run
+downloads about 270 MB (onnxruntime-gpu is 255 MB of it).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Used by tests/test_gpu_conformance.py:
   symbols), so no binutils are needed; stubs need a C compiler (``cc``/``gcc``).
 
 Everything lands in ``$INFERTUNE_CACHE`` or ``~/.cache/infertune`` under ``gpu-conformance/``
-(about 360 MB, most of it onnxruntime-gpu), downloaded once. One TensorRT major per process: both
-are the module ``tensorrt_bindings`` (``run_child``).
+(about 420 MB unpacked, most of it onnxruntime-gpu), downloaded once (about 270 MB). One TensorRT
+major per process: both are the module ``tensorrt_bindings`` (``run_child``).
 """
 
 from __future__ import annotations
@@ -70,11 +70,13 @@ def wheel(package: str, version: str) -> Path:
     return found[0]
 
 
-def unpacked(name: str, wheels: list[Path], keep_wheels: bool = True) -> Path:
-    """The wheels unpacked together into ``cache()/name`` (once; a marker file says it finished)."""
+def unpacked(name: str, requirements: list[tuple[str, str]], keep_wheels: bool = True) -> Path:
+    """The wheels of ``requirements`` ((package, version) pairs) unpacked together into ``cache()/name``,
+    fetched only when that is not there yet (a marker file says the unpacking finished)."""
     dest = cache() / name
     if (dest / ".unpacked").exists():
         return dest
+    wheels = [wheel(package, version) for package, version in requirements]
     tmp = Path(tempfile.mkdtemp(dir=cache(), prefix=f".{name}."))
     for w in wheels:
         with zipfile.ZipFile(w) as z:
@@ -92,7 +94,7 @@ def tensorrt_bindings(major: int, cuda: int = 12) -> dict:
     """{'site', 'shim', 'stubs', 'version', 'dist'} for TensorRT ``major`` (the pinned version)."""
     version = TENSORRT[major]
     package = f"tensorrt-cu{cuda}-bindings"
-    site = unpacked(f"{package}-{version}", [wheel(package, version)])
+    site = unpacked(f"{package}-{version}", [(package, version)])
     so = next((site / "tensorrt_bindings").glob("tensorrt*.so"))
     return {"site": str(site), "shim": str(shim()), "stubs": [str(s) for s in stubs(so, site / "stubs")],
             "version": version, "dist": package.replace("-", "_"), "so": str(so)}
@@ -100,14 +102,13 @@ def tensorrt_bindings(major: int, cuda: int = 12) -> dict:
 
 def cuda_python(major: int) -> dict:
     version = CUDA_PYTHON[major]
-    site = unpacked(f"cuda-bindings-{version}", [wheel("cuda-bindings", version),
-                                                 wheel("cuda-pathfinder", CUDA_PATHFINDER)])
+    site = unpacked(f"cuda-bindings-{version}", [("cuda-bindings", version), ("cuda-pathfinder", CUDA_PATHFINDER)])
     return {"site": str(site), "version": version}
 
 
 def onnxruntime_gpu(version: str = ONNXRUNTIME_GPU) -> Path:
     """The onnxruntime-gpu wheel unpacked (about 350 MB; the 255 MB wheel is not kept)."""
-    return unpacked(f"onnxruntime-gpu-{version}", [wheel("onnxruntime-gpu", version)], keep_wheels=False)
+    return unpacked(f"onnxruntime-gpu-{version}", [("onnxruntime-gpu", version)], keep_wheels=False)
 
 
 def shim() -> Path:

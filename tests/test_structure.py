@@ -12,7 +12,8 @@ import infertune
 SRC = Path(infertune.__file__).resolve().parent
 # a layer may import its own and the layers below it, never one above
 LAYERS = [
-    {"errors", "_io", "outputs", "limits", "checks", "fingerprint", "model", "data", "preprocess"},  # ground floor
+    {"errors", "_io", "outputs", "limits", "checks", "fingerprint", "model", "data", "preprocess",
+     "usercode"},  # ground floor
     {"backends"},
     {"quant", "perf", "analysis", "deploy"},  # siblings: they may use each other, never the layers above
     {"report"},

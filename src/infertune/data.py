@@ -1,7 +1,8 @@
 """Datasets: iterables of feeds ``{input_name: ndarray}``, from files, images, synthetic or Python.
 
 A *sample* is one feed whose batch axis (axis 0) has size 1; files hold samples stacked
-along axis 0. ``batched(ds, n)`` joins consecutive samples along the (dynamic) batch axis.
+along axis 0, or one complete feed each (any shapes, scalars allowed: ``stacked`` tells them
+apart). ``batched(ds, n)`` joins consecutive samples along the (dynamic) batch axis.
 Arrays in a file that are not model inputs (labels, for instance) are kept apart as
 *extras* and never fed to the model.
 
@@ -44,11 +45,13 @@ class Dataset:
         name: str,
         size: int | None = None,
         extras: dict[str, np.ndarray] | None = None,
+        layout: str = "",
     ) -> None:
         self._source = source
         self.name = name
         self.size = size
         self.extras = extras or {}
+        self.layout = layout  # how the source was read, in words (printed by the CLI)
 
     def __iter__(self) -> Iterator[Feed]:
         return iter(self._source())
@@ -68,7 +71,7 @@ class Dataset:
 
         size = n if self.size is None else min(n, self.size)
         extras = {k: v[:n] for k, v in self.extras.items()}
-        return Dataset(gen, name=f"{self.name}[:{n}]", size=size, extras=extras)
+        return Dataset(gen, name=f"{self.name}[:{n}]", size=size, extras=extras, layout=self.layout)
 
     def materialize(self) -> list[Feed]:
         return list(self)
@@ -94,38 +97,51 @@ class Dataset:
             for i in range(n):
                 yield {k: v[i : i + 1] for k, v in arrays.items()}
 
-        return cls(gen, name=name, size=n)
+        return cls(gen, name=name, size=n, layout=f"{n} {STACKED}")
 
     @classmethod
-    def from_npz(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None) -> Dataset:
+    def from_npz(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None,
+                 model: Model | None = None) -> Dataset:
+        """Samples stacked along axis 0, or (when its arrays cannot be a stack: ``stacked``) one feed."""
         p = _existing(path)
-        return cls.from_arrays(load_arrays(p, "data file"), name=str(p), inputs=inputs)
+        arrays = load_arrays(p, "data file")
+        if not arrays or stacked(arrays, model, inputs):
+            return cls.from_arrays(arrays, name=str(p), inputs=inputs)
+        return cls(lambda: iter([dict(arrays)]), name=str(p), size=1, layout="one feed")
 
     @classmethod
-    def from_directory(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None) -> Dataset:
-        """A directory of ``.npz`` files (one feed each) or ``<input>.npy`` files per sample dir.
+    def from_directory(cls, path: str | os.PathLike[str], *, inputs: Iterable[str] | None = None,
+                       model: Model | None = None) -> Dataset:
+        """A directory of ``.npz`` files or ``<input>.npy`` files per sample dir.
 
-        Layout accepted: ``dir/*.npz`` (each a feed of one or more samples) or
-        ``dir/<sample>/<input_name>.npy``. Files are read lazily, in sorted order.
+        Layout accepted: ``dir/*.npz`` (each one complete feed, any shapes, scalars allowed; or samples
+        stacked along axis 0, told apart per file by ``stacked``) or ``dir/<sample>/<input_name>.npy``.
+        Files are read lazily, in sorted order.
         """
         p = _existing(path)
         npz = sorted(p.glob("*.npz"))
         subdirs = sorted(d for d in p.iterdir() if d.is_dir() and any(d.glob("*.npy")))
         npy = sorted(p.glob("*.npy"))
+        inputs = None if inputs is None else list(inputs)
         if npz:
             def gen() -> Iterator[Feed]:
                 for f in npz:
-                    yield from Dataset.from_npz(f, inputs=inputs)
+                    yield from Dataset.from_npz(f, inputs=inputs, model=model)
 
-            return cls(gen, name=str(p), size=None)
+            first = load_arrays(npz[0], "data file")
+            how = STACKED + " in each" if first and stacked(first, model, inputs) else ONE_FEED
+            return cls(gen, name=str(p), size=None, layout=f"a directory of {len(npz)} .npz files, {how}")
         if subdirs:
             def gen_dirs() -> Iterator[Feed]:
                 for d in subdirs:
                     yield {f.stem: load_npy(f) for f in sorted(d.glob("*.npy"))}
 
-            return cls(gen_dirs, name=str(p), size=len(subdirs))
+            return cls(gen_dirs, name=str(p), size=len(subdirs),
+                       layout=f"{len(subdirs)} sample folders of .npy files, one feed per folder")
         if npy:
-            return cls.from_arrays({f.stem: load_npy(f) for f in npy}, name=str(p), inputs=inputs)
+            ds = cls.from_arrays({f.stem: load_npy(f) for f in npy}, name=str(p), inputs=inputs)
+            ds.layout = f"one .npy per input, {ds.layout}"
+            return ds
         raise DataError(f"data directory {p} holds no .npz, .npy or sample folders")
 
     @classmethod
@@ -146,15 +162,17 @@ class Dataset:
             for f in files:
                 yield {input_name: spec.apply(load_image(f))}
 
-        return cls(gen, name=str(p), size=len(files))
+        return cls(gen, name=str(p), size=len(files), layout=f"{len(files)} images, one feed each (preprocessed)")
 
     @classmethod
     def from_iterable(cls, items: Iterable[Feed], *, name: str = "iterable") -> Dataset:
-        """Any Python iterable of feeds. A one-shot iterator is cached so it can be re-read."""
+        """Any Python iterable of feeds (each one complete feed, any shapes). A one-shot iterator is
+        cached so it can be re-read."""
+        layout = "a Python iterable of feeds"
         if isinstance(items, Iterator):
             cache = list(items)
-            return cls(lambda: iter(cache), name=name, size=len(cache))
-        return cls(lambda: iter(items), name=name, size=_len_or_none(items))
+            return cls(lambda: iter(cache), name=name, size=len(cache), layout=layout)
+        return cls(lambda: iter(items), name=name, size=_len_or_none(items), layout=layout)
 
     @classmethod
     def synthetic(
@@ -169,7 +187,7 @@ class Dataset:
             for _ in range(samples):
                 yield synthetic_feed(model, dims=dims, rng=rng)
 
-        return cls(gen, name=f"synthetic(seed={seed})", size=samples)
+        return cls(gen, name=f"synthetic(seed={seed})", size=samples, layout=f"{samples} synthetic feeds")
 
 
 def synthetic_feed(
@@ -264,7 +282,8 @@ def batched(dataset: Dataset, batch_size: int) -> Dataset:
             yield _concat(buf)
 
     size = None if dataset.size is None else math.ceil(dataset.size / batch_size)
-    return Dataset(gen, name=f"{dataset.name} (batch {batch_size})", size=size)
+    return Dataset(gen, name=f"{dataset.name} (batch {batch_size})", size=size,
+                   layout=f"{dataset.layout}, joined in batches of {batch_size}")
 
 
 def _concat(feeds: list[Feed]) -> Feed:
@@ -460,9 +479,17 @@ def load_dataset(
     preprocess: str | os.PathLike[str] | None = None,
     input_name: str | None = None,
 ) -> Dataset:
-    """The dataset a CLI argument names: a .npz, a directory, images + spec, or 'synthetic'."""
+    """The dataset a CLI argument names: a .npz, a directory, images + spec, FILE.py:FUNC (a function of
+    yours returning an iterable of feeds), or 'synthetic'."""
     if spec is None or str(spec) == "synthetic":
         return Dataset.synthetic(model, samples=samples, seed=seed, dims=dims)
+    if re.fullmatch(r".+\.py:[A-Za-z_]\w*", str(spec)):
+        from infertune.usercode import UserFunction
+
+        fn = UserFunction.parse(str(spec), "--data")
+        ds = Dataset.from_iterable(fn(), name=str(spec))
+        ds.layout = f"a Python iterable of feeds from {fn.func}()"
+        return ds
     p = Path(spec)
     if preprocess is not None:
         from infertune.preprocess import PreprocessSpec
@@ -475,10 +502,35 @@ def load_dataset(
             raise UsageError(
                 f"{p} holds images: give a preprocessing spec with --preprocess SPEC.json"
             )
-        return Dataset.from_directory(p, inputs=names)
+        return Dataset.from_directory(p, inputs=names, model=model)
     if p.suffix == ".npy":
         return Dataset.from_arrays({_single_input(model): load_npy(_existing(p))}, name=str(p))
-    return Dataset.from_npz(p, inputs=names)
+    return Dataset.from_npz(p, inputs=names, model=model)
+
+
+def as_dataset(data: Dataset | Iterable[Feed], name: str = "iterable") -> Dataset:
+    """``data`` as a Dataset: any Python iterable of feeds is taken where a Dataset is."""
+    return data if isinstance(data, Dataset) else Dataset.from_iterable(data, name=name)
+
+
+STACKED = "samples stacked along axis 0"
+ONE_FEED = "one feed per file"
+
+
+def stacked(arrays: dict[str, np.ndarray], model: Model | None = None, inputs: Iterable[str] | None = None) -> bool:
+    """Whether a file's arrays hold samples stacked along axis 0 (False: one complete feed, any shapes).
+    Not a stack: an input array that is a scalar, input arrays whose axis-0 lengths differ, or a model
+    input whose axis 0 is fixed at more than 1 (part of the feed, not a batch axis)."""
+    names = [k for k in (inputs if inputs is not None else arrays) if k in arrays] or list(arrays)
+    lengths = {arrays[k].shape[0] if arrays[k].ndim else None for k in names}
+    if None in lengths or len(lengths) != 1:
+        return False
+    for info in model.inputs if model is not None else ():
+        arr = arrays.get(info.name)
+        if arr is not None and info.shape is not None and len(info.shape) == arr.ndim:
+            if isinstance(info.shape[0], int) and info.shape[0] > 1:
+                return False
+    return True
 
 
 def _single_input(model: Model) -> str:

@@ -40,6 +40,11 @@ class OutputError(UsageError):
     create, a protected location (home, the working directory, ...) or an unwritable place."""
 
 
+class UserCodeError(InfertuneError):
+    """The user's own Python (a metric or a data function given as FILE.py:FUNC) raised or returned
+    something unusable; the message carries its traceback, only the frames of the user's file."""
+
+
 class BackendUnavailable(InfertuneError):
     """A backend's optional dependency or device is missing; the message names the extra."""
 

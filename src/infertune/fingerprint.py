@@ -42,6 +42,31 @@ def cpu() -> dict:
 DIST_ALIASES = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11")}
 
 
+def gpus() -> list[str]:
+    """NVIDIA GPU models the driver lists (/proc/driver/nvidia), without importing anything."""
+    out = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        for line in info.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model":
+                out.append(value.strip())
+    return out
+
+
+def machine_kind() -> dict:
+    """What makes latency comparable between machines: CPU model, architecture, ISA flags, GPUs."""
+    c = cpu()
+    return {"cpu": c["model"], "arch": c["arch"], "isa": c["isa"], "gpus": gpus()}
+
+
+def kind_label() -> str:
+    """A short stable name of ``machine_kind()``: machines with the same label time alike."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(machine_kind(), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
     for name in ("infertune", "numpy", "onnx", "onnxruntime", *extra):

@@ -405,3 +405,17 @@ def infer_shapes_with_dims(model: Model, dims: dict[str, int]) -> dict[str, Tens
     # Drop stale intermediate shapes so inference recomputes them from the fixed inputs.
     del proto.graph.value_info[:]
     return _infer_value_info(proto)
+
+
+def batch_problem(model: Model) -> str | None:
+    """Why ``model``'s feeds cannot be joined along axis 0 into a batch (None when they can): every
+    input needs a dynamic axis 0."""
+    for info in model.inputs:
+        if info.shape is None:
+            return f"input '{info.name}' has unknown rank"
+        if not info.shape:
+            return f"input '{info.name}' is a scalar"
+        first = info.shape[0]
+        if isinstance(first, int) and first > 0:
+            return f"axis 0 of input '{info.name}' is fixed at {first}"
+    return None

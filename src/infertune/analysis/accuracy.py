@@ -1,6 +1,6 @@
 """How far a candidate's outputs are from the float model's, and whether that meets a budget.
 
-``Budget``: 'cosine>=0.999', 'sqnr_db>=30', 'top1_drop<=0.5', or a user function. ``Evaluator``:
+``Budget``: 'cosine>=0.999', 'sqnr_db>=30', 'top1_drop<=0.5', or a user function (>= or <= a value). ``Evaluator``:
 the float model's outputs on fixed evaluation feeds (computed once, or adopted from a pass that
 already ran the float model), the metrics of a candidate against them, and ``judge``: met on the
 evaluation feeds *and* on at least ``CONFIDENCE`` of ``RESAMPLES`` bootstrap resamples of them,
@@ -18,7 +18,7 @@ import numpy as np
 from infertune import backends
 from infertune.analysis.labels import check_labels
 from infertune.checks import Check
-from infertune.errors import DataError, UsageError
+from infertune.errors import DataError, UsageError, UserCodeError
 from infertune.model import Model
 
 Feed = dict[str, np.ndarray]
@@ -30,34 +30,74 @@ RESAMPLES = 200
 
 @dataclass(frozen=True)
 class Budget:
-    """'cosine>=0.999', 'sqnr_db>=30', 'top1_drop<=0.5', or a function(ref_outputs, outputs) -> bool."""
+    """'cosine>=0.999', 'sqnr_db>=30', 'top1_drop<=0.5', or a user metric: ``fn(reference, candidate) -> float``
+    (the float model's and the candidate's outputs, one ``{output_name: array}`` per feed) that must stay
+    ``>= fn_min`` (higher is better) or ``<= fn_max`` (lower is better)."""
 
     check: Check | None = None
     fn: Callable[[list[dict], list[dict]], float] | None = None
     fn_min: float | None = None
+    fn_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.check is None) == (self.fn is None):
+            raise UsageError("a budget is either a metric check ('cosine>=0.999') or a function, not both or neither")
+        if self.fn is not None and self.fn_min is not None and self.fn_max is not None:
+            raise UsageError("a function budget has a minimum (higher is better) or a maximum, not both")
 
     @classmethod
-    def parse(cls, text: str) -> Budget:
-        """The budget of ``text``; one that FP32 itself cannot meet (cosine>=1.5, top1_drop>=0.5:
-        a bound in the wrong direction or out of the metric's range) is refused."""
-        c = Check.parse(text, metrics=(*METRICS, "sqnr"))
-        budget = cls(Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c)
-        exact = FP32_METRICS[budget.check.metric]  # type: ignore[union-attr]
-        if not budget.check.passes(exact):  # type: ignore[union-attr]
-            raise UsageError(f"budget {text!r} cannot be met even by the FP32 model itself ({c.metric} {exact:g} "
-                             "against itself): give a bound FP32 meets and INT8 may, e.g. 'cosine>=0.999', "
-                             "'sqnr>=30' or 'top1_drop<=0.5'")
-        return budget
+    def parse(cls, text: str, metric: Callable[[list[dict], list[dict]], float] | None = None) -> Budget:
+        """The budget of ``text`` on a built-in metric (one that FP32 itself cannot meet, cosine>=1.5 or
+        top1_drop>=0.5: a bound in the wrong direction or out of the metric's range, is refused), or with
+        ``metric`` (a user function): 'metric>=X' / 'metric<=X'."""
+        if metric is None:
+            c = Check.parse(text, metrics=(*METRICS, "sqnr"))
+            budget = cls(Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c)
+            exact = FP32_METRICS[budget.check.metric]  # type: ignore[union-attr]
+            if not budget.check.passes(exact):  # type: ignore[union-attr]
+                raise UsageError(f"budget {text!r} cannot be met even by the FP32 model itself ({c.metric} "
+                                 f"{exact:g} against itself): give a bound FP32 meets and INT8 may, e.g. "
+                                 "'cosine>=0.999', 'sqnr>=30' or 'top1_drop<=0.5'")
+            return budget
+        c = Check.parse(text, metrics=tuple(dict.fromkeys(("metric", metric_name(metric)))))
+        if c.op not in (">=", "<="):
+            raise UsageError(f"a metric budget is 'metric>=X' (higher is better) or 'metric<=X', got {text!r}")
+        return cls(fn=metric, fn_min=c.threshold if c.op == ">=" else None,
+                   fn_max=c.threshold if c.op == "<=" else None)
+
+    @property
+    def fn_check(self) -> Check | None:
+        """The function budget as a check on its value, named by the function ('word_accuracy>=0.95')."""
+        if self.fn is None:
+            return None
+        if self.fn_max is not None:
+            return Check(metric_name(self.fn), "<=", self.fn_max)
+        return Check(metric_name(self.fn), ">=", self.fn_min or 0.0)
+
+    @property
+    def name(self) -> str:
+        """The metric the budget is on: a built-in one, or the user function's name."""
+        return self.check.metric if self.check is not None else metric_name(self.fn)
+
+    def goodness(self, metrics: dict[str, float]) -> float:
+        """A function budget's value, signed so that larger is better."""
+        return metrics["user"] if self.fn_max is None else -metrics["user"]
 
     def met(self, metrics: dict[str, float]) -> bool:
         if self.check is None:
-            return metrics["user"] >= (self.fn_min or 0.0)
+            return self.fn_check.passes(metrics["user"])
         if self.check.metric not in metrics:
             raise UsageError(f"budget on {self.check.metric} needs labels in the evaluation data")
         return self.check.passes(metrics[self.check.metric])
 
     def __str__(self) -> str:
-        return str(self.check) if self.check else f"user function >= {self.fn_min}"
+        return str(self.check if self.check is not None else self.fn_check)
+
+
+def metric_name(fn: object) -> str:
+    """What reports call a user metric: its function's name ('user function' for a lambda)."""
+    name = getattr(fn, "name", None) or getattr(fn, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else "user function"
 
 
 @dataclass
@@ -166,13 +206,7 @@ class Evaluator:
         """Does ``outs`` meet ``budget``: on the evaluation feeds, and on at least ``CONFIDENCE`` of
         ``RESAMPLES`` bootstrap resamples of them (one that passes only by the luck of which
         samples were drawn does not)."""
-        metrics = self.score(outs, budget, RESAMPLES)
-        point = budget.met(metrics)
-        if point and metrics["confidence"] < CONFIDENCE:
-            return Verdict(metrics, False, f"meets {budget} on the evaluation set, but on only "
-                                           f"{metrics['confidence']:.0%} of its bootstrap resamples "
-                                           f"(< {CONFIDENCE:.0%}): too close to call")
-        return Verdict(metrics, point)
+        return judge_samples(PerSample.measure(self.ref_outputs, outs), self.labels, budget, self.ref_outputs, outs)
 
     def score(self, outs: list[dict[str, np.ndarray]], budget: Budget | None = None,
               resamples: int = 0) -> dict[str, float]:
@@ -183,21 +217,8 @@ class Evaluator:
         the same for every model) on which it still holds: a variant that meets a budget only by
         the luck of which samples were drawn scores low there.
         """
-        per = _PerSample(self.ref_outputs, outs, self.labels)
-        out = per.metrics(np.arange(len(outs)))
-        if budget is not None and budget.fn is not None:
-            out["user"] = float(budget.fn(self.ref_outputs, outs))
-        if budget is not None and resamples and budget.met(out):
-            rng = np.random.default_rng(0)
-            held = 0
-            for _ in range(resamples):
-                idx = rng.integers(0, len(outs), len(outs))
-                m = per.metrics(idx)
-                if budget.fn is not None:
-                    m["user"] = float(budget.fn([self.ref_outputs[i] for i in idx], [outs[i] for i in idx]))
-                held += budget.met(m)
-            out["confidence"] = held / resamples
-        return out
+        per = PerSample.measure(self.ref_outputs, outs)
+        return score_samples(per, self.labels, budget, resamples, self.ref_outputs, outs)
 
 
 @dataclass(frozen=True)
@@ -207,44 +228,115 @@ class Verdict:
     note: str = ""
 
 
-class _PerSample:
-    """Per evaluation feed: signal and error power, cosine per output, top-1 hits; metrics of any subset."""
+def judge_samples(per: PerSample, labels: np.ndarray | None, budget: Budget,
+                  refs: list[dict[str, np.ndarray]] | None = None,
+                  outs: list[dict[str, np.ndarray]] | None = None) -> Verdict:
+    """``Evaluator.judge`` on per-sample sums (one evaluation set's, or the shards' combined)."""
+    metrics = score_samples(per, labels, budget, RESAMPLES, refs, outs)
+    point = budget.met(metrics)
+    if point and metrics["confidence"] < CONFIDENCE:
+        return Verdict(metrics, False, f"meets {budget} on the evaluation set, but on only "
+                                       f"{metrics['confidence']:.0%} of its bootstrap resamples "
+                                       f"(< {CONFIDENCE:.0%}): too close to call")
+    return Verdict(metrics, point)
 
-    def __init__(self, refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]],
-                 labels: np.ndarray | None) -> None:
+
+def score_samples(per: PerSample, labels: np.ndarray | None, budget: Budget | None = None, resamples: int = 0,
+                  refs: list[dict[str, np.ndarray]] | None = None,
+                  outs: list[dict[str, np.ndarray]] | None = None) -> dict[str, float]:
+    """``Evaluator.score`` from per-sample sums; a function budget also needs ``refs`` and ``outs``."""
+    hits = per.hits(labels)
+    n = per.count
+    out = per.metrics(np.arange(n), hits)
+    fn = budget.fn if budget is not None else None
+    if fn is not None:
+        if refs is None or outs is None:
+            raise ValueError("a function budget needs the reference and candidate outputs")
+        out["user"] = user_value(fn, refs, outs)
+    if budget is not None and resamples and budget.met(out):
+        rng = np.random.default_rng(0)
+        held = 0
+        for _ in range(resamples):
+            idx = rng.integers(0, n, n)
+            m = per.metrics(idx, hits)
+            if fn is not None:
+                m["user"] = user_value(fn, [refs[i] for i in idx], [outs[i] for i in idx])
+            held += budget.met(m)
+        out["confidence"] = held / resamples
+    return out
+
+
+def user_value(fn: Callable, refs: list[dict], outs: list[dict]) -> float:
+    """The user function's value; anything but a real number is the user's error, said so."""
+    value = fn(refs, outs)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserCodeError(f"your metric {metric_name(fn)} returned {type(value).__name__} {value!r:.80}; "
+                            "it must return a float") from None
+
+
+class PerSample:
+    """Per evaluation feed: signal and error power, cosine per output, top-1 predictions; metrics of any subset.
+
+    ``measure`` computes them for some feeds, ``concat`` joins the parts of consecutive shards of an
+    evaluation set in order: the result is the one ``measure`` gives on the whole set, exactly (every
+    number is per feed; sums over feeds are taken only in ``metrics``)."""
+
+    def __init__(self, sig: np.ndarray, err: np.ndarray, cos: list[list[float]], pred: list[np.ndarray],
+                 ref_pred: list[np.ndarray]) -> None:
+        self.sig, self.err, self.cos, self.pred, self.ref_pred = sig, err, cos, pred, ref_pred
+
+    @property
+    def count(self) -> int:
+        return len(self.sig)
+
+    @classmethod
+    def measure(cls, refs: list[dict[str, np.ndarray]], outs: list[dict[str, np.ndarray]]) -> PerSample:
         n = len(refs)
-        self.sig, self.err = np.zeros(n), np.zeros(n)
-        self.cos: list[list[float]] = []
+        sig, err = np.zeros(n), np.zeros(n)
+        cos_all: list[list[float]] = []
+        pred, ref_pred = [], []
         for j, (r, c) in enumerate(zip(refs, outs, strict=True)):
             cos = []
             for k, ref in r.items():
                 a, b = ref.astype(np.float64).ravel(), np.asarray(c[k], np.float64).ravel()
-                self.sig[j] += float(a @ a)
-                self.err[j] += float((a - b) @ (a - b))
+                sig[j] += float(a @ a)
+                err[j] += float((a - b) @ (a - b))
                 na, nb = np.linalg.norm(a), np.linalg.norm(b)
                 cos.append(1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
-            self.cos.append(cos)
-        self.hits: np.ndarray | None = None
-        if labels is not None:
-            key = next(iter(refs[0]))
-            rows = [r[key].reshape(-1, r[key].shape[-1]).shape[0] for r in refs]
-            ref_pred = np.concatenate([r[key].reshape(-1, r[key].shape[-1]).argmax(-1) for r in refs])
-            pred = np.concatenate([c[key].reshape(-1, c[key].shape[-1]).argmax(-1) for c in outs])
-            lab = labels[: len(pred)]
-            ends = np.cumsum(rows)[:-1]
-            self.hits = np.array([[a.sum(), b.sum(), len(a)] for a, b in
-                                  zip(np.split(pred == lab, ends), np.split(ref_pred == lab, ends), strict=True)])
+            cos_all.append(cos)
+            key = next(iter(r))
+            ref_pred.append(r[key].reshape(-1, r[key].shape[-1]).argmax(-1) if r[key].ndim else np.zeros(1, int))
+            pred.append(np.asarray(c[key]).reshape(-1, r[key].shape[-1]).argmax(-1) if r[key].ndim
+                        else np.zeros(1, int))
+        return cls(sig, err, cos_all, pred, ref_pred)
 
-    def metrics(self, idx: np.ndarray) -> dict[str, float]:
+    @classmethod
+    def concat(cls, parts: list[PerSample]) -> PerSample:
+        return cls(np.concatenate([p.sig for p in parts]), np.concatenate([p.err for p in parts]),
+                   [c for p in parts for c in p.cos], [x for p in parts for x in p.pred],
+                   [x for p in parts for x in p.ref_pred])
+
+    def hits(self, labels: np.ndarray | None) -> np.ndarray | None:
+        """Per feed: [candidate hits, reference hits, rows] against ``labels`` (None without labels)."""
+        if labels is None:
+            return None
+        rows = [len(p) for p in self.pred]
+        pred, ref_pred = np.concatenate(self.pred), np.concatenate(self.ref_pred)
+        lab = labels[: len(pred)]
+        ends = np.cumsum(rows)[:-1]
+        return np.array([[a.sum(), b.sum(), len(a)] for a, b in
+                         zip(np.split(pred == lab, ends), np.split(ref_pred == lab, ends), strict=True)])
+
+    def metrics(self, idx: np.ndarray, hits: np.ndarray | None = None) -> dict[str, float]:
         sig, err = float(self.sig[idx].sum()), float(self.err[idx].sum())
         nsr = err / sig if sig else 0.0
         cos = [c for i in idx for c in self.cos[i]]
         out = {"nsr": nsr, "sqnr_db": math.inf if nsr == 0 else -10 * math.log10(nsr),
                "cosine": float(np.mean(cos)), "cosine_min": float(np.min(cos))}
-        if self.hits is not None:
-            hit, ref_hit, rows = self.hits[idx].sum(axis=0)
+        if hits is not None:
+            hit, ref_hit, rows = hits[idx].sum(axis=0)
             out["top1"] = 100.0 * hit / rows
             out["top1_drop"] = 100.0 * ref_hit / rows - out["top1"]
         return out
-
-

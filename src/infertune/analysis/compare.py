@@ -17,10 +17,11 @@ import numpy as np
 
 from infertune import backends
 from infertune._io import load_arrays
+from infertune.analysis.accuracy import metric_name, user_value
 from infertune.analysis.labels import check_labels
 from infertune.analysis.metrics import ErrorAccumulator
 from infertune.checks import Check
-from infertune.data import Dataset, Feed, FeedValidator
+from infertune.data import Dataset, Feed, FeedValidator, as_dataset
 from infertune.errors import DataError, UsageError
 from infertune.fingerprint import environment
 from infertune.model import Model
@@ -64,6 +65,7 @@ class CompareResult:
     outputs: list[OutputComparison]
     checks: list[CheckOutcome]
     accuracy: dict[str, float] | None = None
+    metric: dict | None = None  # {"name": the user function's name, "value": its value}
     tolerances: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     backend: str = "ort"
@@ -87,6 +89,7 @@ class CompareResult:
             "tolerances": self.tolerances,
             "outputs": [o.to_dict() for o in self.outputs],
             "accuracy": self.accuracy,
+            "metric": self.metric,
             "checks": [c.to_dict() for c in self.checks],
             "warnings": self.warnings,
             "environment": self.environment,
@@ -136,12 +139,17 @@ def compare(
     settings: backends.Settings | None = None,
     labels_key: str = "label",
     progress: Progress | None = None,
+    metric: Callable[[list[dict], list[dict]], float] | None = None,
 ) -> CompareResult:
-    """Run ``candidate`` (and ``reference``, unless it is an .npz of outputs) on ``data``."""
-    parsed = _parse_checks(checks)
+    """Run ``candidate`` (and ``reference``, unless it is an .npz of outputs) on ``data``.
+
+    With ``metric`` (``fn(reference_outputs, candidate_outputs) -> float``, lists of one dict per
+    run), its value is computed over every run and checks can name it ('metric>=0.9')."""
+    parsed = _parse_checks(checks, ("metric", metric_name(metric)) if metric is not None else ())
     if atol < 0 or rtol < 0:
         raise UsageError(f"tolerances must be >= 0 (atol={atol}, rtol={rtol})")
     cand_model = _as_model(candidate)
+    data = as_dataset(data)
     saved: _SavedOutputs | None = None
     ref_runner = None
     if isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".npz":
@@ -157,6 +165,7 @@ def compare(
     acc = {n: ErrorAccumulator(atol=atol, rtol=rtol) for n in names}
     validator = FeedValidator(cand_model)
     top1 = _Top1(names)
+    kept: tuple[list, list] = ([], [])  # every run's outputs, for the user metric
     for i, raw in enumerate(data):
         feed = validator(raw)
         rows = _rows(raw, cand_model)
@@ -168,6 +177,9 @@ def compare(
         ref_out = saved.take(rows, names) if saved is not None else ref_runner.run(feed)
         for n in names:
             acc[n].add(ref_out[n], cand_out[n], name=n)
+        if metric is not None:
+            kept[0].append({n: ref_out[n] for n in names})
+            kept[1].append(cand_out)
         label = raw.get(labels_key) if isinstance(raw, dict) else None
         if label is not None:
             top1.add(ref_out, cand_out, label, where=f"'{labels_key}' in {data.name} (sample {i})")
@@ -176,7 +188,10 @@ def compare(
     validator.finish(data.name)
     outputs = [OutputComparison(n, list(acc[n].shape or ()), acc[n].metrics()) for n in names]
     accuracy = top1.accuracy()
-    outcomes = _evaluate(parsed, outputs, accuracy)
+    user = None
+    if metric is not None:
+        user = {"name": metric_name(metric), "value": user_value(metric, *kept)}
+    outcomes = _evaluate(parsed, outputs, accuracy, user)
     warnings = validator.warnings()
     if validator.all_constant():
         warnings.append(f"every input is constant ({validator.constant_text()}): outputs compared on such data "
@@ -190,14 +205,14 @@ def compare(
     return CompareResult(
         reference=ref_name, candidate=cand_model.name,
         samples=validator.feeds_seen - validator.feeds_skipped, skipped=validator.feeds_skipped,
-        outputs=outputs, checks=outcomes, accuracy=accuracy,
+        outputs=outputs, checks=outcomes, accuracy=accuracy, metric=user,
         tolerances={"atol": atol, "rtol": rtol}, warnings=warnings, backend=backend,
     )
 
 
-def _parse_checks(checks: Sequence[str | Check]) -> list[Check]:
+def _parse_checks(checks: Sequence[str | Check], user: tuple[str, ...] = ()) -> list[Check]:
     parsed = [c if isinstance(c, Check) else Check.parse(
-        c, metrics=OUTPUT_METRICS + ACCURACY_METRICS + ("sqnr",)) for c in checks]
+        c, metrics=OUTPUT_METRICS + ACCURACY_METRICS + ("sqnr",) + user) for c in checks]
     parsed = [Check("sqnr_db", c.op, c.threshold) if c.metric == "sqnr" else c for c in parsed]
     return parsed or [Check.parse(DEFAULT_CHECK)]
 
@@ -230,9 +245,13 @@ class _Top1:
 
 
 def _evaluate(checks: list[Check], outputs: list[OutputComparison],
-              accuracy: dict[str, float] | None) -> list[CheckOutcome]:
+              accuracy: dict[str, float] | None, user: dict | None = None) -> list[CheckOutcome]:
     outcomes = []
     for c in checks:
+        if user is not None and c.metric in ("metric", user["name"]):
+            named = Check(user["name"], c.op, c.threshold)
+            outcomes.append(CheckOutcome(str(named), "metric", user["value"], named.passes(user["value"])))
+            continue
         if c.metric in ACCURACY_METRICS:
             if accuracy is None:
                 raise UsageError(

@@ -11,6 +11,12 @@ as noise-to-signal power of the outputs against the float model (NSR; SQNR = -10
   reference outputs; a noise probe of it; the fully quantized model, for the baseline): the
   noise a group injects (its input Q/DQ and its weights) times how much the graph amplifies
   noise from there to the outputs (``noise_propagation``). The scores rank; they are not NSRs.
+
+With a user ``metric`` (``fn(reference, candidate) -> float``), exact mode ranks by the metric's
+loss when the group alone is quantized: how far it moves the metric from the float model's own
+value (``fn(reference, reference)``) in the bad direction; ties (a single group often changes a
+coarse metric such as word accuracy not at all) are ordered by output NSR. Fast mode never runs a
+variant per group, so it cannot evaluate a metric: it refuses one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from infertune import backends
-from infertune.analysis.accuracy import Evaluator
+from infertune.analysis.accuracy import Evaluator, metric_name, user_value
 from infertune.analysis.layerwise import layerwise
 from infertune.analysis.noise_propagation import ActivationNoise, noise_probe, propagated_scores
 from infertune.data import Dataset
@@ -40,10 +46,12 @@ MODES: tuple[SensitivityMode, ...] = ("exact", "fast")
 class GroupScore:
     node: str
     op_type: str
-    score: float  # exact: output NSR when it alone is quantized; fast: injected noise x gain (ranks only)
+    score: float  # exact: output NSR (or the metric's loss) when it alone is quantized; fast: noise x gain
+    nsr: float | None = None  # exact with a metric: the output NSR that breaks ties
 
     def to_dict(self) -> dict:
-        return {"node": self.node, "op_type": self.op_type, "score": self.score}
+        return {"node": self.node, "op_type": self.op_type, "score": self.score,
+                **({"nsr": self.nsr} if self.nsr is not None else {})}
 
 
 @dataclass
@@ -54,19 +62,24 @@ class SensitivityResult:
     forward_passes: int  # over the evaluation set, the float reference's included
     seconds: float
     backend: str = "ort"
+    metric: str | None = None  # the user metric the scores are losses of
 
     @property
     def ranking(self) -> list[str]:
         return [g.node for g in self.groups]
 
     def to_dict(self) -> dict:
-        return {"kind": "sensitivity", "mode": self.mode, "backend": self.backend, "baseline": self.baseline,
+        return {"kind": "sensitivity", "mode": self.mode, "backend": self.backend, "metric": self.metric,
+                "baseline": self.baseline,
                 "forward_passes": self.forward_passes,
                 "seconds": round(self.seconds, 2), "groups": [g.to_dict() for g in self.groups]}
 
 
-def check_mode(mode: str, backend: str) -> None:
-    """Refuse a mode the runtime cannot rank with, before anything is calibrated."""
+def check_mode(mode: str, backend: str, metric: bool = False) -> None:
+    """Refuse a mode the runtime (or a user metric) cannot rank with, before anything is calibrated."""
+    if mode == "fast" and metric:
+        raise UsageError("fast sensitivity ranks by noise propagated to the outputs and never runs one variant per "
+                         "node, so it cannot evaluate a user metric: give --mode exact")
     if mode not in MODES:
         raise UsageError(f"sensitivity mode must be {' or '.join(MODES)}, got {mode!r}")
     backends.runtime(backend)  # an unknown name is refused before any pass
@@ -76,20 +89,25 @@ def check_mode(mode: str, backend: str) -> None:
 
 
 def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: SensitivityMode = "exact",
-                progress: Progress | None = None, backend: str = "ort") -> SensitivityResult:
-    """Rank ``space``'s groups, most sensitive first; ``exact`` evaluates each variant on ``backend``."""
-    check_mode(mode, backend)
+                progress: Progress | None = None, backend: str = "ort", metric: Callable | None = None,
+                higher_is_better: bool = True) -> SensitivityResult:
+    """Rank ``space``'s groups, most sensitive first; ``exact`` evaluates each variant on ``backend``
+    (by output NSR, or by the loss of ``metric`` when given)."""
+    check_mode(mode, backend, metric is not None)
     start = time.perf_counter()
     passes_before, had_reference = evaluator.passes, evaluator.has_reference
     full = space.build()
     ops = {n: space.op_types[n] for n in space.groups}
     scores: dict[str, float] = {}
+    nsr: dict[str, float] = {}
     if mode == "exact":
-        baseline = evaluator.evaluate(full, backend)
+        score = MetricLoss(evaluator, metric, higher_is_better, backend)
+        baseline = score(full)
         for i, g in enumerate(space.groups):
             alone = space.build([o for o in space.groups if o != g])
             # a group that cannot run in 8-bit alone (an Add after float convs) adds no noise alone: no pass
-            scores[g] = evaluator.evaluate(alone, backend)["nsr"] if alone is not space.source else 0.0
+            m = score(alone) if alone is not space.source else {"nsr": 0.0, "loss": 0.0}
+            scores[g], nsr[g] = m.get("loss", m["nsr"]), m["nsr"]
             if progress:
                 progress(i + 1, len(space.groups))
         passes = evaluator.passes - passes_before + had_reference  # the reference pass is part of its cost
@@ -112,7 +130,28 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: SensitivityMode =
         scores = propagated_scores(space.groups, space.calibrated.plan.absorbed, space.source, full, lw.tensors,
                                    act_noise.nsr())
         passes = 2 + evaluator.passes - passes_before  # layerwise runs the float model and the probe once each
-    groups = sorted((GroupScore(g, ops[g], scores.get(g, 0.0)) for g in space.groups), key=lambda s: -s.score)
-    return SensitivityResult(mode, baseline, groups, passes, time.perf_counter() - start, backend)
+    with_nsr = metric is not None
+    groups = sorted((GroupScore(g, ops[g], scores.get(g, 0.0), nsr.get(g) if with_nsr else None)
+                     for g in space.groups), key=lambda s: (-s.score, -(s.nsr or 0.0)))
+    return SensitivityResult(mode, baseline, groups, passes, time.perf_counter() - start, backend,
+                             metric_name(metric) if with_nsr else None)
+
+
+class MetricLoss:
+    """A variant's metrics on the evaluation set; with a user metric also its value (``user``) and its
+    ``loss``: how far it is from the float model's own value, in the bad direction."""
+
+    def __init__(self, evaluator: Evaluator, metric: Callable | None, higher_is_better: bool, backend: str) -> None:
+        self.evaluator, self.metric, self.sign, self.backend = evaluator, metric, 1.0 if higher_is_better else -1.0, \
+            backend
+        self.own = None if metric is None else user_value(metric, evaluator.ref_outputs, evaluator.ref_outputs)
+
+    def __call__(self, model) -> dict[str, float]:
+        outs = self.evaluator.run(model, self.backend)
+        m = self.evaluator.score(outs)
+        if self.metric is not None:
+            m["user"] = user_value(self.metric, self.evaluator.ref_outputs, outs)
+            m["loss"] = self.sign * (self.own - m["user"])
+        return m
 
 

@@ -54,6 +54,22 @@ def data_options(f: Callable) -> Callable:
     return f
 
 
+def metric_option(f: Callable) -> Callable:
+    return click.option("--metric", "metric", metavar="FILE.py:FUNC",
+                        help="Your metric: FUNC(reference, candidate) -> float over the FP32 and the candidate "
+                             "outputs (lists of {output_name: array}, one per feed); budgets and checks name it "
+                             "'metric>=X' (higher is better) or 'metric<=X'.")(f)
+
+
+def load_metric(text: str | None):
+    """The user's metric function (imported from its file by path), or None."""
+    if text is None:
+        return None
+    from infertune.usercode import UserFunction
+
+    return UserFunction.parse(text, "--metric")
+
+
 def backend_options(f: Callable) -> Callable:
     """--backend plus the runtime settings, handed to the command as one ``settings`` argument."""
 
@@ -104,11 +120,66 @@ def parse_options(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def load_data(model, data, preprocess, dims, samples, seed):
+def load_data(model, data, preprocess, dims, samples, seed, what: str = "data"):
+    """The dataset a --data/--calib/--eval argument names; says on stderr which layout was read."""
+    from rich.markup import escape
+
     from infertune.data import load_dataset, parse_dims
 
-    return load_dataset(data, model, dims=parse_dims(dims), samples=samples, seed=seed,
-                        preprocess=preprocess)
+    ds = load_dataset(data, model, dims=parse_dims(dims), samples=samples, seed=seed, preprocess=preprocess)
+    err.print(f"[dim]{what}: {escape(ds.name)}: {escape(ds.layout)}[/]", soft_wrap=True)
+    return ds
+
+
+def data_doc(**datasets) -> dict:
+    """What --json says about the data read: name and layout of each dataset."""
+    return {k: {"name": d.name, "layout": d.layout} for k, d in datasets.items() if d is not None}
+
+
+def provenance(fixed, **datasets) -> dict:
+    """For --json: the data read (name, layout) and what was fixed in the model (None: nothing)."""
+    return {"data": data_doc(**datasets), "specialised": fixed.to_dict() if fixed else None}
+
+
+def fix_option(f: Callable) -> Callable:
+    return click.option("--fix", "fix", multiple=True, metavar="INPUT=VALUE",
+                        help="Specialise the model to a constant input (repeatable): it becomes a constant and "
+                             "If/Where on it are folded (the taken branch inlined), checked against the original on "
+                             "the data. Inputs that hold one value in every feed and decide an If are fixed without "
+                             "asking (said so); --fix none keeps every input.")(f)
+
+
+def specialised(model, datasets, fix: tuple[str, ...], backend: str = "ort", settings=None):
+    """``model`` specialised per --fix (and to constant inputs that decide control flow, found in the data),
+    checked on ``datasets``; returns (model, the Specialisation or None) and says what was done on stderr."""
+    from rich.markup import escape
+
+    from infertune.analysis.specialization import specialise
+    from infertune.quant.specialize import parse_fix
+
+    if "none" in fix:
+        if len(fix) > 1:
+            raise UsageError("--fix none keeps every input: it cannot be combined with other --fix values")
+        return model, None
+    from infertune.data import Dataset
+
+    values = parse_fix(fix, model)
+    sets = [d for d in datasets if d is not None] or [Dataset.synthetic(model, samples=4)]
+    sets = [with_values(d, values) if d.layout.endswith("synthetic feeds") else d for d in sets]
+    r = specialise(model, sets, values, backend=backend, settings=settings)
+    if r is None:
+        return model, None
+    for note in r.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    return r.model, r
+
+
+def with_values(dataset, values: dict):
+    """Synthetic feeds with the fixed inputs set to their values (random ones would contradict them)."""
+    from infertune.data import Dataset
+
+    return Dataset(lambda: ({**f, **values} for f in dataset), name=dataset.name, size=dataset.size,
+                   layout=dataset.layout)
 
 
 @contextmanager
@@ -211,16 +282,18 @@ def placement_for(backend: str, target: str | None) -> str:
 
 
 def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude,
-                        settings, as_json):
-    """One calibration of ``m`` (every tensor an exclusion set may need) and the evaluation feeds
-    (``--eval``, or the calibration data): what ``sensitivity`` and ``quantize --budget`` search over."""
+                        settings, as_json, fix=(), backend: str = "ort"):
+    """One calibration of ``m`` (specialised per ``--fix``; every tensor an exclusion set may need) and the
+    evaluation feeds (``--eval``, or the calibration data): what ``sensitivity`` and ``quantize --budget``
+    search over. Returns (space, evaluator, the Specialisation or None, the datasets read)."""
     from infertune.analysis.accuracy import Evaluator
     from infertune.quant.space import calibrated_space
 
     calib = load_data(m, data, preprocess, dims, samples, seed)
-    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed)
+    ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed, "eval")
+    m, fixed = specialised(m, [calib] if ev_data is calib else [calib, ev_data], fix, backend, settings)
     evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
     with progress_bar("calibrating", not as_json) as update:
         space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
                                  progress=update)
-    return space, evaluator
+    return space, evaluator, fixed, {"data": calib, "eval": ev_data}

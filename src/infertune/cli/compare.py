@@ -13,12 +13,17 @@ from infertune.cli.common import (
     data_options,
     emit,
     err,
+    fix_option,
     fmt,
     json_option,
     load_data,
+    load_metric,
+    metric_option,
     out,
     output_option,
     progress_bar,
+    provenance,
+    specialised,
     table,
 )
 from infertune.errors import CheckFailed
@@ -34,7 +39,9 @@ from infertune.errors import CheckFailed
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--check", "checks", multiple=True, metavar="EXPR",
               help="Pass/fail check, e.g. 'cosine>=0.999', 'sqnr>=30', 'top1_drop<=0.5'. "
-                   "Default: every element allclose at --atol/--rtol.")
+                   "Default: every element allclose at --atol/--rtol. With --metric: 'metric>=X'.")
+@metric_option
+@fix_option
 @click.option("--layerwise", is_flag=True,
               help="Compare every intermediate tensor too and name where divergence starts.")
 @click.option("--threshold-db", type=float, default=20.0, show_default=True,
@@ -43,7 +50,7 @@ from infertune.errors import CheckFailed
 @json_option
 @output_option
 def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, seed, batch,
-            atol, rtol, checks, layerwise, threshold_db, backend, settings, as_json, output) -> None:
+            atol, rtol, checks, metric, fix, layerwise, threshold_db, backend, settings, as_json, output) -> None:
     """Compare CANDIDATE's outputs with REFERENCE (an ONNX model or saved outputs .npz)."""
     from infertune.analysis.compare import compare as run_compare
     from infertune.data import batched
@@ -51,14 +58,27 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
     from infertune.outputs import Guard
 
     output = Guard.of(reference, candidate, data, preprocess).file(output)
+    user_metric = load_metric(metric)
+    if user_metric is not None and layerwise:
+        from infertune.errors import UsageError
+
+        raise UsageError("--metric compares final outputs; it does not apply to --layerwise")
     cand = Model.load(candidate)
-    ds = batched(load_data(cand, data, preprocess, dims, samples, seed), batch)
+    raw = load_data(cand, data, preprocess, dims, samples, seed)
+    cand, fixed = specialised(cand, [raw], fix, backend, settings)
+    ref = reference
+    if fixed and reference.suffix != ".npz":  # the reference gets the same inputs fixed, checked the same way
+        from infertune.analysis.specialization import specialise
+
+        ref = specialise(Model.load(reference), [raw], fixed.values, detect=False, backend=backend,
+                         settings=settings).model
+    ds = batched(raw, batch)
     if layerwise:
-        return run_layerwise(reference, cand, ds, threshold_db, backend, settings, as_json, output)
+        return run_layerwise(ref, cand, ds, threshold_db, backend, settings, as_json, output)
     with progress_bar("comparing", not as_json) as update:
-        result = run_compare(str(reference) if reference.suffix == ".npz" else reference, cand,
+        result = run_compare(str(reference) if reference.suffix == ".npz" else ref, cand,
                              ds, atol=atol, rtol=rtol, checks=list(checks), backend=backend,
-                             settings=settings, progress=update)
+                             settings=settings, progress=update, metric=user_metric)
 
     def human() -> None:
         out.print(f"[bold]{result.candidate}[/] vs [bold]{result.reference}[/]: "
@@ -77,25 +97,27 @@ def compare(reference: Path, candidate: Path, data, preprocess, dims, samples, s
             a = result.accuracy
             out.print(f"top-1 on {a['labelled']} labels: reference {a['reference_top1']:.2f}%, "
                       f"candidate {a['candidate_top1']:.2f}% (drop {a['top1_drop']:+.2f} points)")
+        if result.metric:
+            out.print(f"{result.metric['name']}: {fmt(result.metric['value'], 6)}")
         for c in result.checks:
             mark = "[green]pass[/]" if c.passed else "[red]FAIL[/]"
             out.print(f"{mark}  {c.check} on {c.target}: {fmt(c.value, 6)}")
         for w in result.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
-    emit(result.to_dict(), as_json, output, human)
+    emit({**result.to_dict(), **provenance(fixed, data=raw)}, as_json, output, human)
     if not result.passed:
         failed = [c for c in result.checks if not c.passed]
         raise CheckFailed(f"{len(failed)} check(s) failed: " +
                           ", ".join(f"{c.check} on {c.target}" for c in failed[:3]))
 
 
-def run_layerwise(reference: Path, cand, ds, threshold_db: float, backend: str, settings, as_json: bool,
+def run_layerwise(reference, cand, ds, threshold_db: float, backend: str, settings, as_json: bool,
                   output) -> None:
     from infertune.analysis.layerwise import layerwise
     from infertune.errors import UsageError
 
-    if reference.suffix == ".npz":
+    if isinstance(reference, Path) and reference.suffix == ".npz":
         raise UsageError("--layerwise needs the reference model, not saved outputs")
     with progress_bar("layerwise", not as_json) as update:
         r = layerwise(reference, cand, ds, threshold_db=threshold_db, settings=settings, backend=backend,

@@ -14,12 +14,15 @@ from infertune.cli.common import (
     data_options,
     emit,
     err,
+    fix_option,
     json_option,
     load_data,
     out,
     output_option,
     progress_bar,
+    provenance,
     si,
+    specialised,
     table,
 )
 
@@ -95,9 +98,10 @@ def inspect(model: Path, dims: tuple[str, ...], show_nodes: int, as_json: bool,
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the outputs (.npz, one array per output, rows = samples).")
+@fix_option
 @backend_options
 @json_option
-def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backend, settings, as_json) -> None:
+def run(model: Path, data, preprocess, dims, samples, seed, batch, output, fix, backend, settings, as_json) -> None:
     """Run MODEL on data and save its outputs (a reference for `compare`)."""
     import numpy as np
 
@@ -107,7 +111,9 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
 
     output = Guard.of(model, data, preprocess).file(output)
     m = Model.load(model)
-    ds = batched(load_data(m, data, preprocess, dims, samples, seed), batch)
+    loaded = load_data(m, data, preprocess, dims, samples, seed)
+    m, fixed = specialised(m, [loaded], fix, backend, settings)
+    ds = batched(loaded, batch)
     runner = backends.compile(m, settings, backend=backend)
     validator = FeedValidator(m, nonfinite="keep")
     collected: dict[str, list] = {n: [] for n in runner.output_names}
@@ -123,7 +129,7 @@ def run(model: Path, data, preprocess, dims, samples, seed, batch, output, backe
     if validator.all_constant():
         warnings.append(f"every input is constant ({validator.constant_text()})")
     doc = {"kind": "run", "model": str(model), "backend": backend, "runs": validator.feeds_seen,
-           "outputs": list(collected), "written": str(output), "warnings": warnings}
+           "outputs": list(collected), "written": str(output), "warnings": warnings, **provenance(fixed, data=loaded)}
 
     def human() -> None:
         err.print(f"wrote {validator.feeds_seen} runs of {len(collected)} output(s) on {backend} to {output}")

@@ -12,12 +12,15 @@ from infertune.cli.common import (
     data_options,
     emit,
     err,
+    fix_option,
     fmt,
     json_option,
     load_data,
     out,
     output_option,
     progress_bar,
+    provenance,
+    specialised,
     table,
 )
 
@@ -43,11 +46,12 @@ from infertune.cli.common import (
                    "several MODELs): the ratios between them are side by side.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --isolate: rounds of one fresh process per model; the median of rounds is reported.")
+@fix_option
 @backend_options
 @json_option
 @output_option
 def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch, warmup, iterations,
-          time_budget, save_optimized, preallocate, sweep_axes, isolate, rounds, backend, settings, as_json,
+          time_budget, save_optimized, preallocate, sweep_axes, isolate, rounds, fix, backend, settings, as_json,
           output) -> None:
     """Latency percentiles and throughput of MODEL (or a sweep over settings); several MODELs (or
     --isolate): each timed in its own process, side by side."""
@@ -63,7 +67,7 @@ def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch
     output, save_optimized = guard.file(output), guard.file(save_optimized, "--save-optimized")
     if isolate or len(models) > 1:
         bad = [f for f, v in (("--sweep", sweep_axes), ("--save-optimized", save_optimized),
-                              ("--iterations", iterations), ("--preallocate", preallocate)) if v]
+                              ("--iterations", iterations), ("--preallocate", preallocate), ("--fix", fix)) if v]
         if bad:
             raise UsageError(f"{bad[0]} times one model in this process; it does not combine with --isolate or "
                              "several models")
@@ -72,10 +76,11 @@ def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch
     m = Model.load(models[0])
     ds = None if data in (None, "synthetic") else load_data(m, data, preprocess, dims, samples,
                                                              seed)
+    m, fixed = specialised(m, [ds], fix, backend, settings)
     settings = replace(settings, optimized_model_path=str(save_optimized) if save_optimized else None,
                        preallocate=preallocate)
     if sweep_axes:
-        run_sweep(m, ds, sweep_axes, backend, settings, time_budget, as_json, output)
+        run_sweep(m, ds, sweep_axes, backend, settings, time_budget, as_json, output, provenance(fixed, data=ds))
         return
     with progress_bar("benchmarking", not as_json) as update:
         r = run_bench(m, ds, backend=backend, settings=settings, batch_size=batch, warmup=warmup,
@@ -102,7 +107,7 @@ def bench(models: tuple[Path, ...], data, preprocess, dims, samples, seed, batch
         for w in r.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
-    emit(r.to_dict(), as_json, output, human)
+    emit({**r.to_dict(), **provenance(fixed, data=ds)}, as_json, output, human)
 
 
 def run_isolated(models, data, preprocess, dims, samples, seed, batch, rounds, seconds, backend, settings,
@@ -131,7 +136,7 @@ def run_isolated(models, data, preprocess, dims, samples, seed, batch, rounds, s
     emit(r.to_dict(), as_json, output, human)
 
 
-def run_sweep(model, ds, specs, backend: str, settings, seconds, as_json: bool, output) -> None:
+def run_sweep(model, ds, specs, backend: str, settings, seconds, as_json: bool, output, extra: dict) -> None:
     from infertune.perf.sweep import parse_sweep, sweep
 
     axes = parse_sweep(specs)
@@ -154,7 +159,7 @@ def run_sweep(model, ds, specs, backend: str, settings, seconds, as_json: bool, 
             out.print(f"knee along {k.axis} ({fixed}): [bold]{k.at}[/] "
                       f"(beyond it throughput grows < 10 % per step)")
 
-    emit(r.to_dict(), as_json, output, human)
+    emit({**r.to_dict(), **extra}, as_json, output, human)
 
 
 @click.command()

@@ -15,13 +15,18 @@ from infertune.cli.common import (
     data_options,
     emit,
     err,
+    fix_option,
     fmt,
     json_option,
     load_data,
+    load_metric,
+    metric_option,
     out,
     placement_for,
     progress_bar,
+    provenance,
     space_and_evaluator,
+    specialised,
     table,
 )
 from infertune.quant.methods import DEFAULT_PERCENTILE, METHODS
@@ -63,7 +68,9 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @click.option("--force", is_flag=True, help="Apply --recipe even if it was made for another model file.")
 @click.option("--budget", metavar="EXPR",
               help="Keep the fewest most sensitive nodes in float to meet e.g. 'cosine>=0.999', 'sqnr>=30' "
-                   "or 'top1_drop<=0.5' (labels from the evaluation data's 'label').")
+                   "or 'top1_drop<=0.5' (labels from the evaluation data's 'label'); with --metric 'metric>=X'.")
+@metric_option
+@fix_option
 @click.option("--eval", "eval_data", metavar="D", help="Evaluation data for --budget (default: the calibration data).")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--rank", type=click.Choice(MODES), default="exact", show_default=True,
@@ -90,14 +97,16 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
     output = guard.file(output)
     guard.file(recipe_path(output), "the recipe beside -o")
     opts["target"] = placement_for(backend, opts["target"])
+    if opts["metric"] is not None and budget is None:
+        raise UsageError("--metric needs --budget 'metric>=X' (or 'metric<=X')")
     m = Model.load(model)
-    budget_result = None
+    budget_result, fixed, read = None, None, {}
     if recipe_file is not None:
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
     elif budget is not None:
-        result, budget_result = _to_budget(m, budget, backend, settings, as_json, **opts)
+        result, budget_result, fixed, read = _to_budget(m, budget, backend, settings, as_json, **opts)
     else:
-        result = _calibrated(m, settings, as_json, **opts)
+        result, fixed, read = _calibrated(m, settings, as_json, backend, **opts)
     fused = fusion_report(result.model, settings) if result.plan.target == "ort-cpu" else None
     violations = validate_tensorrt(result.model) if result.plan.target == "tensorrt" else []
     rpath = recipe_path(output)
@@ -106,14 +115,14 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
         write_json(tmp_recipe, result.recipe.to_dict())
     doc = {"kind": "quantize", "model": str(output), "recipe": str(rpath), "backend": backend, **result.summary(),
            "fusion": fused.to_dict() if fused else None, "tensorrt_violations": [str(v) for v in violations],
-           "budget": budget_result.to_dict() if budget_result else None}
+           "budget": budget_result.to_dict() if budget_result else None, **provenance(fixed, **read)}
     emit(doc, as_json, None, lambda: _print_quantized(m.name, output, rpath, result, fused, violations, budget_result))
 
 
 # what a rebuild from --recipe takes from the recipe instead: given with it, they would be ignored
 RECIPE_IGNORES = ("data", "preprocess", "dims", "samples", "seed", "method", "target", "exclude", "overrides",
                   "percentile", "bins", "calib_batch", "max_samples", "reduce_range", "stability_halves",
-                  "stability_threshold", "budget", "eval_data", "eval_samples", "rank", "backend")
+                  "stability_threshold", "budget", "eval_data", "eval_samples", "rank", "backend", "metric", "fix")
 
 
 def _refuse_ignored(with_recipe: bool) -> None:
@@ -132,19 +141,20 @@ def _refuse_ignored(with_recipe: bool) -> None:
         raise UsageError("--force applies only with --recipe (to a recipe made for another model file)")
 
 
-def _calibrated(m, settings, as_json, *, data, preprocess, dims, samples, seed, max_samples, method, target, exclude,
-                overrides, percentile, bins, calib_batch, reduce_range, stability_halves, stability_threshold,
-                **_budget_only):
+def _calibrated(m, settings, as_json, backend, *, data, preprocess, dims, samples, seed, max_samples, method, target,
+                exclude, overrides, percentile, bins, calib_batch, reduce_range, stability_halves, stability_threshold,
+                fix, **_budget_only):
     from infertune.quant.quantize import quantize as run_quantize
 
-    ds = load_data(m, data, preprocess, dims, samples, seed)
-    if max_samples:
-        ds = ds.take(max_samples)
+    read = load_data(m, data, preprocess, dims, samples, seed)
+    m, fixed = specialised(m, [read], fix, backend, settings)
+    ds = read.take(max_samples) if max_samples else read
     with progress_bar("calibrating", not as_json) as update:
-        return run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
-                            percentile=percentile, bins=bins, batch_size=calib_batch,
-                            weight_reduce_range=reduce_range, stability_halves=stability_halves,
-                            stability_threshold=stability_threshold, settings=settings, progress=update)
+        result = run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
+                              percentile=percentile, bins=bins, batch_size=calib_batch,
+                              weight_reduce_range=reduce_range, stability_halves=stability_halves,
+                              stability_threshold=stability_threshold, settings=settings, progress=update)
+    return result, fixed, {"data": read}
 
 
 def _print_quantized(name, output, rpath, result, fused, violations, budget_result) -> None:
@@ -190,25 +200,28 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
 
 
 def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims, samples, seed, eval_data,
-               eval_samples, method, target, exclude, rank, **_calibration_only):
+               eval_samples, method, target, exclude, rank, metric, fix, **_calibration_only):
     from infertune.analysis.accuracy import Budget
     from infertune.analysis.sensitivity import check_mode
     from infertune.search.mixed_precision import quantize_to_budget
 
-    parsed = Budget.parse(budget)
+    parsed = Budget.parse(budget, load_metric(metric))
     check_mode(rank, backend)
-    space, evaluator = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
-                                           target, exclude, settings, as_json)
+    space, evaluator, fixed, read = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data,
+                                                        eval_samples, method, target, exclude, settings, as_json,
+                                                        fix, backend)
     with progress_bar(f"ranking ({rank}) and meeting the budget on {backend}", not as_json) as update:
-        return quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
+        result, br = quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
+    return result, br, fixed, read
 
 
 def _print_budget(br) -> None:
-    cols = ("float nodes", "SQNR dB", "cosine", "top-1 drop", "p50 ms", "met")
+    user = any("user" in s.metrics for s in br.steps)
+    cols = ("float nodes", "SQNR dB", "cosine", "metric" if user else "top-1 drop", "p50 ms", "met")
     t = table(cols, numeric=cols[:-1], title=f"mixed precision for {br.budget} on {br.backend}")
     for s in br.steps:
         t.add_row(str(len(s.excluded)), fmt(s.metrics["sqnr_db"], 1), fmt(s.metrics["cosine"], 5),
-                  fmt(s.metrics.get("top1_drop"), 2), fmt(s.p50_ms, 3),
+                  fmt(s.metrics.get("user"), 4) if user else fmt(s.metrics.get("top1_drop"), 2), fmt(s.p50_ms, 3),
                   "yes" if s.met else f"no: {s.metrics['confidence']:.0%} of resamples" if s.note else "no")
     out.print(t)
     chosen = br.chosen or br.best

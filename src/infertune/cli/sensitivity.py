@@ -12,12 +12,16 @@ from infertune.cli.common import (
     backend_options,
     data_options,
     emit,
+    fix_option,
     fmt,
     json_option,
+    load_metric,
+    metric_option,
     out,
     output_option,
     placement_for,
     progress_bar,
+    provenance,
     space_and_evaluator,
     table,
 )
@@ -36,12 +40,15 @@ from infertune.quant.placement import TARGETS
               help="Q/DQ placement (default: the one for --backend).")
 @click.option("--exclude", multiple=True, metavar="NODE|op:TYPE|re:REGEX")
 @click.option("--top", type=int, default=20, show_default=True, help="Show the N most sensitive nodes.")
+@metric_option
+@fix_option
+@click.option("--lower-is-better", is_flag=True, help="With --metric: smaller values of it are better.")
 @backend_options
 @json_option
 @output_option
 def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, eval_samples, mode, method, target,
-                exclude, top, backend, settings, as_json, output) -> None:
-    """Rank MODEL's quantized nodes by their effect on the outputs (exact or fast)."""
+                exclude, top, metric, fix, lower_is_better, backend, settings, as_json, output) -> None:
+    """Rank MODEL's quantized nodes by their effect on the outputs (exact or fast), or on --metric (exact)."""
     from infertune.analysis.sensitivity import check_mode
     from infertune.analysis.sensitivity import sensitivity as run_sensitivity
     from infertune.model import Model
@@ -49,12 +56,19 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
 
     output = Guard.of(model, data, eval_data, preprocess).file(output)
     target = placement_for(backend, target)
-    check_mode(mode, backend)
+    user_metric = load_metric(metric)
+    if lower_is_better and user_metric is None:
+        from infertune.errors import UsageError
+
+        raise UsageError("--lower-is-better is about --metric: give --metric FILE.py:FUNC")
+    check_mode(mode, backend, user_metric is not None)
     m = Model.load(model)
-    space, evaluator = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method,
-                                           target, exclude, settings, as_json)
+    space, evaluator, fixed, read = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data,
+                                                        eval_samples, method, target, exclude, settings, as_json,
+                                                        fix, backend)
     with progress_bar(f"sensitivity ({mode})", not as_json) as update:
-        r = run_sensitivity(space, evaluator, mode=mode, progress=update, backend=backend)
+        r = run_sensitivity(space, evaluator, mode=mode, progress=update, backend=backend, metric=user_metric,
+                            higher_is_better=not lower_is_better)
 
     def human() -> None:
         b = r.baseline
@@ -63,6 +77,9 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
                   f"{r.forward_passes} passes over "
                   f"{len(evaluator.feeds)} samples, {r.seconds:.1f} s")
         meaning = "output NSR when quantized alone" if mode == "exact" else "injected noise x gain: a ranking"
+        if r.metric:
+            meaning = f"loss of {r.metric} when quantized alone, ties by output NSR"
+            out.print(f"{r.metric}: {fmt(b['user'], 5)} with every group in INT8")
         t = table(("rank", "node", "op", "score"), numeric=("rank", "score"), title=f"most sensitive first ({meaning})")
         for i, g in enumerate(r.groups[:top], 1):
             t.add_row(str(i), escape(g.node), g.op_type, f"{g.score:.3e}")
@@ -70,7 +87,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
         out.print(f"keep the top ones in float with: infertune quantize {model} --exclude NODE ... "
                   f"or let --budget choose them")
 
-    emit(r.to_dict(), as_json, output, human)
+    emit({**r.to_dict(), **provenance(fixed, **read)}, as_json, output, human)
 
 
 COMMANDS = (sensitivity,)

@@ -8,8 +8,23 @@ import click
 from rich.markup import escape
 
 from infertune import backends
-from infertune.cli.common import emit, err, fmt, force_option, json_option, load_data, out, table
+from infertune.cli.common import (
+    emit,
+    err,
+    fix_option,
+    fmt,
+    force_option,
+    json_option,
+    load_data,
+    load_metric,
+    metric_option,
+    out,
+    provenance,
+    specialised,
+    table,
+)
 from infertune.quant.methods import METHODS
+from infertune.search.executors import EXECUTORS
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -39,8 +54,11 @@ def _searchable(name: str) -> bool:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--preprocess", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dims", multiple=True, metavar="NAME=SIZE")
+@fix_option
 @click.option("--budget", required=True, metavar="EXPR",
-              help="Accuracy budget against FP32: 'top1_drop<=0.5' (needs labels), 'cosine>=0.999', 'sqnr>=30'.")
+              help="Accuracy budget against FP32: 'top1_drop<=0.5' (needs labels), 'cosine>=0.999', 'sqnr>=30', "
+                   "or with --metric 'metric>=X' / 'metric<=X'.")
+@metric_option
 @click.option("--threads", "threads_text", default="0", show_default=True, metavar="T1,T2",
               help="Intra-op thread counts to try (0 = runtime default).")
 @click.option("--methods", "methods_text", default="auto", show_default=True, metavar="M1,M2",
@@ -56,6 +74,13 @@ def _searchable(name: str) -> bool:
               help="Stop starting trials after S seconds.")
 @click.option("--latency-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Time spent measuring each trial's latency.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="Where trials run: here, in order, or as Ray tasks (pip install 'infertune[ray]') on nodes of "
+                   "this machine's kind (see `infertune ray-resources`).")
+@click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster to use (default: start one here).")
+@click.option("--ray-shard-samples", type=click.IntRange(min=1), metavar="N",
+              help="With --executor ray: evaluation feeds per task (default 256): a large evaluation set is "
+                   "scored on several workers at once.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where trials are recorded (default: OUT.run); the same command resumes from it.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -63,8 +88,9 @@ def _searchable(name: str) -> bool:
                    "infertune wrote before.")
 @force_option("an artifact")
 @json_option
-def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, budget, threads_text, methods_text,
-         runtimes_text, max_trials, time_budget, latency_seconds, run_dir, output, force, as_json) -> None:
+def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, fix, budget, metric, threads_text,
+         methods_text, runtimes_text, max_trials, time_budget, latency_seconds, executor, ray_address,
+         ray_shard_samples, run_dir, output, force, as_json) -> None:
     """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
     from infertune.analysis.accuracy import Budget, Evaluator
     from infertune.data import refuse_constant
@@ -72,6 +98,7 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
     from infertune.errors import UsageError
     from infertune.model import Model
     from infertune.outputs import Guard
+    from infertune.search.executors import make_executor
     from infertune.search.journal import RUN_DIR
     from infertune.search.tuner import tune as run_tune
 
@@ -90,11 +117,13 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         runtimes = auto_runtimes()
     else:
         runtimes = [r.strip() for r in runtimes_text.split(",") if r.strip()]
-    b = Budget.parse(budget)
+    b = Budget.parse(budget, load_metric(metric))
     m = Model.load(model)
-    calib = load_data(m, calib_data, preprocess, dims, 8, 0)
+    calib = load_data(m, calib_data, preprocess, dims, 8, 0, "calib")
+    ev = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, 8, 0, "eval")
+    m, fixed = specialised(m, [calib] if ev is calib else [calib, ev], fix,
+                           settings=backends.Settings(intra_op_threads=threads[0]))
     refuse_constant(m, calib, "calibration data")  # before the search, not as a failed INT8 trial
-    ev = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, 8, 0)
     evaluator = Evaluator.from_dataset(m, ev, eval_samples, backends.Settings(intra_op_threads=threads[0]))
     if b.check is not None and b.check.metric == "top1_drop" and evaluator.labels is None:
         raise UsageError("--budget top1_drop needs labels: an array named 'label' in the evaluation data")
@@ -108,9 +137,13 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         err.print(f"trial {t.index:>2} {escape(t.spec.label()):<40} p50 {t.p50_ms:8.3f} ms  "
                   f"SQNR {fmt(t.metrics.get('sqnr_db'), 1):>6} dB  {met} the budget  ({tag}){note}")
 
-    r = run_tune(m, calib, evaluator, b, run_dir=run_dir, threads=threads, methods=methods, runtimes=runtimes,
-                 max_trials=max_trials, time_budget_s=time_budget, latency_s=latency_seconds, on_trial=shown,
-                 output=output, force=force)
+    ex = make_executor(executor, address=ray_address, shard_samples=ray_shard_samples)
+    try:
+        r = run_tune(m, calib, evaluator, b, run_dir=run_dir, threads=threads, methods=methods, runtimes=runtimes,
+                     max_trials=max_trials, time_budget_s=time_budget, latency_s=latency_seconds, on_trial=shown,
+                     output=output, force=force, executor=ex, notes=fixed.notes if fixed else ())
+    finally:
+        ex.close()
 
     def human() -> None:
         c = r.chosen
@@ -128,7 +161,25 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, bud
         out.print(t)
         out.print(f"artifact: {r.artifact} (report: {Path(r.artifact) / 'report.html'}); trials in {r.run_dir}")
 
-    emit(r.to_dict(), as_json, None, human)
+    emit({**r.to_dict(), **provenance(fixed, calib=calib, eval=ev)}, as_json, None, human)
 
 
-COMMANDS = (tune,)
+@click.command("ray-resources")
+@json_option
+def ray_resources(as_json: bool) -> None:
+    """The Ray resource that marks a node of this machine's kind, for `ray start --resources`."""
+    import json
+
+    from infertune.fingerprint import kind_label, machine_kind
+
+    res = {f"infertune-{kind_label()}": 1}
+    kind = machine_kind()
+    if as_json:
+        emit({"kind": "ray-resources", "resources": res, "machine": kind}, True, None, lambda: None)
+        return
+    click.echo(json.dumps(res))
+    err.print(f"start every Ray node of this kind ({escape(kind['cpu'])}, {' '.join(kind['isa'])}) with: "
+              f"ray start --address HEAD:PORT --resources '{json.dumps(res)}'")
+
+
+COMMANDS = (tune, ray_resources)

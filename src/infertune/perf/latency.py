@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from infertune import backends
-from infertune.data import Dataset, FeedValidator, batched
+from infertune.data import Dataset, FeedValidator, as_dataset, batched
 from infertune.errors import DataError, UsageError
 from infertune.fingerprint import environment
-from infertune.model import Model
+from infertune.model import Model, batch_problem
 
 SCHEMA_VERSION = 1
 COV_WARN = 0.05
@@ -90,6 +90,15 @@ class BenchResult:
         }
 
 
+def refuse_batch(model: Model, sizes: list[int], what: str) -> None:
+    """A batch larger than 1 needs a batch axis on every input (``layouts.batch_problem``)."""
+    big = [b for b in sizes if b > 1]
+    problem = batch_problem(model) if big else None
+    if problem:
+        raise UsageError(f"cannot run {model.name} on {what} {big[0]}: its batch axis cannot be inferred ({problem}); "
+                         "its feeds are run one at a time")
+
+
 def bench(
     model: Model | str | os.PathLike[str],
     data: Dataset | None = None,
@@ -116,6 +125,8 @@ def bench(
         raise UsageError(f"time budget must be > 0 s, got {time_budget_s}")
     m = model if isinstance(model, Model) else Model.load(model)
     settings = settings or backends.Settings()
+    data = None if data is None else as_dataset(data)
+    refuse_batch(m, [batch_size], "a batch of")
     if data is None:
         data = Dataset.synthetic(m, samples=batch_size, dims={**(dims or {}), "batch": 1})
     feed = first_feed(m, batched(data, batch_size), data.name, batch_size)

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from infertune import backends
-from infertune.data import Dataset, batched
+from infertune.data import Dataset, as_dataset, batched
 from infertune.errors import UsageError
 from infertune.fingerprint import environment
 from infertune.limits import check_threads
 from infertune.model import Model
-from infertune.perf.latency import LatencyStats, first_feed
+from infertune.perf.latency import LatencyStats, first_feed, refuse_batch
 
 SCHEMA_VERSION = 1
 AXES = ("batch", "threads", "sessions", "opt")
@@ -127,8 +127,10 @@ def sweep(model: Model | str | os.PathLike[str], data: Dataset | None = None, ax
     axes = dict(axes or {})
     grid = {"batch": axes.get("batch", [1]), "threads": axes.get("threads", [base.intra_op_threads]),
             "sessions": axes.get("sessions", [1]), "opt": axes.get("opt", [base.graph_optimization])}
+    refuse_batch(m, grid["batch"], "a batch sweep up to")
     if data is None:
         data = Dataset.synthetic(m, samples=max(grid["batch"]), dims={"batch": 1})
+    data = as_dataset(data)
     feeds = {b: first_feed(m, batched(data, b), data.name, b) for b in grid["batch"]}
     combos = list(itertools.product(grid["batch"], grid["threads"], grid["sessions"], grid["opt"]))
     points = []

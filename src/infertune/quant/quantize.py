@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from infertune import backends
-from infertune.data import Dataset
+from infertune.data import Dataset, as_dataset
 from infertune.errors import CalibrationError, ModelError
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
@@ -99,6 +99,7 @@ def quantize(
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
     source = model if isinstance(model, Model) else Model.load(model)
+    data = as_dataset(data)
     parsed_overrides = MethodOverrides.parse(overrides)
     exclude = list(exclude)
     m = ensure_opset(source)

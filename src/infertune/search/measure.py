@@ -7,38 +7,51 @@ normalisations kept in float32), built once per run, for runtimes whose registry
 On a GPU runtime every compile gets the run's engine and timing caches (``run_settings``), so
 evaluating, timing and the runoff reuse one engine build; the artifact records ``settings``,
 without them.
+
+The stages are plain functions of plain data (``build_from_recipe``, ``time_variants``, ``finish``)
+so that a cluster executor runs the same code on its workers; ``TrialRunner`` runs them here.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infertune import backends
-from infertune.analysis.accuracy import Budget, Evaluator
+from infertune.analysis.accuracy import Budget, Evaluator, Verdict
 from infertune.data import Dataset
-from infertune.errors import InfertuneError, InfertuneWarning
+from infertune.errors import InfertuneError, InfertuneWarning, UserCodeError
 from infertune.model import Model
 from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
 from infertune.quant.fp16 import to_fp16
+from infertune.quant.quantize import rebuild
+from infertune.quant.recipe import Recipe
 from infertune.quant.space import QuantSpace, calibrated_space
 from infertune.search.trials import Trial, TrialSpec
 
 AGREEMENT_DB = 40.0  # FP32 on two runtimes: ~1% relative error at most (they differ by rounding only)
 
 
+@dataclass
+class Measured:
+    """A finished trial and the variant's model when it still has to be saved (None: the source
+    model, or a model already in the run directory)."""
+
+    trial: Trial
+    model: Model | None = None
+
+
 class TrialRunner:
     """What every trial needs: the source, the calibrations (one per method and placement, made
-    on first use), the evaluator, the budget; ``run_trial`` is what an executor calls."""
+    on first use), the evaluator, the budget; ``run_trial`` is what the local executor calls."""
 
     def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, run_dir: Path,
-                 latency_s: float, first_index: int = 0) -> None:
+                 latency_s: float) -> None:
         self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
         self.run_dir, self.latency_s = run_dir, latency_s
         self.spaces: dict[tuple[str, str], QuantSpace] = {}
-        self.next_index = first_index
         # every evaluation feed has one size: compile for it, as a deployment feeding that size does
         self.static_shapes = backends.static_shapes(evaluator.feeds)
         self._fp16: Model | None = None
@@ -50,6 +63,12 @@ class TrialRunner:
             for w in self.spaces[method, target].calibrated.warnings:  # NaN left out, constant ranges: say so
                 warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
         return self.spaces[method, target]
+
+    def recipe(self, spec: TrialSpec) -> dict | None:
+        """The calibration an INT8 spec is built from, as plain data (what a worker rebuilds it with)."""
+        if spec.precision != "int8":
+            return None
+        return self.space(spec.method, spec.target).calibrated.recipe.to_dict()
 
     def build(self, spec: TrialSpec) -> Model:
         if spec.precision == "fp32":
@@ -63,43 +82,18 @@ class TrialRunner:
             self._fp16 = to_fp16(self.source).model
         return self._fp16
 
-    def run_trial(self, spec: TrialSpec) -> Trial:
+    def run_trial(self, spec: TrialSpec) -> Measured:
         start = time.perf_counter()
         try:
-            return self._measure(spec, start)
+            model = self.build(spec)
+            verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend, self.eval_settings(spec)),
+                                           self.budget)
+            p50 = self.time([spec], rounds=1)[spec.key].p50_ms  # saves the model file it times
+        except UserCodeError:
+            raise  # the user's metric is broken: that stops the run, it is not this variant's result
         except InfertuneError as e:  # this variant cannot run on this runtime: a result, not a crash
-            return Trial(self._next(), spec, {}, float("inf"), False, time.perf_counter() - start, None,
-                         f"failed: {str(e)[:300]}")
-
-    def _next(self) -> int:
-        self.next_index += 1
-        return self.next_index - 1
-
-    def _measure(self, spec: TrialSpec, start: float) -> Trial:
-        model = self.build(spec)
-        verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend, self.eval_settings(spec)), self.budget)
-        rel, metrics, met, note = None, verdict.metrics, verdict.met, verdict.note
-        if spec.precision == "fp32" and spec.backend != backends.DEFAULT:
-            met, note = self._agrees(metrics, met, note, spec.backend)
-        if model is not self.source:
-            rel = f"models/{spec.key}.onnx"
-            model.save(self.run_dir / rel)
-        elif spec.precision == "int8":
-            # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
-            # which does not count as an INT8 variant meeting the budget
-            note, met = "nothing left to quantize: the float model", False
-        lat = self.time([spec], rounds=1)[spec.key]
-        return Trial(self._next(), spec, metrics, lat.p50_ms, met, time.perf_counter() - start, rel, note)
-
-    @staticmethod
-    def _agrees(metrics: dict[str, float], met: bool, note: str, backend: str) -> tuple[bool, str]:
-        """Another runtime's FP32 is judged against ONNX Runtime's FP32 (the reference): one that
-        disagrees cannot be trusted with INT8 either (OpenVINO computed garbage with dynamic dims)."""
-        sqnr = metrics.get("sqnr_db", float("inf"))
-        if sqnr < AGREEMENT_DB:
-            return False, (f"disagrees with ONNX Runtime's FP32: output SQNR {sqnr:.1f} dB < {AGREEMENT_DB:g} dB "
-                           f"(cosine {metrics.get('cosine', float('nan')):.5f})")
-        return met, note
+            return Measured(failed(spec, e, time.perf_counter() - start))
+        return finish(spec, model is self.source, verdict, p50, time.perf_counter() - start, None)
 
     def model_file(self, spec: TrialSpec) -> Path:
         """The file of ``spec``'s model (what a timing process loads)."""
@@ -137,6 +131,45 @@ class TrialRunner:
         """p50 on the first evaluation feed, each variant in its own process, alternated in rounds."""
         variants = [Variant(s.key, self.model_file(s), s.backend, self.run_settings(s)) for s in specs]
         return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=self.latency_s)
+
+
+def build_from_recipe(source: Model, recipe: dict | None, spec: TrialSpec) -> Model:
+    """The variant of ``spec`` built on a worker (INT8 from its calibration's recipe): the model
+    ``TrialRunner.build`` gives."""
+    if spec.precision == "fp16":
+        return to_fp16(source).model
+    if recipe is None or spec.precision == "fp32":
+        return source
+    return QuantSpace(source, rebuild(source, Recipe.from_dict(recipe), check_source=False)).build(spec.exclude)
+
+
+def finish(spec: TrialSpec, is_source: bool, verdict: Verdict, p50: float, seconds: float,
+           model: Model | None) -> Measured:
+    """The trial record (index set by the search when it records it) and the model to save."""
+    metrics, met, note, rel = verdict.metrics, verdict.met, verdict.note, None
+    if spec.precision == "fp32" and spec.backend != backends.DEFAULT:
+        met, note = agrees(metrics, met, note)
+    if not is_source:
+        rel = f"models/{spec.key}.onnx"
+    elif spec.precision == "int8":
+        # what these exclusions leave cannot run in 8-bit on its own: this is the float model,
+        # which does not count as an INT8 variant meeting the budget
+        note, met = "nothing left to quantize: the float model", False
+    return Measured(Trial(-1, spec, metrics, p50, met, seconds, rel, note), None if is_source else model)
+
+
+def agrees(metrics: dict[str, float], met: bool, note: str) -> tuple[bool, str]:
+    """Another runtime's FP32 is judged against ONNX Runtime's FP32 (the reference): one that
+    disagrees cannot be trusted with INT8 either (OpenVINO computed garbage with dynamic dims)."""
+    sqnr = metrics.get("sqnr_db", float("inf"))
+    if sqnr < AGREEMENT_DB:
+        return False, (f"disagrees with ONNX Runtime's FP32: output SQNR {sqnr:.1f} dB < {AGREEMENT_DB:g} dB "
+                       f"(cosine {metrics.get('cosine', float('nan')):.5f})")
+    return met, note
+
+
+def failed(spec: TrialSpec, e: Exception, seconds: float) -> Trial:
+    return Trial(-1, spec, {}, float("inf"), False, seconds, None, f"failed: {str(e)[:300]}")
 
 
 def time_variants(variants: list[Variant], feed: dict, *, rounds: int, seconds: float) -> dict[str, IsolatedLatency]:

@@ -93,7 +93,7 @@ def meet_budget(space: QuantSpace, evaluator: Evaluator, budget: Budget, ranking
     else:
         chosen = steps[fewest_in_float(lambda k: measure(k).met, 0, n)]
     ordered = [steps[k] for k in sorted(steps)]
-    best = max(ordered, key=lambda s: s.metrics["sqnr_db"])
+    best = max(ordered, key=lambda s: s.metrics["sqnr_db"] if budget.fn is None else budget.goodness(s.metrics))
     model = space.build(chosen.excluded if chosen else best.excluded)
     return BudgetResult(str(budget), ordered, chosen, best, model, backend)
 

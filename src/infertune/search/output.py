@@ -15,7 +15,7 @@ import numpy as np
 from infertune import backends
 from infertune.data import Dataset
 from infertune.deploy.artifact import save_artifact
-from infertune.model import Model
+from infertune.model import Model, batch_problem
 from infertune.perf.profile import profile
 from infertune.perf.sweep import sweep
 from infertune.report import write_report
@@ -35,6 +35,8 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
     settings = runner.settings(chosen.spec)  # what the artifact records (a GPU run's engine cache is not)
     result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0],
                                              runner.run_settings(chosen.spec), chosen.spec.backend)
+    if result.measurements.get("sweep_note"):
+        result.decisions.append(f"throughput sweep over threads only: {result.measurements['sweep_note']}")
     report = write_report(result.to_dict(), runner.run_dir / "report.html")
     return save_artifact(output, model, source_sha256=source_sha, settings=settings, recipe=recipe,
                          backend=chosen.spec.backend,
@@ -57,14 +59,12 @@ def measure_for_report(result: TuneResult, source: Model, chosen: Model, feed: d
             continue
         p = profile(m, one, settings=backends.fit_settings(runtime, settings), runs=profile_runs, backend=runtime)
         ops[label] = {o.op_type: o.mean_us for o in p.op_types}
-    batches = [b for b in SWEEP_BATCHES if batchable(chosen)] or [1]
+    problem = batch_problem(chosen)
+    batches = [1] if problem else list(SWEEP_BATCHES)
     threads = sorted({t.spec.threads for t in result.trials if t.spec.backend == backend}) or [
         settings.intra_op_threads]
     # the sweep asks what other batch sizes would give: the model keeps its dynamic dims there
     sw = sweep(chosen, Dataset.from_iterable([feed] * max(batches)), {"batch": batches, "threads": threads},
                settings=replace(settings, static_shapes={}), seconds=sweep_seconds, backend=backend)
-    return {"op_types": ops, "sweep": sw.to_dict(), "profiled_on": backends.DEFAULT, "backend": backend}
-
-
-def batchable(model: Model) -> bool:
-    return all(i.shape and isinstance(i.shape[0], str) for i in model.inputs)
+    return {"op_types": ops, "sweep": sw.to_dict(), "profiled_on": backends.DEFAULT, "backend": backend,
+            "sweep_note": f"no batch axis in the sweep: it cannot be inferred ({problem})" if problem else None}

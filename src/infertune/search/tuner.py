@@ -49,7 +49,7 @@ from infertune import backends
 from infertune._io import write_json
 from infertune.analysis.accuracy import Budget, Evaluator
 from infertune.analysis.sensitivity import sensitivity
-from infertune.data import Dataset
+from infertune.data import Dataset, as_dataset
 from infertune.deploy.artifact import OWNED, sha256_file
 from infertune.errors import UsageError
 from infertune.model import Model
@@ -57,7 +57,7 @@ from infertune.outputs import Guard
 from infertune.search.choice import choose, runoff
 from infertune.search.executors import Executor, LocalExecutor
 from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
-from infertune.search.measure import TrialRunner
+from infertune.search.measure import Measured, TrialRunner
 from infertune.search.mixed_precision import fewest_in_float
 from infertune.search.result import TuneResult
 from infertune.search.runtimes import knob_options, searchable, thread_counts
@@ -72,7 +72,7 @@ class Tuner:
     def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, *, run_dir: Path,
                  threads: Sequence[int], methods: Sequence[str], runtimes: Sequence[str], max_trials: int,
                  time_budget_s: float | None, latency_s: float, executor: Executor | None,
-                 on_trial: OnTrial | None) -> None:
+                 on_trial: OnTrial | None, notes: Sequence[str] = ()) -> None:
         self.source, self.evaluator, self.budget = source, evaluator, budget
         self.root = run_dir
         self.threads, self.methods, self.runtimes = list(threads), list(methods), list(runtimes)
@@ -87,10 +87,10 @@ class Tuner:
                                   "threads": self.threads, "methods": self.methods, "runtimes": self.runtimes,
                                   "eval_sha256": feeds_sha(evaluator.feeds)})
         self.journal = Journal(self.root)
-        first = max((t.index for t in self.journal.done.values()), default=-1) + 1
-        self.runner = TrialRunner(source, calib, evaluator, budget, self.root, latency_s, first)
+        self.next_index = max((t.index for t in self.journal.done.values()), default=-1) + 1
+        self.runner = TrialRunner(source, calib, evaluator, budget, self.root, latency_s)
         self.trials: dict[str, Trial] = {}
-        self.decisions: list[str] = []
+        self.decisions: list[str] = list(notes)
         self.stopped = ""
         self.rankings: dict[str, list[dict]] = {}
         self.fp32: list[Trial] = []
@@ -250,22 +250,33 @@ class Tuner:
         if self.deadline is not None and time.monotonic() > self.deadline and todo:
             self.stopped = self.stopped or f"time budget ({self.time_budget_s:g} s) spent"
             todo = []
-        for t in self.executor.run(self.runner.run_trial, todo):
-            self.journal.add(t)
-            self.trials[t.spec.key] = t
-            if self.on_trial:
-                self.on_trial(t, False)
+        for measured in self.executor.run(self.runner, todo):
+            self.record(measured)
         return [self.trials[s.key] for s in specs if s.key in self.trials]
 
+    def record(self, measured: Measured) -> None:
+        """A finished trial: its model saved, then its line in the journal (here, in the driver only)."""
+        t = replace(measured.trial, index=self.next_index)
+        self.next_index += 1
+        if measured.model is not None and t.model_file:
+            measured.model.save(self.root / t.model_file)
+        self.journal.add(t)
+        self.trials[t.spec.key] = t
+        if self.on_trial:
+            self.on_trial(t, False)
 
-def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evaluator, budget: Budget, *,
+
+def tune(model: Model | str | os.PathLike[str], calib: Dataset | Iterable[dict], evaluator: Evaluator,
+         budget: Budget, *,
          run_dir: str | os.PathLike[str], threads: Sequence[int] = (0,), methods: Sequence[str] = ("auto",),
          runtimes: Sequence[str] = ("ort",),
          max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
          executor: Executor | None = None, on_trial: OnTrial | None = None,
-         output: str | os.PathLike[str] | None = None, force: bool = False) -> TuneResult:
+         output: str | os.PathLike[str] | None = None, force: bool = False,
+         notes: Sequence[str] = ()) -> TuneResult:
     """Search (see the module docstring); with ``output``, write the artifact there (replacing a
-    previous artifact only with ``force``). One tune at a time holds ``run_dir`` (``RunLock``)."""
+    previous artifact only with ``force``). One tune at a time holds ``run_dir`` (``RunLock``). ``notes``
+    open the decision log (what was done to the model or data before the search, e.g. inputs fixed)."""
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
     for r in runtimes:
@@ -277,9 +288,9 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
     guard = Guard.of(source.path)  # refused outputs fail now, not after the search
     output = None if output is None else guard.directory(output, OWNED, force=force)
     with RunLock(guard.directory(run_dir, RUN_DIR, what="run directory")):
-        tuner = Tuner(source, calib, evaluator, budget, run_dir=Path(run_dir), threads=threads, methods=methods,
-                      runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s, latency_s=latency_s,
-                      executor=executor, on_trial=on_trial)
+        tuner = Tuner(source, as_dataset(calib), evaluator, budget, run_dir=Path(run_dir), threads=threads,
+                      methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s,
+                      latency_s=latency_s, executor=executor, on_trial=on_trial, notes=notes)
         result = tuner.run()
         if output is not None:
             from infertune.search.output import write_artifact
@@ -290,7 +301,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset, evaluator: Evalu
 
 def metric_text(t: Trial, budget: Budget) -> str:
     if budget.check is None:
-        return f"user metric {t.metrics.get('user', float('nan')):.4f}"
+        return f"{budget.name} {t.metrics.get('user', float('nan')):.4f}"
     v = t.metrics.get(budget.check.metric)
     return f"{budget.check.metric} {v:.4f}" if v is not None else "n/a"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -121,14 +122,10 @@ def parse_options(items: tuple[str, ...]) -> dict[str, str]:
 
 
 def load_data(model, data, preprocess, dims, samples, seed, what: str = "data"):
-    """The dataset a --data/--calib/--eval argument names; says on stderr which layout was read."""
-    from rich.markup import escape
-
+    """The dataset a --data/--calib/--eval argument names (which layout was read: ``provenance``)."""
     from infertune.data import load_dataset, parse_dims
 
-    ds = load_dataset(data, model, dims=parse_dims(dims), samples=samples, seed=seed, preprocess=preprocess)
-    err.print(f"[dim]{what}: {escape(ds.name)}: {escape(ds.layout)}[/]", soft_wrap=True)
-    return ds
+    return load_dataset(data, model, dims=parse_dims(dims), samples=samples, seed=seed, preprocess=preprocess)
 
 
 def data_doc(**datasets) -> dict:
@@ -202,6 +199,10 @@ def emit(doc: dict, as_json: bool, output: Path | None, human: Callable[[], None
     """Print ``doc`` as one JSON document (--json) or call ``human``; with ``output``, also write it as JSON."""
     if output is not None:
         write_json(output, doc)
+    read = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    for what, d in read.items():  # which layout was read (``provenance``), once the command has succeeded
+        if isinstance(d, dict) and "layout" in d:
+            err.print(f"[dim]{what}: {rich_escape(str(d['name']))}: {rich_escape(d['layout'])}[/]", soft_wrap=True)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=json_default))
     else:

@@ -160,3 +160,47 @@ def test_quantize_and_tune_with_fix_from_a_directory_of_one_feed_files(capsys, v
                for x in doc["decisions"])
     code, _, err = run(capsys, "bench", tmp_path / "q.onnx", "--data", d, "--sweep", "batch=1,2", "--time", "0.05")
     assert code == 2 and "batch axis cannot be inferred (axis 0 of input 'input' is fixed at 1)" in err
+
+
+def test_a_quantized_tensor_read_inside_an_if_is_read_in_float(tmp_path):
+    """A Conv+Relu output read both by the main graph and inside an If whose condition depends only on a
+    shape (batch == 1): the If reads the float tensor (ONNX Runtime 1.32 aborted on a DequantizeLinear output read there
+    once static input shapes made the condition constant, as silero VAD's decoder has it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])
+    same = helper.make_tensor_value_info("same", TensorProto.FLOAT, ["N", 4, 8, 8])
+    neg = helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4, 8, 8])
+    then_g = helper.make_graph([helper.make_node("Identity", ["r"], ["same"], name="same")], "t", [], [same])
+    else_g = helper.make_graph([helper.make_node("Neg", ["r"], ["neg"], name="neg")], "e", [], [neg])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["r"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch"),
+             helper.make_node("Equal", ["n", "one"], ["single"], name="single"),
+             helper.make_node("If", ["single"], ["branch"], name="by_batch", then_branch=then_g,
+                              else_branch=else_g),
+             helper.make_node("ReduceMean", ["branch"], ["m"], name="mean", keepdims=0),
+             helper.make_node("Add", ["c2", "m"], ["y"], name="out")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3, "w2"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "if_reads_conv", [x], [y], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    m = Model.from_proto(proto)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    q = quantize(m, feeds, stability_halves=0).model
+    reads = {i for n in q.graph.node if n.op_type == "If" for a in n.attribute for s in a.g.node for i in s.input}
+    dq_outputs = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert "r" in reads and not reads & dq_outputs
+    runner = backends.compile(q, backends.Settings(static_shapes={"x": (1, 3, 8, 8)}))  # aborted before
+    want = backends.compile(m).run(feeds[0])["y"]
+    got = runner.run(feeds[0])["y"]
+    assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.99

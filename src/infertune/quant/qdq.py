@@ -144,6 +144,8 @@ class _QdqWriter:
                 self.qdq_after.setdefault(producer.name, []).extend([q, dq])
             if not renamed:  # a renamed output's readers already read t, now the DQ output
                 self._rewire(t, dq_out, q, replace_all)
+            else:
+                _rewire_subgraph_reads(self.g, t, src)  # subgraphs read the float value (see _rewire)
 
     def _qdq_pair(self, t: str, src: str, dq_out: str) -> tuple[onnx.NodeProto, onnx.NodeProto]:
         scale, zp = self._params_of(t)
@@ -162,8 +164,9 @@ class _QdqWriter:
             for i, name in enumerate(n.input):
                 if name == t:
                     n.input[i] = dq_out
-        if replace_all:
-            _rewire_subgraph_reads(self.g, t, dq_out)
+        # reads inside If/Loop bodies keep the producer's float output: ONNX Runtime 1.32 aborts (an
+        # assertion in its graph optimizer) on a DequantizeLinear output read inside an If once static
+        # input shapes make the If's condition constant (silero VAD specialised to sr=16000)
 
     def finish(self) -> onnx.ModelProto:
         ordered = [*self.weight_nodes, *self.leading]

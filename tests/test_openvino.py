@@ -101,3 +101,22 @@ def test_missing_openvino_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
     with pytest.raises(BackendUnavailable, match=r"infertune\[openvino\]"):
         backends.compile(Model.from_proto(MODELS["conv"]()), backend="openvino")
+
+
+def test_a_model_that_will_not_compile_for_static_shapes_runs_with_its_dynamic_dims(monkeypatch):
+    """ONNX Runtime cannot load silero VAD (an LSTM inside an If) with fixed inputs; it runs dynamic."""
+    from infertune.backends.ort import OrtBackend
+    from infertune.errors import InfertuneWarning, ModelError
+
+    real = OrtBackend.compile
+
+    def refuses_static(self, model, settings):
+        if all(isinstance(d, int) for i in model.inputs for d in i.shape):
+            raise ModelError("cannot infer the If's branch with fixed inputs")
+        return real(self, model, settings)
+
+    monkeypatch.setattr(OrtBackend, "compile", refuses_static)
+    m = Model.from_proto(MODELS["conv"]())
+    with pytest.warns(InfertuneWarning, match="compiled with its dynamic dims"):
+        r = backends.compile(m, backends.Settings(static_shapes={"x": (1, 3, 16, 16)}))
+    assert r.run({"x": np.ones((2, 3, 16, 16), np.float32)})["y"].shape[0] == 2  # the batch dim stayed free

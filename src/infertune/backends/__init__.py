@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
-from infertune.errors import BackendUnavailable, UsageError
+from infertune.errors import BackendUnavailable, InfertuneWarning, ModelError, UsageError
 from infertune.limits import check_threads
 from infertune.model import Model
 
@@ -237,9 +238,18 @@ def compile(model: Model, settings: Settings | None = None, *, backend: str = "o
     """Compile ``model`` with ``settings`` on the named backend (settings it cannot honour are refused)."""
     settings = settings or Settings()
     check_settings(backend, settings)
+    runtime_backend = get_backend(backend)
     if settings.static_shapes:
-        model = model.with_input_shapes(settings.static_shapes)
-    return get_backend(backend).compile(model, settings)
+        static = model.with_input_shapes(settings.static_shapes)
+        try:
+            return runtime_backend.compile(static, settings)
+        except ModelError as e:
+            # a model whose control flow the runtime cannot infer with fixed inputs (silero VAD's LSTM
+            # inside an If, on ONNX Runtime): it runs as it is, with its dynamic dims, here and when deployed
+            warnings.warn(f"{model.name} does not compile on {backend} for static input shapes "
+                          f"({str(e).splitlines()[0][:200]}); compiled with its dynamic dims", InfertuneWarning,
+                          stacklevel=2)
+    return runtime_backend.compile(model, settings)
 
 
 def static_shapes(feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, tuple[int, ...]]:

@@ -27,6 +27,7 @@ from infertune.model import Model
 from infertune.search.journal import TRIALS
 from infertune.search.ray_executor import RayExecutor, kind_resource
 from infertune.usercode import UserFunction
+from interrupt import kill_after_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -200,17 +201,7 @@ def test_driver_killed_then_restarted_resumes_from_the_journal(cluster, tmp_path
            "sqnr>=200", "--threads", "1", "--runtimes", "ort", "--latency-seconds", "0.3", "--executor", "ray",
            "--ray-address", cluster.address, "-o", str(out), "--json"]
     journal = tmp_path / "art.run" / TRIALS
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cluster.env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.02)
-    if p.poll() is not None:
-        pytest.fail(f"tune finished before it could be killed: {p.stderr.read().decode()[-800:]}")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    before = [json.loads(x)["key"] for x in journal.read_text().splitlines() if x.strip().endswith("}")]
+    before = kill_after_trials(cmd, journal, 1, env=cluster.env)
     assert before and not out.exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cluster.env)
     assert done.returncode == 0, done.stderr[-1500:]

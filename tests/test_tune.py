@@ -6,10 +6,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from infertune.model import Model
 from infertune.search.choice import NOISE, choose
 from infertune.search.journal import TRIALS
 from infertune.search.trials import Trial, TrialSpec
+from interrupt import kill_after_trials
 from models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,17 +190,7 @@ def test_kill_9_mid_run_then_resume_with_the_same_command(tmp_path):
            str(DIGITS / "calib.npz"), "--eval", str(DIGITS / "test.npz"), "--eval-samples", "60", "--budget",
            "sqnr>=200", "--threads", "1", "--latency-seconds", "0.3", "-o", str(out), "--json"]
     journal = tmp_path / "art.run" / TRIALS
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    if p.poll() is not None:
-        pytest.fail(f"tune finished before it could be killed: {p.stderr.read().decode()[-500:]}")
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    before = [json.loads(x)["key"] for x in journal.read_text().splitlines() if x.strip().endswith("}")]
+    before = kill_after_trials(cmd, journal, 2)
     assert not out.exists()  # no half-written artifact
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-800:]

@@ -247,6 +247,112 @@ def masked_attention() -> onnx.ModelProto:
     return _model(nodes, [x, mask], [y], inits, "masked_attention")
 
 
+def _const(name: str, value) -> onnx.NodeProto:
+    """A Constant node (how Paddle exports hold weights and scalars)."""
+    return helper.make_node("Constant", [], [name], name=f"{name}_const",
+                            value=numpy_helper.from_array(np.asarray(value, np.float32), name))
+
+
+def _conv_bn(prefix: str, x: str, c_in: int, c_out: int, seed: int) -> tuple[list[onnx.NodeProto], str]:
+    """Conv (weight in a Constant node, no bias) -> BatchNormalization (Constant parameters)."""
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.standard_normal((c_out, c_in, 3, 3)) * 0.4, "scale": rng.uniform(0.5, 1.5, c_out),
+              "bias": rng.standard_normal(c_out) * 0.2, "mean": rng.standard_normal(c_out) * 0.2,
+              "var": rng.uniform(0.5, 2.0, c_out)}
+    nodes = [_const(f"{prefix}_{k}", v) for k, v in params.items()]
+    nodes += [helper.make_node("Conv", [x, f"{prefix}_w"], [f"{prefix}_conv"], name=f"{prefix}_conv",
+                               kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              helper.make_node("BatchNormalization", [f"{prefix}_conv", *(f"{prefix}_{k}" for k in
+                               ("scale", "bias", "mean", "var"))], [f"{prefix}_bn"], name=f"{prefix}_bn",
+                               epsilon=1e-5)]
+    return nodes, f"{prefix}_bn"
+
+
+def _hardswish(prefix: str, x: str, paddle_order: bool) -> tuple[list[onnx.NodeProto], str]:
+    """x * Clip(x + 3, 0, 6) / 6, as Paddle orders it (Add->Clip->Mul->Div) or Add->Clip->Div->Mul."""
+    nodes = [_const(f"{prefix}_three", 3.0), _const(f"{prefix}_zero", 0.0), _const(f"{prefix}_six", 6.0),
+             _const(f"{prefix}_six_div", 6.0),
+             helper.make_node("Add", [x, f"{prefix}_three"], [f"{prefix}_add"], name=f"{prefix}_add"),
+             helper.make_node("Clip", [f"{prefix}_add", f"{prefix}_zero", f"{prefix}_six"], [f"{prefix}_clip"],
+                              name=f"{prefix}_clip")]
+    if paddle_order:
+        nodes += [helper.make_node("Mul", [x, f"{prefix}_clip"], [f"{prefix}_mul"], name=f"{prefix}_mul"),
+                  helper.make_node("Div", [f"{prefix}_mul", f"{prefix}_six_div"], [f"{prefix}_out"],
+                                   name=f"{prefix}_div")]
+    else:
+        nodes += [helper.make_node("Div", [f"{prefix}_clip", f"{prefix}_six_div"], [f"{prefix}_div"],
+                                   name=f"{prefix}_div"),
+                  helper.make_node("Mul", [f"{prefix}_div", x], [f"{prefix}_out"], name=f"{prefix}_mul")]
+    return nodes, f"{prefix}_out"
+
+
+def paddle_block() -> onnx.ModelProto:
+    """A Paddle-style block, opset 11, every weight in a Constant node: x[N,3,12,12] -> Conv-BN ->
+    HardSwish (Paddle's Add->Clip->Mul->Div) -> Conv-BN -> HardSwish (Add->Clip->Div->Mul) -> y
+    [N,8,12,12], then GlobalAveragePool -> Flatten -> Gemm(transB) -> BN -> probs[N,4]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])
+    nodes, t = _conv_bn("b1", "x", 3, 8, 11)
+    more, t = _hardswish("hs1", t, paddle_order=True)
+    nodes += more
+    more, t = _conv_bn("b2", t, 8, 8, 12)
+    nodes += more
+    more, _ = _hardswish("hs2", t, paddle_order=False)
+    nodes += more
+    nodes.append(helper.make_node("Identity", ["hs2_out"], ["y"], name="y_identity"))
+    rng = np.random.default_rng(13)
+    nodes += [_const("fc_w", rng.standard_normal((4, 8)) * 0.5), _const("fc_b", rng.standard_normal(4) * 0.1),
+              _const("fc_scale", rng.uniform(0.5, 1.5, 4)), _const("fc_bias", rng.standard_normal(4) * 0.2),
+              _const("fc_mean", rng.standard_normal(4) * 0.2), _const("fc_var", rng.uniform(0.5, 2.0, 4)),
+              helper.make_node("GlobalAveragePool", ["hs2_out"], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["fc"], name="fc", transB=1),
+              helper.make_node("BatchNormalization", ["fc", "fc_scale", "fc_bias", "fc_mean", "fc_var"], ["probs"],
+                               name="fc_bn")]
+    return _model(nodes, [x], [y, probs], name="paddle_block", opset=11)
+
+
+def activations() -> onnx.ModelProto:
+    """Decomposed activations after 1x1 convolutions (opset 13, initializers): a HardSigmoid gate
+    Clip(c + 3, 0, 6) / 6 multiplying the input, PP-OCRv4's Swish c * Sigmoid(c * 1.0), GELU in its erf
+    form ((c * (1 + Erf(c / sqrt 2))) * 0.5) and its tanh form (c * (0.5 * (1 + Tanh(sqrt(2/pi) *
+    (c + 0.044715 c^3))))), each between two convolutions."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])
+    inits = [_w(f"w{i}", (4, 4, 1, 1), 20 + i) for i in range(5)]
+    scalars = {"three": 3.0, "zero": 0.0, "six": 6.0, "one": 1.0, "half": 0.5, "sqrt2": np.sqrt(2.0),
+               "c": np.sqrt(2 / np.pi), "k": 0.044715}
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()]
+    mk = helper.make_node
+    nodes = [mk("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             mk("Add", ["c0", "three"], ["g_add"], name="gate_add"),
+             mk("Clip", ["g_add", "zero", "six"], ["g_clip"], name="gate_clip"),
+             mk("Div", ["g_clip", "six"], ["gate"], name="gate_div"),
+             mk("Mul", ["x", "gate"], ["gated"], name="gate_mul"),
+             mk("Conv", ["gated", "w1"], ["c1"], name="conv1"),
+             mk("Mul", ["c1", "one"], ["c1_beta"], name="swish_beta"),
+             mk("Sigmoid", ["c1_beta"], ["c1_sig"], name="swish_sigmoid"),
+             mk("Mul", ["c1", "c1_sig"], ["swish"], name="swish_mul"),
+             mk("Conv", ["swish", "w2"], ["c2"], name="conv2"),
+             mk("Div", ["c2", "sqrt2"], ["e_div"], name="gelu_div"),
+             mk("Erf", ["e_div"], ["e_erf"], name="gelu_erf"),
+             mk("Add", ["e_erf", "one"], ["e_add"], name="gelu_add"),
+             mk("Mul", ["c2", "e_add"], ["e_mul"], name="gelu_mul"),
+             mk("Mul", ["e_mul", "half"], ["gelu"], name="gelu_half"),
+             mk("Conv", ["gelu", "w3"], ["c3"], name="conv3"),
+             mk("Pow", ["c3", "three"], ["t_cube"], name="tanh_cube"),
+             mk("Mul", ["k", "t_cube"], ["t_k"], name="tanh_k"),
+             mk("Add", ["c3", "t_k"], ["t_inner"], name="tanh_inner"),
+             mk("Mul", ["c", "t_inner"], ["t_scaled"], name="tanh_scaled"),
+             mk("Tanh", ["t_scaled"], ["t_tanh"], name="tanh"),
+             mk("Add", ["t_tanh", "one"], ["t_one"], name="tanh_one"),
+             mk("Mul", ["half", "t_one"], ["t_half"], name="tanh_half"),
+             mk("Mul", ["c3", "t_half"], ["gelu_tanh"], name="tanh_mul"),
+             mk("Conv", ["gelu_tanh", "w4"], ["y"], name="conv4")]
+    return _model(nodes, [x], [y], inits, "activations", opset=13)
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv": conv,
     "grouped_conv": grouped_conv,
@@ -262,4 +368,6 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "masked_matmul": masked_matmul,
     "mlp_bias": mlp_bias,
     "masked_attention": masked_attention,
+    "paddle_block": paddle_block,
+    "activations": activations,
 }

@@ -115,19 +115,21 @@ def sensitivity(space: QuantSpace, evaluator: Evaluator, mode: SensitivityMode =
         act_noise = ActivationNoise(full)
         outputs = [o.name for o in evaluator.reference.outputs]
         float_outputs: list[dict[str, np.ndarray]] = []
+        graph = space.float_model  # the float graph the Q/DQ sit in (prepared, or the reference itself)
+        adopt = not had_reference and graph is evaluator.reference
 
         def on_reference(tensors: dict[str, np.ndarray]) -> None:
             act_noise.add(tensors)
-            if not had_reference and all(o in tensors for o in outputs):
+            if adopt and all(o in tensors for o in outputs):
                 float_outputs.append({o: tensors[o] for o in outputs})
 
-        lw = layerwise(evaluator.reference, noise_probe(evaluator.reference, full),
+        lw = layerwise(graph, noise_probe(graph, full),
                        Dataset.from_iterable(evaluator.feeds), threshold_db=-math.inf, settings=evaluator.settings,
                        on_reference=on_reference)
         if float_outputs and len(float_outputs) == len(evaluator.feeds):
             evaluator.adopt_reference(float_outputs)  # layerwise's float pass is the reference pass
         baseline = evaluator.evaluate(full)
-        scores = propagated_scores(space.groups, space.calibrated.plan.absorbed, space.source, full, lw.tensors,
+        scores = propagated_scores(space.groups, space.calibrated.plan.absorbed, graph, full, lw.tensors,
                                    act_noise.nsr())
         passes = 2 + evaluator.passes - passes_before  # layerwise runs the float model and the probe once each
     with_nsr = metric is not None

@@ -44,6 +44,7 @@ class TargetRules:
     passthrough_ops: frozenset[str]  # run on 8-bit data unchanged; output shares input qparams
     absorbed_ops: frozenset[str]  # activations folded into the producer's output Q
     input_only_ops: frozenset[str] = frozenset()  # (tensorrt) Q/DQ on inputs when they join
+    prepare: bool = False  # quantize prepares the float graph first by default (quant.prepare)
 
 
 _MOVEMENT = frozenset({"MaxPool", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
@@ -62,6 +63,7 @@ TARGETS: dict[Target, TargetRules] = {
                              "Sigmoid", "LeakyRelu"}),
         passthrough_ops=_MOVEMENT,
         absorbed_ops=frozenset({"Relu", "Clip"}),
+        prepare=True,
     ),
     "tensorrt": TargetRules(
         name="tensorrt",
@@ -77,8 +79,10 @@ TARGETS: dict[Target, TargetRules] = {
 }
 # OpenVINO's low-precision transformations take Q/DQ on the inputs of the ops they quantize and
 # refuse a quantized constant operand of Add/Mul (a bias): TensorRT's placement, uint8 asymmetric.
+# Graph preparation on: its compile failed on a Paddle detector whose BatchNormalization was left unfolded.
+# (TensorRT folds and fuses at build time, and its placement was validated on graphs as exported: off.)
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
-                                     "activation_dtype": "uint8", "activation_symmetric": False})
+                                     "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True})
 
 # op type -> index of the weight input, and how to find its output-channel axis
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

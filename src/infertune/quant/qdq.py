@@ -84,6 +84,8 @@ class _QdqWriter:
         self.leading: list[onnx.NodeProto] = []  # Q/DQ of graph inputs and constants
         self.qdq_after: dict[str, list[onnx.NodeProto]] = {}  # producer node name -> Q/DQ to emit after
         self.param_names: dict[str, tuple[str, str]] = {}
+        # names already in the graph: a Q/DQ parameter must not take one (a Paddle BN's 'fc_scale' did)
+        self.taken = {t for n in self.g.node for t in (*n.input, *n.output)} | {t.name for t in self.g.initializer}
 
     def quantize_weights(self, reduce_range: bool) -> None:
         done: dict[tuple[str, int], str] = {}
@@ -115,11 +117,20 @@ class _QdqWriter:
         src = self.plan.shared.get(t, t)
         if src not in self.param_names:
             qp = self.activation_qparams[src]
-            self.new_inits.append(numpy_helper.from_array(np.array(qp.scale, np.float32), f"{src}_scale"))
-            self.new_inits.append(numpy_helper.from_array(np.array(qp.zero_point, np.dtype(qp.dtype)),
-                                                          f"{src}_zero_point"))
-            self.param_names[src] = (f"{src}_scale", f"{src}_zero_point")
+            scale, zp = self._free(f"{src}_scale"), self._free(f"{src}_zero_point")
+            self.new_inits.append(numpy_helper.from_array(np.array(qp.scale, np.float32), scale))
+            self.new_inits.append(numpy_helper.from_array(np.array(qp.zero_point, np.dtype(qp.dtype)), zp))
+            self.param_names[src] = (scale, zp)
         return self.param_names[src]
+
+    def _free(self, name: str) -> str:
+        """``name``, or ``name_1``, ``name_2``... when the graph already has a tensor of that name."""
+        out, k = name, 0
+        while out in self.taken:
+            k += 1
+            out = f"{name}_{k}"
+        self.taken.add(out)
+        return out
 
     def quantize_activations(self) -> None:
         graph_outputs = {o.name for o in self.g.output}

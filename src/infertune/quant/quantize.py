@@ -1,6 +1,8 @@
-"""``quantize(model, data)``: placement, streaming calibration, ranges, Q/DQ, recipe, stability.
+"""``quantize(model, data)``: graph preparation, placement, streaming calibration, ranges, Q/DQ,
+recipe, stability.
 
-``rebuild(model, recipe)`` makes the same model again from a recipe without any data.
+``rebuild(model, recipe)`` makes the same model again from a recipe without any data (preparing
+the graph again when the recipe says it was prepared: the rewrite is deterministic).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from infertune.quant.methods import (
 )
 from infertune.quant.observers import DEFAULT_BINS
 from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_tensors, plan
+from infertune.quant.prepare import PrepareResult
+from infertune.quant.prepare import prepare as prepare_graph
 from infertune.quant.qdq import ensure_opset, write_qdq
 from infertune.quant.qparams import QParams, compute_qparams
 from infertune.quant.recipe import Recipe, model_sha256
@@ -42,6 +46,12 @@ class QuantizeResult:
     calibration: CalibrationResult | None = None
     stability: StabilityReport | None = None
     warnings: list[str] = field(default_factory=list)
+    preparation: PrepareResult | None = None
+
+    @property
+    def float_model(self) -> Model | None:
+        """The prepared float graph the Q/DQ were placed in (None: the source as it was)."""
+        return self.preparation.model if self.preparation and self.preparation.prepared else None
 
     def used_tensors(self) -> dict[str, dict]:
         """Recipe entries of the tensors this model quantizes (the recipe also keeps the others)."""
@@ -58,6 +68,7 @@ class QuantizeResult:
             "methods": dict(methods),
             "float_nodes": self.plan.float_nodes,
             "weight_reduce_range": self.recipe.weight_reduce_range,
+            "preparation": self.preparation.to_dict() if self.preparation else None,
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "unstable_tensors": [t.tensor for t in self.stability.unstable] if self.stability else [],
             "warnings": self.warnings,
@@ -88,11 +99,18 @@ def quantize(
     stability_halves: int = 4,
     stability_threshold: float = DEFAULT_THRESHOLD,
     observe_all: bool = False,
+    prepare: bool | None = None,
+    preparation: PrepareResult | None = None,
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``.
 
+    ``prepare`` (default: the target's ``TargetRules.prepare``, on for ort-cpu and openvino) places
+    the Q/DQ in the prepared float graph (``quant.prepare``: BatchNormalization folded, decomposed
+    HardSwish fused, constants folded), checked on the first calibration feeds to reproduce the
+    source's outputs; refused preparation falls back to the source, with the reason in the warnings.
+    ``preparation``: that step already made for this model (tune prepares once for every variant).
     ``observe_all`` also calibrates every tensor another exclusion set could quantize, so the
     recipe can rebuild any of them without data (sensitivity and accuracy budgets need this).
     """
@@ -102,8 +120,11 @@ def quantize(
     data = as_dataset(data)
     parsed_overrides = MethodOverrides.parse(overrides)
     exclude = list(exclude)
-    m = ensure_opset(source)
     rules = _rules(target)
+    prep = None
+    if rules.prepare if prepare is None else prepare:
+        prep = preparation or prepare_graph(source, data)
+    m = ensure_opset(prep.model if prep else source)
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
     observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
@@ -131,11 +152,14 @@ def quantize(
         auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
         overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
         stability=report.to_dict() if report else None, versions=versions(),
+        prepared=bool(prep and prep.prepared), preparation=prep.to_dict() if prep else None,
     )
     warnings = list(cal.warnings)
+    if prep and prep.refused:
+        warnings.append(prep.summary())
     if report and report.message():
         warnings.append(report.message())
-    return QuantizeResult(qmodel, recipe, p, cal, report, warnings)
+    return QuantizeResult(qmodel, recipe, p, cal, report, warnings, prep)
 
 
 def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,
@@ -160,14 +184,25 @@ def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: st
     return p, auto
 
 
-def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True) -> QuantizeResult:
-    """The quantized model a recipe describes, from its (possibly edited) ranges; no data needed."""
+def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True,
+            prepared: Model | None = None) -> QuantizeResult:
+    """The quantized model a recipe describes, from its (possibly edited) ranges; no data needed.
+
+    A recipe made from a prepared graph prepares ``model`` again, unless ``prepared`` (that graph,
+    already made: a QuantSpace building many variants) is given."""
     source = model if isinstance(model, Model) else Model.load(model)
     sha = model_sha256(source)
     if check_source and sha != recipe.source_sha256:
         raise ModelError(f"the recipe was made for a model with sha256 {recipe.source_sha256[:12]}..., "
                          f"this one is {sha[:12]}... (pass check_source=False / --force to apply it anyway)")
-    m = ensure_opset(source)
+    prep = None
+    if recipe.prepared and prepared is None:
+        prep = prepare_graph(source)
+        if not prep.prepared:
+            raise ModelError(f"the recipe was made from the prepared graph of {source.name}, and preparing it "
+                             f"again failed: {prep.refused or 'nothing changed'}")
+        prepared = prep.model
+    m = ensure_opset(prepared if recipe.prepared and prepared is not None else source)
     _rules(recipe.target)  # an unknown target fails before any work
     p = _plan_or_fail(m, recipe.target, Exclusions.parse([*recipe.exclusions, *recipe.auto_exclusions]))
     for n, why in recipe.auto_exclusions.items():
@@ -182,7 +217,7 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
     for t, entry in recipe.tensors.items():
         entry.update(qparams[t].to_dict() if t in qparams else {})
         entry["used"] = t in qparams
-    return QuantizeResult(qmodel, recipe, p)
+    return QuantizeResult(qmodel, recipe, p, preparation=prep)
 
 
 def _write(m: Model, p: QuantPlan, choices: Mapping[str, RangeChoice],

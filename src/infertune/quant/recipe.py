@@ -2,7 +2,8 @@
 
 It records the source model's sha256, the target, the exclusions (the user's and those infertune
 added, with reasons), and per activation tensor its range, the method that chose it and the
-resulting scale / zero point. ``rebuild`` reads only ranges, so editing a tensor's ``min`` /
+resulting scale / zero point, and whether the Q/DQ were placed in the prepared float graph
+(``quant.prepare``; ``rebuild`` prepares it again). ``rebuild`` reads only ranges, so editing a tensor's ``min`` /
 ``max`` (or adding an exclusion) and rebuilding is the supported way to hand-tune a model.
 """
 
@@ -33,6 +34,8 @@ class Recipe:
     calibration: dict = field(default_factory=dict)
     stability: dict | None = None
     versions: dict = field(default_factory=dict)
+    prepared: bool = False  # Q/DQ placed in quant.prepare's graph of the source (recipes before it: False)
+    preparation: dict | None = None  # what preparation did (PrepareResult.to_dict), for the record
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +48,8 @@ class Recipe:
             "exclusions": self.exclusions,
             "auto_exclusions": self.auto_exclusions,
             "weight_reduce_range": self.weight_reduce_range,
+            "prepared": self.prepared,
+            "preparation": self.preparation,
             "tensors": self.tensors,
             "calibration": self.calibration,
             "stability": self.stability,
@@ -75,7 +80,8 @@ class Recipe:
             weight_reduce_range=bool(d["weight_reduce_range"]), tensors=dict(d["tensors"]),
             percentile=float(d.get("percentile", 99.999)), overrides=list(d.get("overrides") or []),
             calibration=dict(d.get("calibration") or {}), stability=d.get("stability"),
-            versions=dict(d.get("versions") or {}),
+            versions=dict(d.get("versions") or {}), prepared=bool(d.get("prepared", False)),
+            preparation=d.get("preparation"),
         )
 
     @classmethod

@@ -16,6 +16,7 @@ from infertune.data import Dataset
 from infertune.errors import CalibrationError
 from infertune.model import Model
 from infertune.quant.placement import TARGETS
+from infertune.quant.prepare import PrepareResult
 from infertune.quant.qdq import ensure_opset
 from infertune.quant.quantize import Progress, QuantizeResult, quantize, rebuild
 
@@ -26,10 +27,12 @@ class QuantSpace:
     CACHED = 16
 
     def __init__(self, source: Model, calibrated: QuantizeResult) -> None:
-        self.source = source
+        self.source = source  # what build() returns when nothing is left in 8-bit
         self.calibrated = calibrated
+        # the float graph the Q/DQ go into: the prepared one when quantize prepared it
+        self.float_model = calibrated.float_model or source
         rules = TARGETS[calibrated.plan.target]
-        converted = ensure_opset(source)
+        converted = ensure_opset(self.float_model)
         self.op_types = {n.name: n.op_type for n in converted.graph.node}
         self.groups = [n for n in calibrated.plan.quantized_nodes if self.op_types[n] not in rules.passthrough_ops]
         self._cache: OrderedDict[frozenset[str], Model] = OrderedDict()
@@ -37,7 +40,7 @@ class QuantSpace:
     def result(self, excluded: Sequence[str] = ()) -> QuantizeResult:
         """The full result (model, recipe, plan) of one exclusion set; some group must remain."""
         recipe = replace(self.calibrated.recipe, exclusions=[*self.calibrated.recipe.exclusions, *excluded])
-        return rebuild(self.source, recipe, check_source=False)
+        return rebuild(self.source, recipe, check_source=False, prepared=self.calibrated.float_model)
 
     def build(self, excluded: Sequence[str] = ()) -> Model:
         """The Q/DQ model with ``excluded`` groups in float (the float model when none is left).
@@ -75,12 +78,12 @@ class QuantSpace:
         return lo
 
 
-
-
 def calibrated_space(model: Model, calib: Dataset, *, method: str = "auto", target: str = "ort-cpu",
-                     exclude: Sequence[str] = (), settings: backends.Settings | None = None,
+                     exclude: Sequence[str] = (), prepare: bool | None = None,
+                     preparation: PrepareResult | None = None, settings: backends.Settings | None = None,
                      progress: Progress | None = None) -> QuantSpace:
-    """Calibrate once, observing every tensor any exclusion set needs."""
+    """Calibrate once, observing every tensor any exclusion set needs (``prepare``, ``preparation``: as
+    ``quantize``)."""
     q = quantize(model, calib, method=method, target=target, exclude=exclude, observe_all=True,
-                 stability_halves=0, settings=settings, progress=progress)
+                 stability_halves=0, prepare=prepare, preparation=preparation, settings=settings, progress=progress)
     return QuantSpace(model, q)

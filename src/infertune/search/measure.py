@@ -1,8 +1,9 @@
 """One trial, measured: build the variant, judge its accuracy on its runtime, time it in its own
 process (``perf.isolated``: a fresh runtime with nothing else loaded).
 
-Variants: FP32 is the source model; INT8 the calibrated space's Q/DQ graph for the runtime's
-placement; FP16 the source converted by ``quant.fp16.to_fp16`` (float32 I/O, reductions and
+Variants: FP32 is the source model, or its prepared graph (``quant.prepare``, made once and checked
+on the calibration feeds); INT8 the calibrated space's Q/DQ graph for the runtime's placement (in
+the prepared graph when the spec says so); FP16 the source converted by ``quant.fp16.to_fp16`` (float32 I/O, reductions and
 normalisations kept in float32), built once per run, for runtimes whose registry entry runs FP16.
 On a GPU runtime every compile gets the run's engine and timing caches (``run_settings``), so
 evaluating, timing and the runoff reuse one engine build; the artifact records ``settings``,
@@ -26,6 +27,7 @@ from infertune.errors import InfertuneError, InfertuneWarning, UserCodeError
 from infertune.model import Model
 from infertune.perf.isolated import IsolatedLatency, Variant, time_isolated
 from infertune.quant.fp16 import to_fp16
+from infertune.quant.prepare import PrepareResult, prepare
 from infertune.quant.quantize import rebuild
 from infertune.quant.recipe import Recipe
 from infertune.quant.space import QuantSpace, calibrated_space
@@ -44,38 +46,50 @@ class Measured:
 
 
 class TrialRunner:
-    """What every trial needs: the source, the calibrations (one per method and placement, made
-    on first use), the evaluator, the budget; ``run_trial`` is what the local executor calls."""
+    """What every trial needs: the source, its prepared graph and the calibrations (one per method,
+    placement and graph, made on first use), the evaluator, the budget; ``run_trial`` is what the
+    local executor calls. A variant's accuracy does not depend on the thread count it is timed at,
+    so it is judged once per model and runtime."""
 
     def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, run_dir: Path,
                  latency_s: float) -> None:
         self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
         self.run_dir, self.latency_s = run_dir, latency_s
-        self.spaces: dict[tuple[str, str], QuantSpace] = {}
+        self.spaces: dict[tuple[str, str, bool], QuantSpace] = {}
+        self.verdicts: dict[str, Verdict] = {}
+        self._preparation: PrepareResult | None = None
         # every evaluation feed has one size: compile for it, as a deployment feeding that size does
         self.static_shapes = backends.static_shapes(evaluator.feeds)
         self._fp16: Model | None = None
 
-    def space(self, method: str, target: str) -> QuantSpace:
-        if (method, target) not in self.spaces:
-            self.spaces[method, target] = calibrated_space(self.source, self.calib, method=method, target=target,
-                                                           settings=self.evaluator.settings)
-            for w in self.spaces[method, target].calibrated.warnings:  # NaN left out, constant ranges: say so
+    def preparation(self) -> PrepareResult:
+        """The source's prepared float graph (``quant.prepare``), checked on the calibration feeds; made once."""
+        if self._preparation is None:
+            self._preparation = prepare(self.source, self.calib)
+        return self._preparation
+
+    def space(self, method: str, target: str, prepared: bool = False) -> QuantSpace:
+        key = (method, target, prepared)
+        if key not in self.spaces:
+            self.spaces[key] = calibrated_space(self.source, self.calib, method=method, target=target,
+                                                prepare=prepared, preparation=self.preparation() if prepared else None,
+                                                settings=self.evaluator.settings)
+            for w in self.spaces[key].calibrated.warnings:  # NaN left out, constant ranges: say so
                 warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
-        return self.spaces[method, target]
+        return self.spaces[key]
 
     def recipe(self, spec: TrialSpec) -> dict | None:
         """The calibration an INT8 spec is built from, as plain data (what a worker rebuilds it with)."""
         if spec.precision != "int8":
             return None
-        return self.space(spec.method, spec.target).calibrated.recipe.to_dict()
+        return self.space(spec.method, spec.target, spec.prepared).calibrated.recipe.to_dict()
 
     def build(self, spec: TrialSpec) -> Model:
         if spec.precision == "fp32":
-            return self.source
+            return self.preparation().model if spec.prepared else self.source
         if spec.precision == "fp16":
             return self.fp16_variant()
-        return self.space(spec.method, spec.target).build(spec.exclude)
+        return self.space(spec.method, spec.target, spec.prepared).build(spec.exclude)
 
     def fp16_variant(self) -> Model:
         if self._fp16 is None:
@@ -86,8 +100,7 @@ class TrialRunner:
         start = time.perf_counter()
         try:
             model = self.build(spec)
-            verdict = self.evaluator.judge(self.evaluator.run(model, spec.backend, self.eval_settings(spec)),
-                                           self.budget)
+            verdict = self.judge(spec, model)
             p50 = self.time([spec], rounds=1)[spec.key].p50_ms  # saves the model file it times
         except UserCodeError:
             raise  # the user's metric is broken: that stops the run, it is not this variant's result
@@ -95,9 +108,17 @@ class TrialRunner:
             return Measured(failed(spec, e, time.perf_counter() - start))
         return finish(spec, model is self.source, verdict, p50, time.perf_counter() - start, None)
 
+    def judge(self, spec: TrialSpec, model: Model) -> Verdict:
+        """``model``'s verdict on ``spec.backend``; the same model and runtime at another thread count reuses it."""
+        key = replace(spec, threads=0).key
+        if key not in self.verdicts:
+            outs = self.evaluator.run(model, spec.backend, self.eval_settings(spec))
+            self.verdicts[key] = self.evaluator.judge(outs, self.budget)
+        return self.verdicts[key]
+
     def model_file(self, spec: TrialSpec) -> Path:
         """The file of ``spec``'s model (what a timing process loads)."""
-        if spec.precision != "fp32" and self.build(spec) is not self.source:
+        if self.build(spec) is not self.source:
             path = self.run_dir / "models" / f"{spec.key}.onnx"
             if not path.is_file():
                 self.build(spec).save(path)
@@ -138,6 +159,8 @@ def build_from_recipe(source: Model, recipe: dict | None, spec: TrialSpec) -> Mo
     ``TrialRunner.build`` gives."""
     if spec.precision == "fp16":
         return to_fp16(source).model
+    if spec.precision == "fp32" and spec.prepared:
+        return prepare(source).model  # deterministic: the graph the run checked on its calibration feeds
     if recipe is None or spec.precision == "fp32":
         return source
     return QuantSpace(source, rebuild(source, Recipe.from_dict(recipe), check_source=False)).build(spec.exclude)

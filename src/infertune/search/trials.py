@@ -19,7 +19,8 @@ KNOB_LABELS = {"cuda_graph": "CUDA graph"}  # runtime knobs tune searches, as a 
 class TrialSpec:
     """One variant on one runtime. ``options``: runtime knobs (``Settings.options``, e.g. the GPU
     backends' ``cuda_graph``), sorted (name, value) pairs; part of the key only when given, so the
-    keys of CPU trials recorded before knobs existed still match."""
+    keys of CPU trials recorded before knobs existed still match. ``prepared`` likewise (only when set):
+    the prepared float graph (``quant.prepare``), or INT8 placed in it."""
 
     precision: Precision
     method: str = ""  # calibration method (int8)
@@ -29,6 +30,7 @@ class TrialSpec:
     backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
     target: str = ""  # Q/DQ placement (int8); empty: the runtime's own (its registry entry)
     options: tuple[tuple[str, str], ...] = ()
+    prepared: bool = False  # the prepared float graph (quant.prepare), or INT8 placed in it
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -47,6 +49,8 @@ class TrialSpec:
             d["options"] = dict(self.options)
         else:
             del d["options"]
+        if not self.prepared:  # as recorded before graph preparation existed: the same key
+            del d["prepared"]
         return d
 
     @property
@@ -58,11 +62,12 @@ class TrialSpec:
         on = backends.runtime(self.backend).on()
         knobs = "".join(f", {KNOB_LABELS.get(k, k)}" + ("" if v in ("1", "true") else f"={v}")
                         for k, v in self.options)
+        prepared = ", prepared" if self.prepared else ""
         if self.precision == "fp32":
-            return f"FP32{on}, {t}{knobs}"
+            return f"FP32{prepared}{on}, {t}{knobs}"
         if self.precision == "fp16":
-            return f"FP16{on}, {t}{knobs}"
-        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}{knobs}"
+            return f"FP16{prepared}{on}, {t}{knobs}"
+        return f"INT8 {self.method}{prepared}{on}, {len(self.exclude)} in float, {t}{knobs}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
@@ -70,7 +75,7 @@ class TrialSpec:
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
                    d.get("opt", "all"), d.get("backend", "ort"),
                    d.get("target", "ort-cpu" if d["precision"] == "int8" else ""),
-                   tuple(sorted(dict(d.get("options") or {}).items())))
+                   tuple(sorted(dict(d.get("options") or {}).items())), bool(d.get("prepared", False)))
 
 
 @dataclass

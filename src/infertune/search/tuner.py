@@ -3,11 +3,13 @@
 The search (``Tuner``), cheapest first:
 
 1. ``measure_fp32``: FP32 on every runtime at every thread count asked for (the reference: it
-   always meets the budget; a GPU runtime once, ``runtimes.thread_counts``);
+   always meets the budget; a GPU runtime once, ``runtimes.thread_counts``), and the prepared FP32
+   graph (``quant.prepare``: BatchNormalization folded, decomposed activations fused; it reproduces
+   FP32's outputs) when preparation changes it;
 2. ``search_fp16``: per runtime that runs FP16 (the GPU ones), the FP16 variant (``quant.fp16``);
    ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
-   what its graph optimiser fuses or accepts; one calibration per method asked for) with nothing
-   excluded, evaluated on it;
+   what its graph optimiser fuses or accepts; one calibration per method asked for; in the prepared
+   graph where the placement prepares one) with nothing excluded, evaluated on it;
 3. if no INT8 variant meets the budget there: ``rank`` (the exact sensitivity ranking of the best
    method's groups, measured on that runtime: kernels differ, and OpenVINO's int8 convolutions on
    a CPU without VNNI lose more than ONNX Runtime's), then ``bisect`` over how many of the most
@@ -54,6 +56,7 @@ from infertune.deploy.artifact import OWNED, sha256_file
 from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.outputs import Guard
+from infertune.quant.placement import TARGETS
 from infertune.search.choice import choose, runoff
 from infertune.search.executors import Executor, LocalExecutor
 from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
@@ -72,7 +75,7 @@ class Tuner:
     def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, *, run_dir: Path,
                  threads: Sequence[int], methods: Sequence[str], runtimes: Sequence[str], max_trials: int,
                  time_budget_s: float | None, latency_s: float, executor: Executor | None,
-                 on_trial: OnTrial | None, notes: Sequence[str] = ()) -> None:
+                 on_trial: OnTrial | None, notes: Sequence[str] = (), prepare: bool = True) -> None:
         self.source, self.evaluator, self.budget = source, evaluator, budget
         self.root = run_dir
         self.threads, self.methods, self.runtimes = list(threads), list(methods), list(runtimes)
@@ -83,9 +86,10 @@ class Tuner:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "models").mkdir(exist_ok=True)
         self.source_sha = source_sha(source)
+        self.prepare = prepare
         claim_run_dir(self.root, {"source_sha256": self.source_sha, "budget": str(budget),
                                   "threads": self.threads, "methods": self.methods, "runtimes": self.runtimes,
-                                  "eval_sha256": feeds_sha(evaluator.feeds)})
+                                  "eval_sha256": feeds_sha(evaluator.feeds), **({} if prepare else {"prepare": False})})
         self.journal = Journal(self.root)
         self.next_index = max((t.index for t in self.journal.done.values()), default=-1) + 1
         self.runner = TrialRunner(source, calib, evaluator, budget, self.root, latency_s)
@@ -107,8 +111,20 @@ class Tuner:
         return self.decide()
 
     def measure_fp32(self) -> None:
-        self.fp32 = self.ask(TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes
-                             for t in thread_counts(r, self.threads))
+        specs = [TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes for t in thread_counts(r, self.threads)]
+        if self.prepare:
+            prep = self.runner.preparation()
+            if prep.prepared:
+                specs += [replace(s, prepared=True) for s in specs]
+                self.decisions.append(f"{prep.summary()} (outputs within {prep.max_rel_error or 0:.1e} of FP32's, "
+                                      "relative); the prepared FP32 graph is a candidate, INT8 is placed in it")
+            elif prep.refused:
+                self.decisions.append(prep.summary())
+        self.fp32 = self.ask(specs)
+
+    def prepared(self, target: str) -> bool:
+        """INT8 for ``target`` is placed in the prepared graph (tune's ``prepare`` and the placement's default)."""
+        return self.prepare and TARGETS[target].prepare and self.runner.preparation().prepared
 
     def search_fp16(self, runtime: str) -> list[Trial]:
         """The FP16 variant on a runtime that runs FP16 (and whose FP32 agrees with ONNX Runtime's)."""
@@ -138,7 +154,9 @@ class Tuner:
                                   "its INT8 numbers cannot be trusted, not tried")
             return []
         threads = thread_counts(runtime, self.threads)[0]
-        int8 = self.ask(TrialSpec("int8", method=m, threads=threads, backend=runtime) for m in self.methods)
+        target = backends.runtime(runtime).placement
+        int8 = self.ask(TrialSpec("int8", method=m, threads=threads, backend=runtime,
+                                  prepared=self.prepared(target)) for m in self.methods)
         passing = [t for t in int8 if t.met]
         ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
         if int8 and not ran:
@@ -160,7 +178,7 @@ class Tuner:
 
     def rank(self, runtime: str, best: Trial) -> list[str]:
         """The exact sensitivity ranking on ``runtime``, recorded in the run directory for a resumed run."""
-        path = self.root / f"sensitivity-{best.spec.method}-{runtime}.json"
+        path = self.root / f"sensitivity-{best.spec.method}-{runtime}{'-prepared' if best.spec.prepared else ''}.json"
         ranking = None
         if path.exists():
             try:
@@ -168,7 +186,7 @@ class Tuner:
             except ValueError:
                 ranking = None
         if ranking is None:
-            space = self.runner.space(best.spec.method, best.spec.target)
+            space = self.runner.space(best.spec.method, best.spec.target, best.spec.prepared)
             ranking = [g.to_dict() for g in sensitivity(space, self.evaluator, mode="exact", backend=runtime).groups]
             write_json(path, ranking)
         self.rankings[runtime] = ranking
@@ -181,7 +199,7 @@ class Tuner:
         ops that do not run in 8-bit after float producers): such a variant is the float model, so it
         counts as "too many excluded" and is never run as a trial."""
         on = backends.runtime(best.spec.backend).on()
-        limit = self.runner.space(best.spec.method, best.spec.target).most_in_float(order)
+        limit = self.runner.space(best.spec.method, best.spec.target, best.spec.prepared).most_in_float(order)
 
         def spec(k: int) -> TrialSpec:
             return replace(best.spec, exclude=tuple(order[:k]))
@@ -273,10 +291,11 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset | Iterable[dict],
          max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
          executor: Executor | None = None, on_trial: OnTrial | None = None,
          output: str | os.PathLike[str] | None = None, force: bool = False,
-         notes: Sequence[str] = ()) -> TuneResult:
+         notes: Sequence[str] = (), prepare: bool = True) -> TuneResult:
     """Search (see the module docstring); with ``output``, write the artifact there (replacing a
     previous artifact only with ``force``). One tune at a time holds ``run_dir`` (``RunLock``). ``notes``
-    open the decision log (what was done to the model or data before the search, e.g. inputs fixed)."""
+    open the decision log (what was done to the model or data before the search, e.g. inputs fixed).
+    ``prepare=False``: no prepared graph (neither the FP32 candidate nor INT8 placed in it)."""
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
     for r in runtimes:
@@ -290,7 +309,7 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset | Iterable[dict],
     with RunLock(guard.directory(run_dir, RUN_DIR, what="run directory")):
         tuner = Tuner(source, as_dataset(calib), evaluator, budget, run_dir=Path(run_dir), threads=threads,
                       methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s,
-                      latency_s=latency_s, executor=executor, on_trial=on_trial, notes=notes)
+                      latency_s=latency_s, executor=executor, on_trial=on_trial, notes=notes, prepare=prepare)
         result = tuner.run()
         if output is not None:
             from infertune.search.output import write_artifact

@@ -223,6 +223,26 @@ def test_explain_finds_the_sandwich_and_unfused_qdq():
     assert r.to_dict()["kind"] == "explain" and r.ratio > 0
 
 
+def test_explain_suggests_folding_what_graph_preparation_removes_instead_of_excluding_it():
+    from infertune.data import Dataset
+    from infertune.quant.quantize import quantize
+    from models import MODELS
+
+    source = Model.from_proto(MODELS["paddle_block"]())
+    rng = np.random.default_rng(0)
+    calib = Dataset.from_iterable([{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(4)])
+    plain = quantize(source, calib, stability_halves=0, prepare=False).model
+    r = explain(source, plain, settings=ONE_THREAD, runs=5)
+    # ONNX Runtime runs the BN after each quantized Conv (and the one after the Gemm) and the HardSwish pieces in float
+    assert {"b1_bn", "b2_bn", "fc_bn"} <= set(r.b.foldable)
+    assert {v["op_type"] for k, v in r.b.foldable.items() if k.startswith("hs")} <= {"Add", "Clip", "Mul", "Div"}
+    (fold,) = [s for s in r.suggestions if s.action == "prepare"]
+    assert fold.value == "--prepare" and not fold.exclude and "BatchNormalization (folded into" in fold.text
+    assert not any(s.action == "exclude" and set(s.exclude) & set(r.b.foldable) for s in r.suggestions)
+    prepared = explain(source, quantize(source, calib, stability_halves=0).model, settings=ONE_THREAD, runs=5)
+    assert not prepared.b.foldable and not any(s.action == "prepare" for s in prepared.suggestions)
+
+
 def test_explain_counts_match_the_optimised_graph(tmp_path):
     from infertune.perf.explain import variant_facts
 

@@ -283,7 +283,7 @@ def placement_for(backend: str, target: str | None) -> str:
 
 
 def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude,
-                        settings, as_json, fix=(), backend: str = "ort"):
+                        settings, as_json, fix=(), backend: str = "ort", prepare=None):
     """One calibration of ``m`` (specialised per ``--fix``; every tensor an exclusion set may need) and the
     evaluation feeds (``--eval``, or the calibration data): what ``sensitivity`` and ``quantize --budget``
     search over. Returns (space, evaluator, the Specialisation or None, the datasets read)."""
@@ -295,6 +295,6 @@ def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eva
     m, fixed = specialised(m, [calib] if ev_data is calib else [calib, ev_data], fix, backend, settings)
     evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
     with progress_bar("calibrating", not as_json) as update:
-        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, settings=settings,
-                                 progress=update)
+        space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, prepare=prepare,
+                                 settings=settings, progress=update)
     return space, evaluator, fixed, {"data": calib, "eval": ev_data}

@@ -63,6 +63,9 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
               help="Random halves of the data to recompute scales on (0: off).")
 @click.option("--stability-threshold", type=click.FloatRange(min=0), default=DEFAULT_THRESHOLD,
               show_default=True, help="Relative scale change that flags a tensor as unstable.")
+@click.option("--prepare/--no-prepare", default=None,
+              help="Fold BatchNormalization, fuse decomposed activations and fold constants before placing Q/DQ "
+                   "(checked to reproduce the model's outputs; default: on for ort-cpu and openvino).")
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Rebuild from a recipe (its ranges, exclusions and target); no data needed.")
 @click.option("--force", is_flag=True, help="Apply --recipe even if it was made for another model file.")
@@ -143,7 +146,7 @@ def _refuse_ignored(with_recipe: bool) -> None:
 
 def _calibrated(m, settings, as_json, backend, *, data, preprocess, dims, samples, seed, max_samples, method, target,
                 exclude, overrides, percentile, bins, calib_batch, reduce_range, stability_halves, stability_threshold,
-                fix, **_budget_only):
+                fix, prepare, **_budget_only):
     from infertune.quant.quantize import quantize as run_quantize
 
     read = load_data(m, data, preprocess, dims, samples, seed)
@@ -153,7 +156,8 @@ def _calibrated(m, settings, as_json, backend, *, data, preprocess, dims, sample
         result = run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
                               percentile=percentile, bins=bins, batch_size=calib_batch,
                               weight_reduce_range=reduce_range, stability_halves=stability_halves,
-                              stability_threshold=stability_threshold, settings=settings, progress=update)
+                              stability_threshold=stability_threshold, prepare=prepare, settings=settings,
+                              progress=update)
     return result, fixed, {"data": read}
 
 
@@ -162,6 +166,8 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
     out.print(f"[bold]{name}[/] -> {output} ({s['target']}): {s['quantized_nodes']} nodes in INT8, "
               f"{s['activation_tensors']} activation tensors, {s['weights']} weights "
               f"(per-channel int8{', 7-bit' if s['weight_reduce_range'] else ''})")
+    if result.preparation and not result.preparation.refused:  # a refusal is among the warnings
+        out.print(escape(result.preparation.summary()))
     if result.calibration:
         c = result.calibration
         out.print(f"calibration: {c.feeds} runs x batch {c.batch_size}, {c.passes} pass(es), "
@@ -200,7 +206,7 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
 
 
 def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims, samples, seed, eval_data,
-               eval_samples, method, target, exclude, rank, metric, fix, **_calibration_only):
+               eval_samples, method, target, exclude, rank, metric, fix, prepare, **_calibration_only):
     from infertune.analysis.accuracy import Budget
     from infertune.analysis.sensitivity import check_mode
     from infertune.search.mixed_precision import quantize_to_budget
@@ -209,7 +215,7 @@ def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims,
     check_mode(rank, backend)
     space, evaluator, fixed, read = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data,
                                                         eval_samples, method, target, exclude, settings, as_json,
-                                                        fix, backend)
+                                                        fix, backend, prepare=prepare)
     with progress_bar(f"ranking ({rank}) and meeting the budget on {backend}", not as_json) as update:
         result, br = quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
     return result, br, fixed, read

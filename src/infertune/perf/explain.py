@@ -4,16 +4,19 @@ Both variants are profiled on the same feed (``bench.profile``), each on its opt
 Then, for each: time per op type; QuantizeLinear / DequantizeLinear left unfused and their
 cost; float ops sandwiched between a DQ and a Q (8-bit data converted to float and back for an
 op that runs in float anyway); layout reorders and transposes; and the CPU's ISA facts. The
-result ends with suggestions that quantize can apply: exclude a sandwiched node (its Q/DQ cost
-time and save nothing), switch activations to uint8 (what ORT's x86 kernels fuse), or keep
-the float model when nothing makes 8-bit pay.
+result ends with suggestions that quantize can apply: fold or fuse a sandwiched node that graph
+preparation removes (a BatchNormalization after its Conv, a decomposed HardSwish or GELU:
+``quant.prepare``, on by default for ort-cpu and openvino), exclude another sandwiched node (its
+Q/DQ cost time and save nothing), switch activations to uint8 (what ORT's x86 kernels fuse), or
+keep the float model when nothing makes 8-bit pay.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from infertune.fingerprint import cpu, environment
 from infertune.model import Model
 from infertune.perf.profile import ProfileResult, profile
 from infertune.quant.fusion import FLOAT_COMPUTE, INT8_KERNELS
+from infertune.quant.prepare import foldable
 
 SCHEMA_VERSION = 1
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -64,6 +68,7 @@ class VariantFacts:
     reorder_us: float
     sandwiches: list[Sandwich]
     activation_types: dict[str, int]  # zero-point type of activation Q nodes in the source model
+    foldable: dict[str, dict] = field(default_factory=dict)  # node ONNX Runtime runs that preparation removes
 
     def to_dict(self) -> dict:
         return {"model": self.model, "run_us": round(self.run_us, 3), "node_sum_us": round(self.node_sum_us, 3),
@@ -72,12 +77,13 @@ class VariantFacts:
                 "unfused_quantize": self.unfused_q, "unfused_dequantize": self.unfused_dq,
                 "weight_dequantize": self.weight_dq, "qdq_us": round(self.qdq_us, 3),
                 "reorders": self.reorders, "reorder_us": round(self.reorder_us, 3),
-                "sandwiches": [s.to_dict() for s in self.sandwiches], "activation_types": self.activation_types}
+                "sandwiches": [s.to_dict() for s in self.sandwiches], "activation_types": self.activation_types,
+                "foldable": self.foldable}
 
 
 @dataclass(frozen=True)
 class Suggestion:
-    action: str  # "exclude" | "activation_type" | "keep_float"
+    action: str  # "prepare" | "exclude" | "activation_type" | "keep_float"
     text: str
     saves_us: float  # estimated
     exclude: tuple[str, ...] = ()
@@ -126,12 +132,16 @@ def explain(a: Model | str | os.PathLike[str], b: Model | str | os.PathLike[str]
             opt = Path(d) / f"{tag}.onnx"
             prof = profile(m, data, settings=replace(settings, preallocate=False), batch_size=batch_size,
                            runs=runs, optimized_model=opt, backend=backend, dims=dims)
-            facts.append(variant_facts(m, onnx.load(str(opt), load_external_data=False), prof))
+            facts.append(variant_facts(m, onnx.load(str(opt), load_external_data=False), prof,
+                                       foldable(m) if tag == "b" else {}))
     fa, fb = facts
     return ExplainResult(fa, fb, isa_facts(cpu()["isa"]), suggest(fa, fb), settings.to_dict(), backend)
 
 
-def variant_facts(source: Model, optimized: onnx.ModelProto, prof: ProfileResult) -> VariantFacts:
+def variant_facts(source: Model, optimized: onnx.ModelProto, prof: ProfileResult,
+                  folds: Mapping[str, str] | None = None) -> VariantFacts:
+    """``folds``: the source's nodes that graph preparation removes (``quant.prepare.foldable``); those
+    ONNX Runtime still runs are recorded with their time and what preparation makes of them."""
     g = optimized.graph
     t = {n.node: n.mean_us for n in prof.nodes}
     consts = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
@@ -165,7 +175,9 @@ def variant_facts(source: Model, optimized: onnx.ModelProto, prof: ProfileResult
         weight_dq=sum(1 for n in qdq_nodes if n.op_type == "DequantizeLinear" and n.input[0] in consts),
         qdq_us=sum(t.get(n.name, 0.0) for n in qdq_nodes),
         reorders=len(reorders), reorder_us=sum(t.get(n.name, 0.0) for n in reorders),
-        sandwiches=sandwiches, activation_types=_activation_types(source))
+        sandwiches=sandwiches, activation_types=_activation_types(source),
+        foldable={n.name: {"op_type": n.op_type, "us": t.get(n.name, 0.0), "becomes": (folds or {})[n.name]}
+                  for n in g.node if n.name in (folds or {})})
 
 
 def _activation_types(model: Model) -> dict[str, int]:
@@ -199,6 +211,15 @@ def isa_facts(isa: list[str]) -> list[str]:
 
 def suggest(a: VariantFacts, b: VariantFacts) -> list[Suggestion]:
     out: list[Suggestion] = []
+    if b.foldable:  # preparing the graph is the fix for these, not keeping them in float
+        kinds = Counter(f"{v['op_type']} ({v['becomes']})" for v in b.foldable.values())
+        sandwiched = {s.node: s.qdq_us for s in b.sandwiches}
+        saves = sum(v["us"] + sandwiched.get(k, 0.0) for k, v in b.foldable.items())
+        out.append(Suggestion(
+            "prepare", f"{len(b.foldable)} node(s) that graph preparation removes run in float here "
+            f"({saves / 1000:.3f} ms per run with their Q/DQ): " + ", ".join(f"{n} x {k}" for k, n in kinds.items())
+            + f" (e.g. {', '.join(list(b.foldable)[:4])}): quantize with graph preparation on (--prepare; the "
+            "default for ort-cpu and openvino) rather than excluding them", saves, value="--prepare"))
     if b.activation_types.get("int8") and b.unfused_q + b.unfused_dq > 0:
         out.append(Suggestion(
             "activation_type", f"activations are int8 in {b.activation_types['int8']} Q nodes and "
@@ -206,7 +227,7 @@ def suggest(a: VariantFacts, b: VariantFacts) -> list[Suggestion]:
             "x86 kernels fuse uint8 activations (infertune quantize --target ort-cpu writes them; ORT "
             "quantize_static: activation_type=QUInt8)", b.qdq_us, value="uint8"))
     for s in b.sandwiches:
-        if s.in_source and s.qdq_us >= MIN_SAVING_US:
+        if s.in_source and s.qdq_us >= MIN_SAVING_US and s.node not in b.foldable:
             out.append(Suggestion(
                 "exclude", f"exclude {s.node} ({s.op_type}): it runs in float between DQ and Q; the Q/DQ around it "
                 f"cost {s.qdq_us / 1000:.3f} ms per run and save nothing", s.qdq_us, exclude=(s.node,)))

@@ -42,6 +42,7 @@ from itertools import islice
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from infertune import backends
 from infertune.data import FeedValidator
@@ -95,6 +96,10 @@ def prepare(model: Model, feeds: Iterable[Mapping[str, np.ndarray]] = (), *, tol
     except ModelError as e:
         return PrepareResult(model, False, ops_before=before, refused=str(e), seconds=time.perf_counter() - start)
     prepared = Model.from_proto(keep_names(model.proto, proto), path=None)
+    if [i.name for i in prepared.inputs] != [i.name for i in model.inputs] or \
+            [o.name for o in prepared.outputs] != [o.name for o in model.outputs]:
+        return PrepareResult(model, False, ops_before=before, seconds=time.perf_counter() - start,
+                             refused="the prepared graph renamed the model's inputs or outputs")
     after = _ops(prepared.proto)
     if after == before and prepared.opset == model.opset:
         return PrepareResult(model, False, ops_before=before, ops_after=after, seconds=time.perf_counter() - start)
@@ -264,6 +269,59 @@ def removed_nodes(source: Model, prepared: Model) -> dict[str, str]:
     kept = {n.name for n in prepared.graph.node}
     return {n.name: FOLDED_INTO.get(n.op_type, "fused into a single activation op, or folded as a constant")
             for n in source.graph.node if n.op_type != "Constant" and n.name not in kept}
+
+
+def foldable(model: Model) -> dict[str, str]:
+    """Nodes of ``model`` (a float or a Q/DQ model) that preparation would remove, with what becomes of
+    them: the Q/DQ are taken out (weights dequantized), the float graph is rewritten, and the nodes
+    missing from the result are the ones folded or fused. Empty when the libraries fail on it."""
+    float_proto = dequantized(model.proto)
+    try:
+        rewritten, _ = rewrite(float_proto)
+    except ModelError:
+        return {}
+    kept = {n.name for n in keep_names(float_proto, rewritten).graph.node}
+    return {n.name: FOLDED_INTO.get(n.op_type, "fused into a single activation op, or folded as a constant")
+            for n in float_proto.graph.node if n.op_type not in ("Constant", "Identity") and n.name not in kept}
+
+
+def dequantized(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without its Q/DQ: readers of DQ(Q(x)) read x, a weight DQ becomes its float constant."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    alias: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(n.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            alias[n.output[0]] = q.input[0]
+        elif n.input[0] in inits:
+            g.initializer.append(numpy_helper.from_array(_dequantize(n, inits), n.output[0]))
+    keep = [n for n in g.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            or (n.op_type == "DequantizeLinear" and n.output[0] not in alias and n.input[0] not in inits)]
+    for n in keep:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+    for o in g.output:
+        o.name = alias.get(o.name, o.name)
+    del g.node[:]
+    g.node.extend(keep)
+    return out
+
+
+def _dequantize(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray:
+    q = inits[node.input[0]].astype(np.float32)
+    scale = inits[node.input[1]].astype(np.float32)
+    zp = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and q.ndim > 1:
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((q - zp) * scale).astype(np.float32)
 
 
 # ---- the check ---------------------------------------------------------------------------------------

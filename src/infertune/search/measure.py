@@ -3,8 +3,9 @@ process (``perf.isolated``: a fresh runtime with nothing else loaded).
 
 Variants: FP32 is the source model, or its prepared graph (``quant.prepare``, made once and checked
 on the calibration feeds); INT8 the calibrated space's Q/DQ graph for the runtime's placement (in
-the prepared graph when the spec says so); FP16 the source converted by ``quant.fp16.to_fp16`` (float32 I/O, reductions and
-normalisations kept in float32), built once per run, for runtimes whose registry entry runs FP16.
+the prepared graph when the spec says so); FP16 the source converted by ``quant.fp16.to_fp16``
+(float32 I/O, reductions and normalisations kept in float32), built once per run, for runtimes
+whose registry entry runs FP16.
 On a GPU runtime every compile gets the run's engine and timing caches (``run_settings``), so
 evaluating, timing and the runoff reuse one engine build; the artifact records ``settings``,
 without them.

@@ -1,13 +1,15 @@
 """INT8 quantizers side by side, in one run, on the same calibration samples and held-out inputs.
 
-    .venv/bin/python benchmarks/quantize.py [--models digits,rec,minilm] [--calib 64] [--skip-peers]
+    .venv/bin/python benchmarks/quantize.py [--models digits,rec,minilm,yolo] [--calib 64] [--skip-peers]
 
 Quantizers: infertune (ort-cpu target; auto and entropy), onnxruntime.quantization.quantize_static
 (MinMax, Entropy, Percentile; its defaults) and nncf.quantize (ONNX backend, where it is installed
-and runs). Each quantizer runs in its own process so that its calibration wall time and peak RSS
-are its own. Every produced model is then measured here, interleaved: ONNX Runtime CPU latency
-(p50, 1 and 2 threads) and fidelity vs FP32 on held-out inputs (cosine, SQNR; top-1 for digits,
-decoded-text agreement for text recognition, sentence-embedding cosine for MiniLM). infertune's
+and runs; its Q/DQ model is also measured on OpenVINO, the runtime it targets: "nncf-openvino").
+Each quantizer runs in its own process so that its calibration wall time and peak RSS are its own.
+Every produced model is then measured here, interleaved: latency (p50, 1 and 2 threads) and
+fidelity vs FP32 on held-out inputs (cosine, SQNR; top-1 for digits, decoded-text agreement for
+text recognition, sentence-embedding cosine for MiniLM, box F1 against FP32's boxes for YOLOv8n
+at 320x320 on 200 held-out inputs, which give >= 200 FP32 boxes). infertune's
 peak RSS is also measured with 512 calibration samples on the recognition model (memory must be
 flat in the number of samples).
 
@@ -40,7 +42,7 @@ def model_path(name: str) -> Path:
         return ROOT / "examples" / "digits" / "digits_cnn.onnx"
     from benchmarks import realmodels
 
-    return {"rec": realmodels.rapidocr_rec, "minilm": realmodels.minilm}[name]()
+    return {"rec": realmodels.rapidocr_rec, "minilm": realmodels.minilm, "yolo": realmodels.yolov8n}[name]()
 
 
 class LazyFeeds:
@@ -58,6 +60,13 @@ class LazyFeeds:
 
 def feeds(name: str, n: int, seed: int, lazy: bool = False):
     """n single-sample feeds; seed 0 for calibration, 1 for held-out evaluation."""
+    if name == "yolo":
+        from benchmarks import realmodels
+
+        if lazy:  # one input at a time, each from its own seed (never one of the evaluation seeds' sets)
+            return LazyFeeds(lambda i: {realmodels.YOLO_INPUT: realmodels.yolo_inputs(1, 10_000 + 1000 * seed + i)}, n)
+        images = realmodels.yolo_inputs(n, seed)
+        return [{realmodels.YOLO_INPUT: images[i:i + 1]} for i in range(n)]
     if lazy and name == "rec":
         from benchmarks import realmodels
 
@@ -128,6 +137,12 @@ def worker(name: str, quantizer: str, calib_n: int, out: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base_rss}
 
 
+def openvino_installed() -> bool:
+    from infertune import backends
+
+    return backends.available().get("openvino", False)
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the process image, whereas ru_maxrss
     survives fork + exec and would report the benchmark parent's peak for a child that used less."""
@@ -188,6 +203,11 @@ def fidelity(name: str, ref: list[dict], got: list[dict], data: list[dict], labe
             cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
         out["embedding_cosine_mean"] = float(np.mean(cos))
         out["embedding_cosine_min"] = float(np.min(cos))
+    if name == "yolo":
+        from benchmarks import realmodels
+
+        out["box_f1"] = realmodels.box_f1(ref, got)
+        out["fp32_boxes"] = realmodels.yolo_box_count(ref)
     return out
 
 
@@ -214,6 +234,7 @@ def bench_model(name: str, calib_n: int, quantizers: list[str], work: Path, eval
     src = model_path(name)
     rows: dict[str, dict] = {"fp32": {"quantizer": "fp32"}}
     paths = {"fp32": src}
+    runtimes: dict[str, str] = {}
     for q in quantizers:
         out = work / f"{name}-{q}.onnx"
         print(f"   quantizing with {q} ...", flush=True)
@@ -221,6 +242,9 @@ def bench_model(name: str, calib_n: int, quantizers: list[str], work: Path, eval
         rows[q] = {"quantizer": q, **res}
         if "error" not in res:
             paths[q] = out
+            if q == "nncf" and openvino_installed():  # NNCF makes its Q/DQ model for OpenVINO: measured there too
+                paths["nncf-openvino"], runtimes["nncf-openvino"] = out, "openvino"
+                rows["nncf-openvino"] = {"quantizer": "nncf-openvino", **res}
         print(f"   {q}: {res}", flush=True)
     data = feeds(name, eval_n, seed=1)
     labels = None
@@ -228,13 +252,13 @@ def bench_model(name: str, calib_n: int, quantizers: list[str], work: Path, eval
         with np.load(ROOT / "examples" / "digits" / "test.npz") as z:
             labels = z["label"][:eval_n]
     ref = outputs(src, data)
-    for k, p in paths.items():
+    for k, p in list(paths.items()):
         try:
-            rows[k].update(fidelity(name, ref, outputs(p, data), data, labels))
-        except Exception as e:  # noqa: BLE001 - a model ORT cannot run is a result too
+            rows[k].update(fidelity(name, ref, outputs(p, data, runtimes.get(k, "ort")), data, labels))
+        except Exception as e:  # noqa: BLE001 - a model a runtime cannot run is a result too
             rows[k]["error"] = f"does not run: {str(e).splitlines()[0][:200]}"
             paths.pop(k)
-    for k, lat in latencies(paths, data[0]).items():
+    for k, lat in latencies(paths, data[0], runtimes=runtimes).items():
         rows[k].update(lat)
     if name == "rec" and "infertune-entropy" in quantizers:
         big = run_worker(name, "infertune-entropy", 512, work / f"{name}-infertune-entropy-512.onnx")
@@ -252,7 +276,7 @@ def markdown(results: list[dict], env: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              "Generated by `benchmarks/quantize.py`; one run, same calibration samples and held-out inputs.", ""]
     for r in results:
-        extra = {"digits": "top1", "rec": "text_agree", "minilm": "embedding_cosine_mean"}[r["model"]]
+        extra = {"digits": "top1", "rec": "text_agree", "minilm": "embedding_cosine_mean", "yolo": "box_f1"}[r["model"]]
         lines += [f"## {r['model']} ({r['source']}; {r['calibration_samples']} calibration, "
                   f"{r['eval_samples']} held-out)", "",
                   f"| variant | calib s | peak RSS MB | p50 1t ms | p50 2t ms | cosine | SQNR dB | {extra} |",
@@ -264,7 +288,7 @@ def markdown(results: list[dict], env: dict) -> str:
             lines.append("| " + " | ".join([
                 row["quantizer"], _f(row.get("seconds"), 1), _f(row.get("peak_rss_mb"), 0),
                 _f(row.get("p50_ms_1t"), 3), _f(row.get("p50_ms_2t"), 3), _f(row.get("cosine"), 4),
-                _f(row.get("sqnr_db"), 1), _f(row.get(extra), 3 if extra.startswith("emb") else 1)]) + " |")
+                _f(row.get("sqnr_db"), 1), _f(row.get(extra), 1 if extra in ("top1", "text_agree") else 3)]) + " |")
         ent = next((row for row in r["rows"] if row["quantizer"] == "infertune-entropy"), {})
         if ent.get("peak_rss_mb_512_samples"):
             lines += ["", f"infertune entropy peak RSS: {ent['peak_rss_mb']:.0f} MB with {r['calibration_samples']} "
@@ -314,7 +338,7 @@ def _f(v, digits: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="digits,rec,minilm")
+    ap.add_argument("--models", default="digits,rec,minilm,yolo")
     ap.add_argument("--quantizers", default=",".join(QUANTIZERS))
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=64)
@@ -335,7 +359,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="infertune-bench-") as d:
         for name in args.models.split(","):
             results.append(bench_model(name, args.calib, args.quantizers.split(","), Path(d),
-                                       args.eval if name != "digits" else 360))
+                                       {"digits": 360, "yolo": max(args.eval, 200)}.get(name, args.eval)))
     from benchmarks.results_io import save_results
 
     save_results("quantize", {"environment": env, "results": results}, markdown(results, env))

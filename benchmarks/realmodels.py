@@ -505,3 +505,29 @@ box_f1 = BoxF1()
 def yolo_box_count(outputs: Sequence) -> int:
     """FP32 boxes in a set of outputs (the evaluation set needs >= 200 for F1 to mean something)."""
     return sum(len(b[0]) for o in outputs for b in box_f1.boxes(_first(o)))
+
+
+# ---- text detection (PP-OCRv4 det) -------------------------------------------------------------------
+def det_inputs(n: int, seed: int = 0, size: int = 320) -> np.ndarray:
+    """[n, 3, size, size] float32 pages for the text detector, normalised as PP-OCR does (ImageNet
+    mean/std): half rendered lines of words on a light background, half crops of scikit-image's
+    scanned 'page' and 'text' images."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    photos = dict(yolo_photos())
+    rng = np.random.default_rng(seed)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    out = np.zeros((n, 3, size, size), np.float32)
+    for i in range(n):
+        if i % 2 == 0:
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(170, 256, 3)))
+            draw = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(3, 9))):
+                font = ImageFont.load_default(size=int(rng.integers(12, 40)))
+                xy = (int(rng.integers(0, size // 2)), int(rng.integers(0, size - 40)))
+                draw.text(xy, line_text(rng), fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+            rgb = np.asarray(img, np.float32)
+        else:
+            rgb = resize_bilinear(_random_crop(rng, photos[("page", "text")[int(rng.integers(2))]]), size)
+        out[i] = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)
+    return out

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from infertune.errors import ModelError
 from infertune.model import Model, iter_graphs
-from infertune.quant.placement import QuantPlan
+from infertune.quant.placement import TARGETS, QuantPlan
 from infertune.quant.qparams import QParams, quantize_weight_per_channel
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -136,11 +136,14 @@ class _QdqWriter:
         graph_outputs = {o.name for o in self.g.output}
         graph_inputs = {i.name for i in self.g.input}
         producers = {o: n for n in self.g.node for o in n.output if o}
+        share = TARGETS[self.plan.target].share_dq if self.plan.target in TARGETS else False
         # plan.replaced is a set: sorted, so that the same plan gives the same bytes in every process
         for t in dict.fromkeys([*self.plan.consumers_q, *sorted(self.plan.replaced)]):
             producer = producers.get(t)
             replace_all = t in self.plan.replaced
             renamed = replace_all and t in graph_outputs and producer is not None
+            # share_dq: the float readers read the dequantized value too (graph outputs stay float)
+            replace_all = replace_all or (share and t not in graph_outputs)
             if renamed:  # the producer writes t_float; the DQ writes t, so graph outputs keep their name
                 src, dq_out = f"{t}_float", t
                 producer.output[list(producer.output).index(t)] = src

@@ -182,3 +182,18 @@ def test_silero_vad_tuned_from_one_feed_files_with_its_sample_rate_fixed(tmp_pat
         assert p50[chosen["key"]] < p50[fp32["key"]]
     else:
         assert any(d.startswith("chose FP32") for d in doc["decisions"]), doc["decisions"]
+
+
+def test_rec_int8_on_ort_runs_no_batchnorm_or_decomposed_activation_in_float():
+    """PP-OCRv4 rec (Paddle: BN unfolded, HardSwish as Add/Clip/Mul/Div, weights in Constant nodes): in
+    the graph ONNX Runtime runs, INT8 without preparation keeps them in float between DQ and Q; prepared
+    (the default), none is left: HardSwish runs as one op (ORT expands it to HardSigmoid x Mul)."""
+    source = Model.load(realmodels.rapidocr_rec())
+    calib = Dataset.from_arrays({realmodels.REC_INPUT: realmodels.rec_lines(16, seed=0)})
+    plain = fusion_report(quantize(source, calib, stability_halves=0, prepare=False).model).ops
+    q = quantize(source, calib, stability_halves=0)
+    prepared = fusion_report(q.model).ops
+    assert {"BatchNormalization", "Clip", "Div"} <= set(plain), plain
+    assert not {"BatchNormalization", "Clip", "Div", "Erf", "Tanh"} & set(prepared), prepared
+    assert q.recipe.prepared and prepared["QLinearConv"] == plain["QLinearConv"] == 38
+    assert prepared["QuantizeLinear"] < plain["QuantizeLinear"]

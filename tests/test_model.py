@@ -146,3 +146,15 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     path = m.save(tmp_path / "out" / "m.onnx")
     assert Model.load(path).op_histogram() == m.op_histogram()
     assert [p.name for p in path.parent.iterdir()] == ["m.onnx"]
+
+
+def test_with_input_shapes_fixes_symbolic_and_paddle_minus_one_dims_and_refuses_a_fixed_mismatch():
+    proto = MODELS["conv"]()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1  # how Paddle exports a dynamic batch
+    m = Model.from_proto(proto, check=False)
+    fixed = m.with_input_shapes({"x": (2, 3, 16, 16)})
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 16, 16]
+    onnx.checker.check_model(fixed.proto)
+    with pytest.raises(ModelError, match="axis 1 is fixed at 3, not 4"):
+        m.with_input_shapes({"x": (2, 4, 16, 16)})

@@ -321,7 +321,7 @@ class Model:
                 raise ModelError(f"input '{vi.name}' has rank {len(dims)}, a static shape of rank {len(want)} "
                                  f"was given ({want})")
             for axis, (d, size) in enumerate(zip(dims, want, strict=False)):
-                if d.HasField("dim_value") and d.dim_value != size:
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size:  # Paddle writes -1 for dynamic
                     raise ModelError(f"input '{vi.name}' axis {axis} is fixed at {d.dim_value}, not {size}")
             del vi.type.tensor_type.shape.dim[:]
             for size in want:

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from infertune import Budget, Evaluator, backends, tune
 from infertune.data import Dataset
+from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.quant import prepare as prep_mod
 from infertune.quant.fusion import fusion_report
@@ -116,6 +117,15 @@ def test_the_recipe_rebuilds_the_prepared_int8_model_and_old_recipes_still_load(
     assert not Recipe.from_dict(old).prepared
     trt = quantize(source, Dataset.from_iterable(_feeds((1, 3, 12, 12))), stability_halves=0, target="tensorrt")
     assert not trt.recipe.prepared  # TensorRT folds at build time: its placement keeps the graph as exported
+
+
+def test_an_exclusion_of_a_node_preparation_removed_says_what_became_of_it():
+    source = Model.from_proto(MODELS["paddle_block"]())
+    calib = Dataset.from_iterable(_feeds((1, 3, 12, 12)))
+    with pytest.raises(UsageError, match="b1_bn: graph preparation removed that node .folded into"):
+        quantize(source, calib, stability_halves=0, exclude=["b1_bn"])
+    kept = quantize(source, calib, stability_halves=0, exclude=["b1_conv"])  # the Conv kept its name
+    assert "b1_conv" in kept.plan.float_nodes and kept.recipe.prepared
 
 
 def test_tune_tries_the_prepared_fp32_graph_and_places_int8_in_it(tmp_path, monkeypatch):

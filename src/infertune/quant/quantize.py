@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from infertune import backends
 from infertune.data import Dataset, as_dataset
-from infertune.errors import CalibrationError, ModelError
+from infertune.errors import CalibrationError, ModelError, UsageError
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
 from infertune.quant.calibrate import CalibrationResult, Progress, calibrate
@@ -124,6 +124,7 @@ def quantize(
     prep = None
     if rules.prepare if prepare is None else prepare:
         prep = preparation or prepare_graph(source, data)
+        _check_prepared_away(prep, Exclusions.parse(exclude))
     m = ensure_opset(prep.model if prep else source)
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
@@ -160,6 +161,14 @@ def quantize(
     if report and report.message():
         warnings.append(report.message())
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings, prep)
+
+
+def _check_prepared_away(prep: PrepareResult, exclusions: Exclusions) -> None:
+    """An exclusion naming a node that graph preparation removed is refused with what became of it."""
+    gone = sorted(exclusions.names & set(prep.removed)) if prep.prepared else []
+    if gone:
+        raise UsageError(f"--exclude {gone[0]}: graph preparation removed that node ({prep.removed[gone[0]]}); "
+                         "exclude the node it went into, or quantize with --no-prepare")
 
 
 def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,

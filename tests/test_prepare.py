@@ -141,3 +141,18 @@ def test_tune_tries_the_prepared_fp32_graph_and_places_int8_in_it(tmp_path, monk
     plain = tune(source, Dataset.from_iterable(_feeds((1, 3, 12, 12))), evaluator, Budget.parse("cosine>=0.9"),
                  run_dir=tmp_path / "plain", threads=(1,), latency_s=0.1, prepare=False)
     assert not any(t.spec.prepared for t in plain.trials)
+
+
+def test_trial_keys_recorded_before_preparation_still_match_and_prepared_ones_differ():
+    import hashlib
+    import json
+
+    from infertune.search.trials import TrialSpec
+
+    old = {"precision": "int8", "method": "auto", "exclude": ["a"], "threads": 1, "opt": "all", "backend": "ort",
+           "target": "ort-cpu"}  # a journal line's spec from before TrialSpec.prepared
+    key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    spec = TrialSpec.from_dict(old)
+    assert spec.key == key and not spec.prepared
+    prepared = TrialSpec("int8", "auto", ("a",), 1, prepared=True)
+    assert prepared.key != key and TrialSpec.from_dict(prepared.to_dict()) == prepared

@@ -86,10 +86,17 @@ def test_tune_digits_meets_budget_and_writes_a_verified_artifact(tmp_path):
 
 
 def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
+    from infertune.search import tuner
+
     _steady_clock(monkeypatch)  # INT8 faster than FP32, so exclusions are worth searching
     m, calib, ev = _digits(60)
+    ranked_on = []
+    real = tuner.sensitivity
+    monkeypatch.setattr(tuner, "sensitivity", lambda space, evaluator, **kw: ranked_on.append(len(evaluator.feeds))
+                        or real(space, evaluator, **kw))
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1)
     assert r.sensitivity and {g["node"] for g in r.sensitivity}  # the ranking was needed
+    assert ranked_on == [tuner.RANK_FEEDS] < [60]  # ranked on the first evaluation feeds only
     excl = [t for t in r.trials if t.spec.exclude]
     assert excl, "bisection tried some exclusion sets"
     assert any("sensitivity" in d for d in r.decisions)

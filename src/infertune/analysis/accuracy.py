@@ -187,6 +187,16 @@ class Evaluator:
             raise ValueError("reference outputs must cover every feed and every model output")
         self._ref_outputs = outputs
 
+    def subset(self, n: int) -> Evaluator:
+        """The first ``n`` feeds, with their reference outputs when already computed, and no labels:
+        output metrics (NSR, cosine) for a fraction of a pass's work, for a ranking."""
+        if n >= len(self.feeds):
+            return self
+        sub = Evaluator(self.reference, self.feeds[:n], settings=self.settings)
+        if self.has_reference:
+            sub.adopt_reference(self.ref_outputs[:n])
+        return sub
+
     def run(self, model: Model, backend: str = "ort",
             settings: backends.Settings | None = None) -> list[dict[str, np.ndarray]]:
         """``model``'s outputs on every feed on ``backend`` (with ``settings``, default the evaluator's);

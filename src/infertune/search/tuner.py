@@ -12,8 +12,9 @@ The search (``Tuner``), cheapest first:
    graph where the placement prepares one) with nothing excluded, evaluated on it;
 3. if no INT8 variant meets the budget there: ``rank`` (the exact sensitivity ranking of the best
    method's groups, measured on that runtime: kernels differ, and OpenVINO's int8 convolutions on
-   a CPU without VNNI lose more than ONNX Runtime's), then ``bisect`` over how many of the most
-   sensitive groups stay float;
+   a CPU without VNNI lose more than ONNX Runtime's; on the first ``RANK_FEEDS`` evaluation feeds:
+   a ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of the
+   most sensitive groups stay float;
 4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
    runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).
@@ -67,6 +68,9 @@ from infertune.search.runtimes import knob_options, searchable, thread_counts
 from infertune.search.trials import Trial, TrialSpec
 
 OnTrial = Callable[[Trial, bool], None]
+# rank on this many evaluation feeds (a ranking needs each group's output NSR, not a verdict): rec's
+# exact ranking on OpenVINO, one pass over 200 lines per group, took most of a 10-minute tune
+RANK_FEEDS = 32
 
 
 class Tuner:
@@ -173,12 +177,15 @@ class Tuner:
             return []
         self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized (best: "
                               f"{best.spec.method}, {metric_text(best, self.budget)}); ranking "
-                              f"{best.spec.method}'s nodes by sensitivity{on}")
+                              f"{best.spec.method}'s nodes by sensitivity{on} (exact, on the first {RANK_FEEDS} "
+                              "evaluation inputs)")
         return self.bisect(best, self.rank(runtime, best))
 
     def rank(self, runtime: str, best: Trial) -> list[str]:
-        """The exact sensitivity ranking on ``runtime``, recorded in the run directory for a resumed run."""
-        path = self.root / f"sensitivity-{best.spec.method}-{runtime}{'-prepared' if best.spec.prepared else ''}.json"
+        """The exact sensitivity ranking on ``runtime`` (on the first ``RANK_FEEDS`` evaluation feeds),
+        recorded in the run directory for a resumed run."""
+        prepared = "-prepared" if best.spec.prepared else ""
+        path = self.root / f"sensitivity-{best.spec.method}-{runtime}{prepared}.json"
         ranking = None
         if path.exists():
             try:
@@ -187,7 +194,8 @@ class Tuner:
                 ranking = None
         if ranking is None:
             space = self.runner.space(best.spec.method, best.spec.target, best.spec.prepared)
-            ranking = [g.to_dict() for g in sensitivity(space, self.evaluator, mode="exact", backend=runtime).groups]
+            short = self.evaluator.subset(RANK_FEEDS)
+            ranking = [g.to_dict() for g in sensitivity(space, short, mode="exact", backend=runtime).groups]
             write_json(path, ranking)
         self.rankings[runtime] = ranking
         return [r["node"] for r in ranking]

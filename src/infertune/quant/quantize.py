@@ -121,10 +121,7 @@ def quantize(
     parsed_overrides = MethodOverrides.parse(overrides)
     exclude = list(exclude)
     rules = _rules(target)
-    prep = None
-    if rules.prepare if prepare is None else prepare:
-        prep = preparation or prepare_graph(source, data)
-        _check_prepared_away(prep, Exclusions.parse(exclude))
+    prep = _prepared(source, data, rules.prepare if prepare is None else prepare, preparation, exclude)
     m = ensure_opset(prep.model if prep else source)
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
@@ -163,12 +160,18 @@ def quantize(
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings, prep)
 
 
-def _check_prepared_away(prep: PrepareResult, exclusions: Exclusions) -> None:
-    """An exclusion naming a node that graph preparation removed is refused with what became of it."""
-    gone = sorted(exclusions.names & set(prep.removed)) if prep.prepared else []
+def _prepared(source: Model, data: Dataset, prepare: bool, preparation: PrepareResult | None,
+              exclude: list[str]) -> PrepareResult | None:
+    """The graph preparation quantize places Q/DQ in (None: off). An exclusion naming a node that
+    preparation removed is refused with what became of it."""
+    if not prepare:
+        return None
+    prep = preparation or prepare_graph(source, data)
+    gone = sorted(Exclusions.parse(exclude).names & set(prep.removed)) if prep.prepared else []
     if gone:
         raise UsageError(f"--exclude {gone[0]}: graph preparation removed that node ({prep.removed[gone[0]]}); "
                          "exclude the node it went into, or quantize with --no-prepare")
+    return prep
 
 
 def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,

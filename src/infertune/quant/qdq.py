@@ -23,6 +23,7 @@ from infertune.quant.placement import TARGETS, QuantPlan
 from infertune.quant.qparams import QParams, quantize_weight_per_channel
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+SHARED_PRODUCERS = frozenset({"Conv", "ConvTranspose"})  # share_dq applies to their outputs (see placement)
 
 
 def ensure_opset(model: Model, minimum: int = MIN_OPSET) -> Model:
@@ -142,8 +143,10 @@ class _QdqWriter:
             producer = producers.get(t)
             replace_all = t in self.plan.replaced
             renamed = replace_all and t in graph_outputs and producer is not None
-            # share_dq: the float readers read the dequantized value too (graph outputs stay float)
-            replace_all = replace_all or (share and t not in graph_outputs)
+            # share_dq: the float readers of a convolution's output read the dequantized value too
+            # (graph outputs stay float)
+            replace_all = replace_all or (share and t not in graph_outputs and producer is not None
+                                          and producer.op_type in SHARED_PRODUCERS)
             if renamed:  # the producer writes t_float; the DQ writes t, so graph outputs keep their name
                 src, dq_out = f"{t}_float", t
                 producer.output[list(producer.output).index(t)] = src

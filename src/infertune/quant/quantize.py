@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from infertune import backends
@@ -15,6 +15,9 @@ from infertune.data import Dataset, as_dataset
 from infertune.errors import CalibrationError, ModelError
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
+from infertune.quant.algorithms import AlgorithmOptions, Context, check_algorithms, summarize
+from infertune.quant.algorithms import replay as replay_algorithms
+from infertune.quant.algorithms import run as run_algorithms
 from infertune.quant.calibrate import CalibrationResult, Progress, calibrate
 from infertune.quant.methods import (
     DEFAULT_PERCENTILE,
@@ -58,6 +61,7 @@ class QuantizeResult:
             "methods": dict(methods),
             "float_nodes": self.plan.float_nodes,
             "weight_reduce_range": self.recipe.weight_reduce_range,
+            "algorithms": [summarize(r) for r in self.recipe.algorithms],
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "unstable_tensors": [t.tensor for t in self.stability.unstable] if self.stability else [],
             "warnings": self.warnings,
@@ -90,20 +94,31 @@ def quantize(
     observe_all: bool = False,
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
+    algorithms: Iterable[str] = (),
+    algorithm_options: AlgorithmOptions | None = None,
 ) -> QuantizeResult:
     """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``.
 
     ``observe_all`` also calibrates every tensor another exclusion set could quantize, so the
     recipe can rebuild any of them without data (sensitivity and accuracy budgets need this).
+    ``algorithms`` (``infertune.quant.algorithms``: 'cle', 'smoothquant', 'adaround',
+    'bias_correction') run as steps of it: the float rewrites before calibration, learned rounding
+    and bias correction once ranges are chosen; each is recorded in the recipe.
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
+    names = check_algorithms(algorithms)
     source = model if isinstance(model, Model) else Model.load(model)
     data = as_dataset(data)
     parsed_overrides = MethodOverrides.parse(overrides)
     exclude = list(exclude)
-    m = ensure_opset(source)
     rules = _rules(target)
+    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
+    ctx = Context(model=ensure_opset(source), target=target, reduce_range=reduce_range, data=data,
+                  exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(),
+                  settings=settings, batch_size=batch_size)
+    ctx, records = run_algorithms(ctx, names, "float")
+    m = ctx.model
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
     observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
@@ -111,14 +126,8 @@ def quantize(
                     halves=stability_halves, settings=settings, progress=progress)
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
-    constants = m.constant_tensors()
-    choices = {}
-    for t in observed:
-        chosen = "minmax" if t in constants else parsed_overrides.method_for(t, producers.get(t), method)
-        choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
-                                  dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
-    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
-    qmodel, qparams = _write(m, p, {t: choices[t] for t in p.activations}, reduce_range)
+    choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
+    qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names)
     report = None
     if stability_halves:
         report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
@@ -130,12 +139,23 @@ def quantize(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
         auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
         overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
-        stability=report.to_dict() if report else None, versions=versions(),
+        stability=report.to_dict() if report else None, versions=versions(), algorithms=records,
     )
     warnings = list(cal.warnings)
     if report and report.message():
         warnings.append(report.message())
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings)
+
+
+def _choose(m: Model, observed: list[str], cal: CalibrationResult, overrides: MethodOverrides, method: str,
+            producers: dict[str, str | None], rules, percentile: float) -> dict[str, RangeChoice]:
+    constants = m.constant_tensors()
+    choices = {}
+    for t in observed:
+        chosen = "minmax" if t in constants else overrides.method_for(t, producers.get(t), method)
+        choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
+                                  dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
+    return choices
 
 
 def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,
@@ -161,14 +181,17 @@ def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: st
 
 
 def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True) -> QuantizeResult:
-    """The quantized model a recipe describes, from its (possibly edited) ranges; no data needed."""
+    """The quantized model a recipe describes, from its (possibly edited) ranges and the recorded
+    algorithm steps; no data needed."""
     source = model if isinstance(model, Model) else Model.load(model)
     sha = model_sha256(source)
     if check_source and sha != recipe.source_sha256:
         raise ModelError(f"the recipe was made for a model with sha256 {recipe.source_sha256[:12]}..., "
                          f"this one is {sha[:12]}... (pass check_source=False / --force to apply it anyway)")
-    m = ensure_opset(source)
     _rules(recipe.target)  # an unknown target fails before any work
+    ctx = replay_algorithms(Context(model=ensure_opset(source), target=recipe.target,
+                                    reduce_range=recipe.weight_reduce_range), recipe.algorithms, "float")
+    m = ctx.model
     p = _plan_or_fail(m, recipe.target, Exclusions.parse([*recipe.exclusions, *recipe.auto_exclusions]))
     for n, why in recipe.auto_exclusions.items():
         p.float_nodes[n] = why
@@ -178,18 +201,29 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
                          f"quantizes: it was made for another model or placement")
     choices = {t: RangeChoice(float(recipe.tensors[t]["min"]), float(recipe.tensors[t]["max"]),
                               recipe.tensors[t].get("method", "recipe")) for t in p.activations}
-    qmodel, qparams = _write(m, p, choices, recipe.weight_reduce_range)
+    qmodel, qparams, _ = _write(ctx, p, choices, recipe.algorithms, ())
     for t, entry in recipe.tensors.items():
         entry.update(qparams[t].to_dict() if t in qparams else {})
         entry["used"] = t in qparams
     return QuantizeResult(qmodel, recipe, p)
 
 
-def _write(m: Model, p: QuantPlan, choices: Mapping[str, RangeChoice],
-           reduce_range: bool) -> tuple[Model, dict[str, QParams]]:
+def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], records: list[dict],
+           names: Sequence[str]) -> tuple[Model, dict[str, QParams], list[dict]]:
+    """The Q/DQ model: learned rounding and bias correction first (run for ``names``, or replayed
+    from ``records`` when ``names`` is empty), then the writer."""
     rules = _rules(p.target)
     qparams = {t: _qparams(c, rules) for t, c in choices.items()}
-    return write_qdq(m, p, qparams, weight_reduce_range=reduce_range), qparams
+    ctx.plan, ctx.qparams = p, qparams
+    records = list(records)
+    for stage in ("weights", "bias"):
+        if names:
+            ctx, more = run_algorithms(ctx, names, stage)
+            records += more
+        else:
+            ctx = replay_algorithms(ctx, records, stage)
+    qmodel = write_qdq(ctx.model, p, qparams, weight_reduce_range=ctx.reduce_range, weight_values=ctx.weights)
+    return qmodel, qparams, records
 
 
 def _qparams(c: RangeChoice, rules) -> QParams:

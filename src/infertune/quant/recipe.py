@@ -4,6 +4,10 @@ It records the source model's sha256, the target, the exclusions (the user's and
 added, with reasons), and per activation tensor its range, the method that chose it and the
 resulting scale / zero point. ``rebuild`` reads only ranges, so editing a tensor's ``min`` /
 ``max`` (or adding an exclusion) and rebuilding is the supported way to hand-tune a model.
+``algorithms`` holds what each accuracy algorithm decided (equalisation and smoothing scales,
+bias corrections, learned rounding as bit-packed flips of round-to-nearest), in the order they
+ran, so that ``rebuild`` reproduces the same model without data. Schema 1 (no algorithms) still
+loads.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 from infertune.errors import UsageError
 from infertune.model import Model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE = (1, 2)  # schema 1 recipes have no algorithms
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Recipe:
     calibration: dict = field(default_factory=dict)
     stability: dict | None = None
     versions: dict = field(default_factory=dict)
+    algorithms: list[dict] = field(default_factory=list)  # one record per algorithm, in the order they ran
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +54,7 @@ class Recipe:
             "tensors": self.tensors,
             "calibration": self.calibration,
             "stability": self.stability,
+            "algorithms": self.algorithms,
             "versions": self.versions,
         }
 
@@ -56,8 +63,9 @@ class Recipe:
         if not isinstance(d, dict):
             raise UsageError(f"{where}: expected a JSON object")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UsageError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        if version not in READABLE:
+            raise UsageError(f"{where}: schema_version {version!r} is not supported (expected one of "
+                             f"{', '.join(map(str, READABLE))})")
         required = ("source_sha256", "target", "method", "exclusions", "weight_reduce_range", "tensors")
         missing = [k for k in required if k not in d]
         if missing:
@@ -75,7 +83,7 @@ class Recipe:
             weight_reduce_range=bool(d["weight_reduce_range"]), tensors=dict(d["tensors"]),
             percentile=float(d.get("percentile", 99.999)), overrides=list(d.get("overrides") or []),
             calibration=dict(d.get("calibration") or {}), stability=d.get("stability"),
-            versions=dict(d.get("versions") or {}),
+            versions=dict(d.get("versions") or {}), algorithms=list(d.get("algorithms") or []),
         )
 
     @classmethod

@@ -15,8 +15,8 @@ from infertune import backends
 from infertune.data import Dataset
 from infertune.errors import CalibrationError
 from infertune.model import Model
+from infertune.quant.algorithms import AlgorithmOptions
 from infertune.quant.placement import TARGETS
-from infertune.quant.qdq import ensure_opset
 from infertune.quant.quantize import Progress, QuantizeResult, quantize, rebuild
 
 
@@ -29,8 +29,8 @@ class QuantSpace:
         self.source = source
         self.calibrated = calibrated
         rules = TARGETS[calibrated.plan.target]
-        converted = ensure_opset(source)
-        self.op_types = {n.name: n.op_type for n in converted.graph.node}
+        # from the quantized model: algorithms may have added nodes (a SmoothQuant Mul, a bias Add)
+        self.op_types = {n.name: n.op_type for n in calibrated.model.graph.node}
         self.groups = [n for n in calibrated.plan.quantized_nodes if self.op_types[n] not in rules.passthrough_ops]
         self._cache: OrderedDict[frozenset[str], Model] = OrderedDict()
 
@@ -75,12 +75,14 @@ class QuantSpace:
         return lo
 
 
-
-
 def calibrated_space(model: Model, calib: Dataset, *, method: str = "auto", target: str = "ort-cpu",
                      exclude: Sequence[str] = (), settings: backends.Settings | None = None,
-                     progress: Progress | None = None) -> QuantSpace:
-    """Calibrate once, observing every tensor any exclusion set needs."""
+                     progress: Progress | None = None, algorithms: Sequence[str] = (),
+                     algorithm_options: AlgorithmOptions | None = None) -> QuantSpace:
+    """Calibrate once, observing every tensor any exclusion set needs; ``algorithms`` run on the
+    way (their records make every exclusion set's model without data: a group kept in float gets
+    neither its learned rounding nor its bias correction)."""
     q = quantize(model, calib, method=method, target=target, exclude=exclude, observe_all=True,
-                 stability_halves=0, settings=settings, progress=progress)
+                 stability_halves=0, settings=settings, progress=progress, algorithms=algorithms,
+                 algorithm_options=algorithm_options)
     return QuantSpace(model, q)

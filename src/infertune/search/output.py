@@ -31,7 +31,8 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
     model = runner.build(chosen.spec)
     recipe = None
     if chosen.spec.precision == "int8":
-        recipe = runner.space(chosen.spec.method, chosen.spec.target).result(chosen.spec.exclude).recipe.to_dict()
+        space = runner.space(chosen.spec.method, chosen.spec.target, chosen.spec.algorithms)
+        recipe = space.result(chosen.spec.exclude).recipe.to_dict()
     settings = runner.settings(chosen.spec)  # what the artifact records (a GPU run's engine cache is not)
     result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0],
                                              runner.run_settings(chosen.spec), chosen.spec.backend)

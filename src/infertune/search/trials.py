@@ -29,6 +29,7 @@ class TrialSpec:
     backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
     target: str = ""  # Q/DQ placement (int8); empty: the runtime's own (its registry entry)
     options: tuple[tuple[str, str], ...] = ()
+    algorithms: tuple[str, ...] = ()  # accuracy algorithms run while quantizing (int8), in their run order
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -47,6 +48,8 @@ class TrialSpec:
             d["options"] = dict(self.options)
         else:
             del d["options"]
+        if not self.algorithms:  # a spec without algorithms keeps the key it had before they existed
+            del d["algorithms"]
         return d
 
     @property
@@ -62,7 +65,8 @@ class TrialSpec:
             return f"FP32{on}, {t}{knobs}"
         if self.precision == "fp16":
             return f"FP16{on}, {t}{knobs}"
-        return f"INT8 {self.method}{on}, {len(self.exclude)} in float, {t}{knobs}"
+        algos = f" + {'+'.join(self.algorithms)}" if self.algorithms else ""
+        return f"INT8 {self.method}{algos}{on}, {len(self.exclude)} in float, {t}{knobs}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
@@ -70,7 +74,7 @@ class TrialSpec:
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
                    d.get("opt", "all"), d.get("backend", "ort"),
                    d.get("target", "ort-cpu" if d["precision"] == "int8" else ""),
-                   tuple(sorted(dict(d.get("options") or {}).items())))
+                   tuple(sorted(dict(d.get("options") or {}).items())), tuple(d.get("algorithms", ())))
 
 
 @dataclass

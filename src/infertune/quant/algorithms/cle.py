@@ -31,6 +31,7 @@ NAME = "cle"
 STAGE = "float"
 ROUNDS = 50
 TOLERANCE = 1e-4  # stop when no scale changes by more than this (relative)
+DEAD = 1e-8  # a channel this small against the layer's largest is left alone (its scale would be extreme)
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Clip"})
 POOLS = frozenset({"MaxPool", "AveragePool"})
 GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool"})
@@ -190,7 +191,7 @@ def equalise(ed: GraphEditor, pairs: list[Pair]) -> tuple[list[np.ndarray], int]
             r1 = p.first.out_ranges(weights[p.first.weight]) * gains[k]
             r2 = p.second.in_ranges(weights[p.second.weight])
             s = np.ones_like(r1)
-            ok = (r1 > 0) & (r2 > 0)
+            ok = (r1 > DEAD * r1.max()) & (r2 > DEAD * r2.max())  # a dead channel keeps its scale
             s[ok] = np.sqrt(r1[ok] / r2[ok])
             weights[p.first.weight] = p.first.scale_out(weights[p.first.weight], s)
             weights[p.second.weight] = p.second.scale_in(weights[p.second.weight], s)

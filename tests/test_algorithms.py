@@ -328,19 +328,18 @@ def test_every_algorithm_runs_on_every_fixture_it_applies_to():
 # ---- tune's algorithms axis -----------------------------------------------------------------------
 def _fewer_dq_is_faster(monkeypatch):
     """Latency as a fixed function of the model (fewer float ops, faster), so INT8 beats FP32 and the
-    search goes on when INT8 misses; the same numbers in every run."""
-    import infertune.search.choice
+    search goes on when INT8 misses; the same numbers in every run (tune's one timing function,
+    replaced)."""
     import infertune.search.measure
+    from infertune.perf.isolated import IsolatedLatency
 
-    class Lat:
-        def __init__(self, p50):
-            self.latency_ms = type("L", (), {"p50": p50})()
+    def time_variants(variants, feed, *, rounds, seconds):
+        def p50(v):
+            return 1.0 - 0.01 * sum(n.op_type == "DequantizeLinear" for n in Model.load(v.model).graph.node)
 
-    def fake_bench(model, data, *, settings, **_):
-        return Lat(1.0 - 0.01 * sum(n.op_type == "DequantizeLinear" for n in model.graph.node))
+        return {v.key: IsolatedLatency(v.key, p50(v), [1.0] * rounds, [1] * rounds) for v in variants}
 
-    for module in (infertune.search.measure, infertune.search.choice):
-        monkeypatch.setattr(module, "bench", fake_bench)
+    monkeypatch.setattr(infertune.search.measure, "time_variants", time_variants)
 
 
 def test_tune_recovers_with_equalisation_and_bias_correction_before_keeping_nodes_float(tmp_path, monkeypatch):

@@ -114,10 +114,10 @@ def quantize(
     exclude = list(exclude)
     rules = _rules(target)
     reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
-    ctx = Context(model=ensure_opset(source), target=target, reduce_range=reduce_range, data=data,
-                  exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(),
-                  settings=settings, batch_size=batch_size)
-    ctx, records = run_algorithms(ctx, names, "float")
+    ctx, records = run_algorithms(Context(
+        model=ensure_opset(source), target=target, reduce_range=reduce_range, data=data, settings=settings,
+        exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(), batch_size=batch_size),
+        names, "float")
     m = ctx.model
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
@@ -128,11 +128,9 @@ def quantize(
     producers = _producer_ops(m)
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
     qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names)
-    report = None
-    if stability_halves:
-        report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
-                           symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
-                           percentile=percentile, threshold=stability_threshold)
+    report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
+                       symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
+                       percentile=percentile, threshold=stability_threshold) if stability_halves else None
     tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules).to_dict(), **cal.stats[t].to_dict(),
                    "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(

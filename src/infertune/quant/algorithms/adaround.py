@@ -4,7 +4,8 @@ Each quantized layer's int8 weights are floor(W / s) + h, h in {0, 1} per weight
 round-to-nearest. h is relaxed to a rectified sigmoid h(V) = clip(sigmoid(V) (zeta - gamma) +
 gamma, 0, 1), started at the fractional part (the float weights themselves), and V minimises
 
-    ||X W - X W_q(V)||^2 / ||X W - X W_nearest||^2  +  lambda mean(1 - |2 h(V) - 1|^beta)
+    E(W_q(V)) / E(W_nearest)  +  lambda mean(1 - |2 h(V) - 1|^beta),
+    E(W_q) = ||X (W_q - W)||^2 / rows + damp ||W_q - W||^2
 
 with Adam: X the layer's input rows (activation vectors, convolution patches) sampled from the
 calibration data, beta annealed from 20 to 2 after a warm-up, so that h ends at 0 or 1. The
@@ -14,10 +15,13 @@ lowers its reconstruction error on the sampled rows.
 The rows come from ``RowSampler`` (``AlgorithmOptions.sample_rows`` per layer, in passes over the
 data that fit ``sample_memory_mb``), so memory does not grow with the data. With X^T X (k x k)
 computed once, an iteration costs k^2 n instead of 2 rows k n when k is small. The whole step
-(sampling included) keeps to ``adaround_seconds``: each layer gets a share of what is left in
-proportion to its cost per iteration; one that cannot get ``adaround_min_iterations`` keeps
-nearest. The record holds, per layer, which weights round the other way than nearest (bit-packed),
-so ``replay`` rebuilds the same int8 weights without data.
+(sampling included) keeps to ``adaround_seconds``: what is left after the sampling passes to come
+is spent as the same number of iterations on every layer still to do (from the multiply-add rate
+measured on the layers done); when that falls under ``adaround_min_iterations``, the most expensive
+layers keep nearest,
+and the clock is read every ``CHECK_EVERY`` iterations so no layer runs past the deadline. The
+record holds, per layer, which weights round the other way than nearest (bit-packed), so
+``replay`` rebuilds the same int8 weights without data.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ ZETA, GAMMA = 1.1, -0.1
 WARMUP = 0.2  # share of the iterations without the rounding regulariser
 BETA = (20.0, 2.0)
 CHECK_EVERY = 10  # iterations between looks at the clock
+DAMPING = 0.01  # of the mean diagonal of X^T X / rows, added to it
 
 
 @dataclass
@@ -120,12 +125,17 @@ def apply(ctx: Context) -> Step:
     ed = GraphEditor(ctx.model)
     layers, skipped = layers_of(ctx, ed)
     qmin, qmax = qrange("int8", True, ctx.reduce_range)
-    sizes = {t: opts.sample_rows * lay.row_dim * 4 * 2 for t, lay in layers.items()}
+    sizes = {t: opts.sample_rows * lay.row_dim * 4 for t, lay in layers.items()}  # rows kept, float32
     groups = passes(sizes, opts.sample_memory_mb * 2**20)
     budget = Budget(start + opts.adaround_seconds, {t: cost(lay, opts.sample_rows) for t, lay in layers.items()},
                     len(groups), opts.clock)
     entries: dict[str, dict] = {}
     for tensors in groups:
+        if budget.spent():  # no time to sample these layers: they keep round-to-nearest
+            entries.update({t: {"node": layers[t].use.node, "axis": layers[t].use.axis,
+                                "kept": "nearest: the time budget was spent before sampling its inputs"}
+                            for t in tensors})
+            continue
         samples = _sample(ctx, {t: layers[t] for t in tensors})
         budget.sampled()
         for t in tensors:
@@ -145,21 +155,26 @@ def _sample(ctx: Context, layers: dict[str, Layer]) -> dict[str, np.ndarray]:
     return {t: s.sample(layers[t].row_dim) for t, s in samplers.items()}
 
 
+ELEMENTWISE = 400  # one iteration's element-wise work per weight, in multiply-adds (numpy: ~40 passes)
+
+
 def cost(layer: Layer, rows: int) -> float:
-    """Multiply-adds of one iteration: k^2 n per group through X^T X, or 2 rows k n through X."""
+    """Multiply-add equivalents of one iteration: k^2 n per group through X^T X (or 2 rows k n
+    through X), plus the element-wise work on the k n weights."""
     g, k, n = layer.as_groups(layer.w).shape
-    return float(g * n * min(k * k, 2 * rows * k))
+    return float(g * n * (min(k * k, 2 * rows * k) + ELEMENTWISE * k))
 
 
 class Budget:
-    """The time left, shared among layers in proportion to their cost per iteration."""
+    """The time left after the sampling passes to come, spent as the same number of iterations on
+    every layer still to do (what that number is follows from the measured multiply-add rate)."""
 
     def __init__(self, deadline: float, costs: dict[str, float], n_passes: int, clock) -> None:
         self.deadline, self.costs, self.clock = deadline, dict(costs), clock
         self.passes_left = n_passes
         self.pass_seconds = 0.0
+        self.rate = _gemm_rate(clock)  # multiply-adds per second; measured again on every layer
         self.mark = clock()
-        self.rate: float | None = None  # multiply-adds per second, measured
 
     def sampled(self) -> None:
         now = self.clock()
@@ -167,35 +182,52 @@ class Budget:
         self.passes_left -= 1
         self.mark = now
 
-    def share(self, key: str) -> float:
-        """Seconds this layer may spend: its cost's part of what is left after the passes to come."""
-        left = self.deadline - self.clock() - self.passes_left * self.pass_seconds
-        total = sum(self.costs.values())
-        return max(0.0, left) * self.costs[key] / total if total else 0.0
+    def spent(self) -> bool:
+        return self.clock() >= self.deadline
+
+    def iterations(self, key: str, most: int, least: int) -> tuple[int, float]:
+        """Iterations for layer ``key`` and the seconds left. The layers still to do get the same
+        number; when that would be under ``least``, the cheapest layers that can have ``least`` get
+        the time, and a layer beyond them gets 0."""
+        left = max(0.0, self.deadline - self.clock() - self.passes_left * self.pass_seconds)
+        affordable, total = set(), 0.0
+        for k, c in sorted(self.costs.items(), key=lambda kv: kv[1]):
+            if (total + c) * least > left * self.rate:
+                break
+            affordable.add(k)
+            total += c
+        if key not in affordable:
+            return 0, left
+        return min(most, int(left * self.rate / total)), left
 
     def done(self, key: str, iterations: int, seconds: float) -> None:
         if iterations and seconds > 0:
             self.rate = iterations * self.costs[key] / seconds
         self.costs.pop(key)
-        self.mark = self.clock()
+
+
+def _gemm_rate(clock, size: int = 256) -> float:
+    """Multiply-adds per second of a float32 product (the clock's seconds)."""
+    a = np.ones((size, size), np.float32)
+    a @ a  # noqa: B018 - warm-up
+    start = clock()
+    for _ in range(4):
+        a @ a  # noqa: B018
+    return 4 * size**3 / max(clock() - start, 1e-9)
 
 
 def _round_layer(layer: Layer, x: np.ndarray, budget: Budget, opts, qmin: int, qmax: int) -> dict:
     key = layer.use.tensor
     entry = {"node": layer.use.node, "axis": layer.use.axis, "rows": int(x.shape[0])}
-    seconds = budget.share(key)
-    if budget.rate is None:
-        iterations = opts.adaround_iterations if seconds > 0 else 0
-    else:
-        iterations = min(opts.adaround_iterations, int(seconds * budget.rate / budget.costs[key]))
+    iterations, left = budget.iterations(key, opts.adaround_iterations, opts.adaround_min_iterations)
     if x.shape[0] == 0 or iterations < opts.adaround_min_iterations:
         budget.done(key, 0, 0.0)
         return {**entry, "kept": "nearest: no activation rows" if x.shape[0] == 0 else
-                f"nearest: the time budget left {seconds:.2f} s, too little for "
-                f"{opts.adaround_min_iterations} iterations"}
+                f"nearest: the time budget left {left:.2f} s, too little for "
+                f"{opts.adaround_min_iterations} iterations of this layer besides the cheaper ones"}
     start = budget.clock()
     problem = Reconstruction(layer, x)
-    up, done = problem.optimise(iterations, opts, qmin, qmax, deadline=start + seconds, clock=budget.clock)
+    up, done = problem.optimise(iterations, opts, qmin, qmax, deadline=budget.deadline, clock=budget.clock)
     budget.done(key, done, budget.clock() - start)
     learned = np.clip(problem.floor + up, qmin, qmax)
     e_near, e_learned = problem.error(problem.nearest), problem.error(learned)
@@ -222,16 +254,22 @@ class Reconstruction:
         self.rows = x.shape[0]
         self.gram = np.matmul(xs.transpose(0, 2, 1), xs) / self.rows if k * k <= 2 * self.rows * k else None
         self.x = None if self.gram is not None else xs
+        # (G + damp I): errors along directions the sampled rows do not span still cost something, so the
+        # rounding cannot hide its error there (GPTQ dampens its Hessian the same way)
+        self.damp = (DAMPING * np.mean(np.square(xs), axis=(1, 2), dtype=np.float64)).astype(np.float32)[:, None, None]
 
-    def product(self, d: np.ndarray) -> np.ndarray:
-        """G D (per group), the gradient of the error up to a factor 2."""
+    def product(self, d: np.ndarray, damped: bool = True) -> np.ndarray:
+        """(G + damp I) D per group, G = X^T X / rows: half the gradient of the error."""
         if self.gram is not None:
-            return np.matmul(self.gram, d)
-        return np.matmul(self.x.transpose(0, 2, 1), np.matmul(self.x, d)) / self.rows
+            gd = np.matmul(self.gram, d)
+        else:
+            gd = np.matmul(self.x.transpose(0, 2, 1), np.matmul(self.x, d)) / self.rows
+        return gd + self.damp * d if damped else gd
 
-    def error(self, q: np.ndarray) -> float:
+    def error(self, q: np.ndarray, damped: bool = False) -> float:
+        """||X (W_q - W)||^2 / rows on the sampled rows (with ``damped``: what is minimised)."""
         d = (self.scale * q - self.w).astype(np.float32)
-        return float(np.sum(d.astype(np.float64) * self.product(d)))
+        return float(np.sum(d.astype(np.float64) * self.product(d, damped)))
 
     def optimise(self, iterations: int, opts, qmin: int, qmax: int, deadline: float, clock) -> tuple[np.ndarray, int]:
         """Round-up decisions (0/1 per weight, [g, k, n]) and the iterations run (fewer at the deadline)."""
@@ -239,7 +277,7 @@ class Reconstruction:
         p = np.clip((rest - GAMMA) / (ZETA - GAMMA), 1e-4, 1 - 1e-4)
         v = np.log(p / (1 - p)).astype(np.float32)
         m, s = np.zeros_like(v), np.zeros_like(v)
-        e_near = max(self.error(self.nearest), 1e-30)
+        e_near = max(self.error(self.nearest, damped=True), 1e-30)
         warm = int(WARMUP * iterations)
         lam = opts.adaround_regularization
         it = 0

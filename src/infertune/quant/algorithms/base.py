@@ -50,13 +50,13 @@ AlgorithmProgress = Callable[[str, int, int | None], None]  # (algorithm, done, 
 class AlgorithmOptions:
     """The rarer knobs of the algorithms (``quantize(..., algorithm_options=...)``)."""
 
-    smoothquant_alphas: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75)
+    smoothquant_alphas: tuple[float, ...] = (0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95)
     adaround_seconds: float = 120.0  # whole learned-rounding step, sampling passes included
     adaround_iterations: int = 400  # per layer, at most
     adaround_min_iterations: int = 40  # a layer that cannot get these in its share of time keeps nearest
     adaround_learning_rate: float = 0.05
     adaround_regularization: float = 50.0
-    sample_rows: int = 4096  # activation rows kept per layer (SmoothQuant, learned rounding)
+    sample_rows: int = 2048  # activation rows kept per layer (SmoothQuant, learned rounding)
     sample_memory_mb: float = 256.0  # sampled rows held at once; more layers: more passes over the data
     seed: int = 0
     # numpy's BLAS threads while the algorithms run (0: its default). 1 by default: on a loaded 2-core

@@ -109,7 +109,7 @@ def _collect(ctx: Context, ed: GraphEditor, groups: list[Group]) -> dict[str, _S
     """Per-channel min/max and sampled rows of every group's activation, in passes that fit memory."""
     rows = ctx.options.sample_rows
     dims = {g.tensor: g.weights(ed)[0].shape[0] for g in groups}
-    sizes = {t: rows * k * 4 * 2 for t, k in dims.items()}  # rows kept + a batch's candidates, float32
+    sizes = {t: rows * k * 4 for t, k in dims.items()}  # rows kept, float32
     out: dict[str, _Stats] = {}
     for tensors in passes(sizes, ctx.options.sample_memory_mb * 2**20):
         stats = {t: _Stats(dims[t], rows, ctx.options.seed) for t in tensors}
@@ -129,7 +129,7 @@ def choose_alpha(weights: list[np.ndarray], st: _Stats, ctx: Context):
         return None
     a = np.maximum(np.maximum(np.abs(st.lo), np.abs(st.hi)), STAT_FLOOR)
     w = np.maximum(np.max([np.abs(wk).max(axis=1) for wk in weights], axis=0), STAT_FLOOR)
-    reference = [x.astype(np.float64) @ wk.astype(np.float64) for wk in weights]
+    reference = [x @ wk for wk in weights]  # float32: the error ranks the alphas, its last digits do not matter
     errors = {"none": group_error(x, weights, np.ones_like(a), st.lo, st.hi, reference, ctx)}
     scales = {}
     for alpha in ctx.options.smoothquant_alphas:
@@ -153,12 +153,12 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.
     rules = TARGETS[ctx.target]
     qp = compute_qparams(float(np.min(lo / s)), float(np.max(hi / s)), rules.activation_dtype,
                          rules.activation_symmetric)
-    xq = fake_quant((x / s).astype(np.float32), qp).astype(np.float64)
+    xq = fake_quant((x / s).astype(np.float32), qp)
     total = 0.0
     for wk, ref in zip(weights, reference, strict=True):
         ws = (wk.astype(np.float64) * s[:, None]).astype(np.float32)
         q, scales, _ = quantize_weight_per_channel(ws, 1, reduce_range=ctx.reduce_range)
-        total += float(np.sum((ref - xq @ dequantize(q, scales[None, :], 0).astype(np.float64)) ** 2))
+        total += float(np.sum(np.square(ref - xq @ dequantize(q, scales[None, :], 0)), dtype=np.float64))
     return total
 
 

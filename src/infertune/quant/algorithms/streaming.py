@@ -66,7 +66,10 @@ def _keys(seed: int, first: int, n: int) -> np.ndarray:
 
 
 class RowSampler:
-    """Up to ``capacity`` rows drawn uniformly from a stream of rows, independent of batching."""
+    """Up to ``capacity`` rows drawn uniformly from a stream of rows, independent of batching.
+
+    The kept rows live in one preallocated array; a newcomer overwrites the row with the largest
+    key it beats, so a batch costs the rows it brings, never a copy of the sample."""
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
         self.capacity, self.seed = capacity, seed
@@ -79,8 +82,9 @@ class RowSampler:
         (a [len(indices), D] float32 array), so a batch's rows are never all materialised."""
         keys = _keys(self.seed, self.seen, n)
         self.seen += n
-        if self.keys.size >= self.capacity:
-            cand = np.nonzero(keys < self.keys[-1])[0]
+        full = self.keys.size >= self.capacity
+        if full:
+            cand = np.nonzero(keys < self.keys.max())[0]
         elif n > self.capacity:
             cand = np.sort(np.argpartition(keys, self.capacity - 1)[:self.capacity])
         else:
@@ -90,13 +94,38 @@ class RowSampler:
         rows = np.asarray(make_rows(cand), np.float32)
         finite = np.isfinite(rows).all(axis=1)  # a row holding -inf (a mask) or NaN is no sample
         cand, rows = cand[finite], rows[finite]
-        all_keys = np.concatenate([self.keys, keys[cand]])
-        all_rows = rows if self.rows is None else np.concatenate([self.rows, rows])
-        keep = np.argsort(all_keys, kind="stable")[:self.capacity]
-        self.keys, self.rows = all_keys[keep], all_rows[keep]
+        self._merge(keys[cand], rows)
+
+    def _merge(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, rows.shape[1]), np.float32)
+        have = self.keys.size
+        room = min(self.capacity - have, keys.size)
+        if room:  # fill the free slots with the smallest newcomers first
+            first = np.argsort(keys, kind="stable")[:room]
+            self.rows[have:have + room] = rows[first]
+            self.keys = np.concatenate([self.keys, keys[first]])
+            rest = np.ones(keys.size, bool)
+            rest[first] = False
+            keys, rows = keys[rest], rows[rest]
+        if not keys.size:
+            return
+        both = np.concatenate([self.keys, keys])
+        keep = np.argpartition(both, self.capacity - 1)[:self.capacity]
+        newcomers = keep[keep >= self.capacity] - self.capacity
+        if newcomers.size:
+            kept_old = np.zeros(self.capacity, bool)
+            kept_old[keep[keep < self.capacity]] = True
+            slots = np.nonzero(~kept_old)[0]
+            self.rows[slots] = rows[newcomers]
+            self.keys[slots] = keys[newcomers]
 
     def sample(self, dim: int) -> np.ndarray:
-        return self.rows if self.rows is not None else np.zeros((0, dim), np.float32)
+        """The kept rows, ordered by key (so the same whatever the batching)."""
+        if self.rows is None:
+            return np.zeros((0, dim), np.float32)
+        order = np.argsort(self.keys, kind="stable")
+        return self.rows[:self.keys.size][order]
 
 
 def matrix_rows(x: np.ndarray, transposed: bool = False) -> np.ndarray:

@@ -167,6 +167,20 @@ def test_smoothquant_leaves_fp32_outputs_unchanged_and_flattens_the_channels():
     assert spread(sm, "r_smoothed") < spread(m, "r")
 
 
+def test_ranges_are_calibrated_on_the_smoothed_model():
+    """The activation ranges quantize uses are those of the rewritten model (measured after SmoothQuant),
+    not the float model's: LayerNormalization's output lost its outlier channel."""
+    m = _model("smooth_block")
+    feeds = _feeds(m, 8)
+    r = quantize(m, Dataset.from_iterable(feeds), method="minmax", algorithms=("smoothquant",), stability_halves=0)
+    _, smoothed, _ = _float_step("smooth_block", smoothquant, feeds)
+    for model, expect in ((smoothed, True), (m, False)):
+        ln = np.concatenate([o["ln"].ravel() for o in _run(model, feeds, ["ln"])])
+        same = np.isclose(r.recipe.tensors["ln"]["max"], ln.max(), rtol=1e-5) and \
+            np.isclose(r.recipe.tensors["ln"]["min"], ln.min(), rtol=1e-5)
+        assert same == expect
+
+
 def test_smoothquant_picks_the_alpha_with_the_least_measured_error():
     m = _model("outlier_matmul")
     feeds = _feeds(m, 16, outlier=3)
@@ -357,8 +371,9 @@ def test_tune_recovers_with_equalisation_and_bias_correction_before_keeping_node
     assert r.chosen.spec.precision == "int8" and r.chosen.spec.exclude == ()
     assert r.chosen.spec.algorithms == ("cle", "bias_correction") and r.chosen.met
     assert not r.sensitivity  # no ranking was needed
-    (line,) = [d for d in r.decisions if "cross-layer equalisation" in d]
-    assert "bias correction" in line and "convnet" in line and "->" in line and "meets" in line
+    alone, both = [d for d in r.decisions if "bias correction" in d]  # the cheapest first, then with CLE
+    assert alone.startswith("bias correction (convnet") and "misses" in alone
+    assert both.startswith("cross-layer equalisation + bias correction (convnet") and "meets" in both and "->" in both
     # journals from before the axis existed still load, and their trials keep their keys
     old = {"precision": "int8", "method": "auto", "exclude": [], "threads": 1, "opt": "all", "backend": "ort",
            "target": "ort-cpu"}
@@ -381,3 +396,25 @@ def test_tune_without_algorithms_goes_straight_to_float_nodes(tmp_path, monkeypa
     r = tune(m, Dataset.from_iterable(_feeds(m, 8)), ev, Budget.parse("sqnr>=30"), run_dir=tmp_path / "run",
              threads=(1,), runtimes=("ort",), latency_s=0.1, algorithms=False)
     assert all(not t.spec.algorithms for t in r.trials)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def test_cli_quantize_runs_the_algorithms_and_rebuilds_them_from_the_recipe(capsys, tmp_path):
+    from infertune.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(MODELS["bias_shift_net"](), str(path))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).uniform(0, 1, (6, 4, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code = main(["quantize", str(path), "--data", str(tmp_path / "calib.npz"), "--algorithm", "bias_correction",
+                 "--algorithm", "adaround", "--adaround-seconds", "30", "-o", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and [a["name"] for a in doc["algorithms"]] == ["adaround", "bias_correction"]
+    again = tmp_path / "again.onnx"
+    assert main(["quantize", str(path), "--recipe", str(tmp_path / "q.recipe.json"), "-o", str(again), "--json"]) == 0
+    capsys.readouterr()
+    assert again.read_bytes() == out.read_bytes()
+    code = main(["quantize", str(path), "--recipe", str(tmp_path / "q.recipe.json"), "--algorithm", "cle",
+                 "-o", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--algorithm with --recipe" in err and not (tmp_path / "x.onnx").exists()

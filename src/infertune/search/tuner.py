@@ -168,21 +168,23 @@ class Tuner:
         return self.bisect(best, self.rank(runtime, best))
 
     def recover(self, runtime: str, best: Trial) -> Trial:
-        """Accuracy algorithms on ``best`` with every node still in 8-bit, cheapest first; each one is
-        kept only if it brings the budget's metric closer. Returns the best INT8 trial so far."""
+        """Accuracy algorithms on ``best`` with every node still in 8-bit, cheapest first; each step's
+        alternatives on top of the best so far, the best of them kept. Returns the best INT8 trial."""
         if not self.algorithms:
             return best
         family = model_family(self.source)
         for step in algorithm_ladder(family):
-            spec = replace(best.spec, algorithms=check_algorithms([*best.spec.algorithms, *step]))
-            (t,) = self.ask([spec]) or (None,)
-            if t is None:
-                break
-            self.decisions.append(self.algorithm_text(family, best, t))
-            if t.met:
-                return t
-            if t.metrics and score(t, self.budget) > score(best, self.budget):
-                best = t
+            base = best
+            for algos in step:
+                spec = replace(base.spec, algorithms=check_algorithms([*base.spec.algorithms, *algos]))
+                (t,) = self.ask([spec]) or (None,)
+                if t is None:
+                    return best
+                self.decisions.append(self.algorithm_text(family, base, t))
+                if t.met:
+                    return t
+                if t.metrics and score(t, self.budget) > score(best, self.budget):
+                    best = t
         return best
 
     def algorithm_text(self, family: str, before: Trial, after: Trial) -> str:

@@ -32,9 +32,13 @@ from infertune.quant.algorithms.base import (
 )
 
 MODULES = {"cle": cle, "smoothquant": smoothquant, "adaround": adaround, "bias_correction": bias_correction}
-CONVNET_CHEAP: tuple[Algorithm, ...] = ("cle", "bias_correction")
-TRANSFORMER_CHEAP: tuple[Algorithm, ...] = ("smoothquant",)
-EXPENSIVE: tuple[Algorithm, ...] = ("adaround",)
+# tune's steps, cheapest first; each step's alternatives are tried in order and the best is kept.
+# Bias correction comes alone first on convnets: on rapidocr's recognition model placed for OpenVINO
+# it took text identical to FP32 from 92.5% to 98.0% of 200 held-out lines, where adding equalisation
+# lost accuracy (ad hoc, this Xeon)
+CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("cle", "bias_correction")]
+TRANSFORMER_CHEAP: list[tuple[Algorithm, ...]] = [("smoothquant",), ("smoothquant", "bias_correction")]
+EXPENSIVE: list[tuple[Algorithm, ...]] = [("adaround",)]
 
 
 def run(ctx: Context, names: Sequence[str], stage: str) -> tuple[Context, list[dict]]:
@@ -82,9 +86,9 @@ def model_family(model: Model) -> str:
     return "convnet"
 
 
-def ladder(family: str) -> list[tuple[Algorithm, ...]]:
-    """What tune tries, in order, when full INT8 misses the budget: the cheap algorithms for the
-    family, then learned rounding on top of the best so far."""
+def ladder(family: str) -> list[list[tuple[Algorithm, ...]]]:
+    """What tune tries when full INT8 misses the budget, step by step: the cheap algorithms for the
+    family (alternatives, in order), then learned rounding on top of the best so far."""
     return [CONVNET_CHEAP if family == "convnet" else TRANSFORMER_CHEAP, EXPENSIVE]
 
 
@@ -107,7 +111,7 @@ def summarize(record: dict) -> dict:
                    flipped=sum(e.get("flipped", 0) for e in layers))
     elif name == "bias_correction":
         out.update(corrected=len(record["corrections"]), skipped=len(record.get("skipped", {})),
-                   max_abs_shift=record.get("max_abs_shift"))
+                   max_abs_shift=round(record.get("max_abs_shift") or 0.0, 5))
     return out
 
 

@@ -110,11 +110,21 @@ def layers_of(ctx: Context, ed: GraphEditor) -> tuple[dict[str, Layer], dict[str
             continue
         elif node.op_type == "MatMul" and w.ndim != 2:
             skipped[tensor] = "batched MatMul weight"
+        elif _inputs_per_row(node, w) > ctx.options.sample_rows:
+            skipped[tensor] = (f"{_inputs_per_row(node, w)} inputs per output, more than the {ctx.options.sample_rows} "
+                               "sampled rows: the rounding would fit the sample (and cost the most)")
         else:
             q, scales, _ = quantize_weight_per_channel(w, use.axis, reduce_range=ctx.reduce_range)
             conv = ConvGeometry.of(node, w.shape) if node.op_type == "Conv" else None
             layers[tensor] = Layer(use, node, w, scales, q, conv)
     return layers, skipped
+
+
+def _inputs_per_row(node: onnx.NodeProto, w: np.ndarray) -> int:
+    """k: how many inputs one output of the layer reads (per group for a Conv)."""
+    if node.op_type == "Conv":
+        return int(np.prod(w.shape[1:]))
+    return w.shape[1] if node.op_type == "Gemm" and attr(node, "transB", 0) else w.shape[0]
 
 
 def apply(ctx: Context) -> Step:

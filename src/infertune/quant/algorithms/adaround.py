@@ -10,7 +10,13 @@ gamma, 0, 1), started at the fractional part (the float weights themselves), and
 with Adam: X the layer's input rows (activation vectors, convolution patches) sampled from the
 calibration data, beta annealed from 20 to 2 after a warm-up, so that h ends at 0 or 1. The
 rounding decision is then h >= 1/2. A layer keeps round-to-nearest unless the learned rounding
-lowers its reconstruction error on the sampled rows.
+lowers its reconstruction error on the sampled rows, and a layer reading more inputs per output
+than there are sampled rows keeps nearest (its rounding would fit the sample).
+
+The objective reconstructs from the float input on both sides, as the issue defines it. The paper's
+asymmetric variant (the quantized model's input on the rounded side) was tried: on rapidocr's
+recognition model it flipped a large share of the weights to make up for the inputs' quantization
+and the model lost far more accuracy than with nearest rounding.
 
 The rows come from ``RowSampler`` (``AlgorithmOptions.sample_rows`` per layer, in passes over the
 data that fit ``sample_memory_mb``), so memory does not grow with the data. With X^T X (k x k)
@@ -18,8 +24,8 @@ computed once, an iteration costs k^2 n instead of 2 rows k n when k is small. T
 (sampling included) keeps to ``adaround_seconds``: what is left after the sampling passes to come
 is spent as the same number of iterations on every layer still to do (from the multiply-add rate
 measured on the layers done); when that falls under ``adaround_min_iterations``, the most expensive
-layers keep nearest,
-and the clock is read every ``CHECK_EVERY`` iterations so no layer runs past the deadline. The
+layers keep nearest, and the clock is read every ``CHECK_EVERY`` iterations so no layer runs past
+the deadline. The
 record holds, per layer, which weights round the other way than nearest (bit-packed), so
 ``replay`` rebuilds the same int8 weights without data.
 """

@@ -60,7 +60,7 @@ class AlgorithmOptions:
     sample_memory_mb: float = 256.0  # sampled rows held at once; more layers: more passes over the data
     seed: int = 0
     # numpy's BLAS threads while the algorithms run (0: its default). 1 by default: on a loaded 2-core
-    # machine OpenBLAS's spinning threads made a 256x256 @ 256x128 product 13x slower at 2 threads than at 1
+    # machine OpenBLAS's spinning threads made small products an order of magnitude slower at 2 threads
     blas_threads: int = 1
     progress: AlgorithmProgress | None = None
     clock: Callable[[], float] = time.monotonic

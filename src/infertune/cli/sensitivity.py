@@ -90,7 +90,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
         out.print(f"keep the top ones in float with: infertune quantize {model} --exclude NODE ... "
                   f"or let --budget choose them")
 
-    emit({**r.to_dict(), **provenance(fixed, **read)}, as_json, output, human)
+    emit({**r.to_dict(), **provenance(fixed, **read), "algorithms": list(algorithms)}, as_json, output, human)
 
 
 COMMANDS = (sensitivity,)

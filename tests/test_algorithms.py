@@ -167,6 +167,25 @@ def test_smoothquant_leaves_fp32_outputs_unchanged_and_flattens_the_channels():
     assert spread(sm, "r_smoothed") < spread(m, "r")
 
 
+def test_smoothquant_folds_into_a_matmul_and_its_bias_add():
+    """mlp_bias: MatMul(W1) -> Add(b) -> MatMul(W2); with an outlier channel planted in W1's column 3,
+    the division of W2's input goes into W1's columns and b, and FP32 outputs stay the same."""
+    proto = MODELS["mlp_bias"]()
+    w1 = next(t for t in proto.graph.initializer if t.name == "W1")
+    a = numpy_helper.to_array(w1).copy()
+    a[:, 3] *= 50.0
+    w1.CopyFrom(numpy_helper.from_array(a, "W1"))
+    m = Model.from_proto(proto)
+    feeds = _feeds(m, 8)
+    ctx = Context(model=m, target="ort-cpu", reduce_range=False, data=Dataset.from_iterable(feeds))
+    step = smoothquant.apply(ctx)
+    folds = {g["tensor"]: g["fold"] for g in step.record["groups"]}
+    assert folds.get("hb") == "MatMul mm1 + Add bias", folds
+    muls = sum(n.op_type == "Mul" for n in step.model.graph.node)
+    assert muls == sum(f == "Mul" for f in folds.values())  # a Mul only where nothing could take the division
+    assert _max_rel(_run(m, feeds), _run(step.model, feeds)) < 1e-5
+
+
 def test_ranges_are_calibrated_on_the_smoothed_model():
     """The activation ranges quantize uses are those of the rewritten model (measured after SmoothQuant),
     not the float model's: LayerNormalization's output lost its outlier channel."""
@@ -271,9 +290,12 @@ def test_learned_rounding_keeps_to_its_time_budget():
     assert all(e.get("iterations") == 100 for e in full.recipe.algorithms[0]["layers"].values())
     clock = _Clock()
     budget = 30.0
+    progress = []
     tight = quantize(m, data, stability_halves=0, algorithms=("adaround",),
                      algorithm_options=AlgorithmOptions(adaround_iterations=100, adaround_min_iterations=10,
-                                                        clock=clock, adaround_seconds=budget))
+                                                        clock=clock, adaround_seconds=budget,
+                                                        progress=lambda *a: progress.append(a)))
+    assert progress[-1] == ("adaround", 4, 4)  # one report per layer, the last when all are done
     layers = tight.recipe.algorithms[0]["layers"].values()
     # the optimisation reads the clock every CHECK_EVERY iterations: no more than the budget allows
     assert sum(e.get("iterations", 0) for e in layers) <= CHECK_EVERY * budget

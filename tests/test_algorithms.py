@@ -440,3 +440,18 @@ def test_cli_quantize_runs_the_algorithms_and_rebuilds_them_from_the_recipe(caps
                  "-o", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "--algorithm with --recipe" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_the_recovery_ladder_compares_a_lower_is_better_metric_the_right_way():
+    from infertune.analysis.accuracy import Budget
+    from infertune.search.trials import Trial, TrialSpec
+    from infertune.search.tuner import score
+
+    def trial(v):
+        return Trial(0, TrialSpec("fp32"), {"user": v}, 1.0, False, 0.0, None)
+
+    lower = Budget(fn=lambda ref, got: 0.0, fn_max=0.1)
+    higher = Budget(fn=lambda ref, got: 0.0, fn_min=0.9)
+    assert score(trial(0.05), lower) > score(trial(0.2), lower)  # an error of 0.05 is better than 0.2
+    assert score(trial(0.95), higher) > score(trial(0.5), higher)
+    assert score(trial(float("nan")), lower) == float("-inf")

@@ -356,7 +356,8 @@ def metric_text(t: Trial, budget: Budget) -> str:
 def score(t: Trial, budget: Budget) -> float:
     """The budget's metric of ``t``, higher is better (a drop is negated)."""
     if budget.check is None:
-        return t.metrics.get("user", -math.inf)
+        v = t.metrics.get("user", math.nan)
+        return -math.inf if not math.isfinite(v) else (-v if budget.fn_max is not None else v)
     v = t.metrics.get(budget.check.metric, math.nan)
     return -math.inf if not math.isfinite(v) else (-v if budget.check.op.startswith("<") else v)
 

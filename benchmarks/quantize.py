@@ -91,7 +91,7 @@ def feeds(name: str, n: int, seed: int, lazy: bool = False):
 def worker(name: str, quantizer: str, calib_n: int, out: Path) -> dict:
     src = model_path(name)
     calib = feeds(name, calib_n, seed=0, lazy=True)
-    base_rss = _peak_rss_mb()
+    base_rss = peak_rss_mb()
     start = time.perf_counter()
     if quantizer.startswith("infertune"):
         from infertune.data import Dataset
@@ -134,7 +134,7 @@ def worker(name: str, quantizer: str, calib_n: int, out: Path) -> dict:
         onnx.save(nncf.quantize(proto, nncf.Dataset(calib), model_type=model_type), str(out))
     else:
         raise ValueError(quantizer)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base_rss}
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss}
 
 
 def openvino_installed() -> bool:
@@ -143,7 +143,7 @@ def openvino_installed() -> bool:
     return backends.available().get("openvino", False)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the process image, whereas ru_maxrss
     survives fork + exec and would report the benchmark parent's peak for a child that used less."""
     for line in Path("/proc/self/status").read_text().splitlines():

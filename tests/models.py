@@ -351,6 +351,133 @@ def activations() -> onnx.ModelProto:
              mk("Mul", ["c3", "t_half"], ["gelu_tanh"], name="tanh_mul"),
              mk("Conv", ["gelu_tanh", "w4"], ["y"], name="conv4")]
     return _model(nodes, [x], [y], inits, "activations", opset=13)
+def _channel_scaled(name: str, shape, seed: int, low: float, high: float) -> onnx.TensorProto:
+    """Random weights whose output channels (axis 0) span ``low`` .. ``high`` in magnitude."""
+    rng = np.random.default_rng(seed)
+    spread = np.logspace(np.log10(low), np.log10(high), shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    w = rng.standard_normal(shape) * spread
+    return numpy_helper.from_array(w.astype(np.float32), name)
+
+
+def cle_chain() -> onnx.ModelProto:
+    """Four layers, three equalisable pairs: Conv(3->8)+bias -> Relu -> depthwise Conv(8, group 8, its
+    weight in a Constant node as Paddle exports it) -> Clip(0, 6) -> Conv 1x1 (8->6, no bias) ->
+    BatchNormalization -> Relu -> GlobalAveragePool -> Flatten -> Gemm(6->4). Conv1's output channels
+    span four decades in magnitude."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    dw = _channel_scaled("dw_value", (8, 1, 3, 3), 22, 0.5, 2.0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Constant", [], ["dw"], name="dw_const", value=dw),
+        helper.make_node("Conv", ["r1", "dw", "b2"], ["c2"], name="dwconv", pads=[1, 1, 1, 1], kernel_shape=[3, 3],
+                         group=8),
+        helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="pwconv", kernel_shape=[1, 1]),
+        helper.make_node("BatchNormalization", ["c3", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+        helper.make_node("Relu", ["bn"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    rng = np.random.default_rng(23)
+    inits = [_channel_scaled("w1", (8, 3, 3, 3), 21, 0.01, 10.0), _w("b1", (8,), 24, 0.1), _w("b2", (8,), 25, 0.1),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+             _channel_scaled("w3", (6, 8, 1, 1), 26, 0.1, 3.0),
+             numpy_helper.from_array(rng.uniform(0.5, 2.0, 6).astype(np.float32), "gamma"),
+             _w("beta", (6,), 27, 0.2), _w("mean", (6,), 28, 0.2),
+             numpy_helper.from_array(rng.uniform(0.5, 2.0, 6).astype(np.float32), "var"),
+             _w("wf", (4, 6), 29), _w("bf", (4,), 30, 0.1)]
+    return _model(nodes, [x], [y], inits, "cle_chain")
+
+
+def smooth_block() -> onnx.ModelProto:
+    """A transformer-like block with an outlier channel: x[N,16,32] -> LayerNormalization (its
+    gamma makes channel 5 ~40x the others) -> ln; ln -> MatMul(Wa) + ba -> Relu -> MatMul(Wc) and
+    ln -> MatMul(Wb), summed -> y. ln feeds only MatMuls (the division folds into the
+    normalisation); the Relu output feeds one MatMul (an explicit Mul goes before it)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 32])
+    gamma = np.ones(32, np.float32)
+    gamma[5] = 40.0
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "Wa"], ["a"], name="mm_a"),
+        helper.make_node("Add", ["a", "ba"], ["ab"], name="bias_a"),
+        helper.make_node("Relu", ["ab"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "Wc"], ["c"], name="mm_c"),
+        helper.make_node("MatMul", ["ln", "Wb"], ["b"], name="mm_b"),
+        helper.make_node("Add", ["c", "b"], ["y"], name="sum"),
+    ]
+    wa = _w("Wa", (32, 48), 31, 0.2)
+    inits = [numpy_helper.from_array(gamma, "gamma"), _w("beta", (32,), 32, 0.1), wa, _w("ba", (48,), 33, 0.1),
+             _channel_scaled("Wc", (48, 32), 34, 0.01, 1.0), _w("Wb", (32, 32), 35, 0.2)]
+    return _model(nodes, [x], [y], inits, "smooth_block")
+
+
+def outlier_matmul() -> onnx.ModelProto:
+    """x[N,8,32] -> MatMul(W [32,24]) -> y: with inputs whose channel 3 is ~50x the others
+    (the tests plant it), SmoothQuant has something to smooth and an alpha to choose."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 24])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    return _model(nodes, [x], [y], [_w("W", (32, 24), 36, 0.3)], "outlier_matmul")
+
+
+def imbalanced_convnet() -> onnx.ModelProto:
+    """x[N,3,16,16] -> Conv(3->16, 3x3) + bias -> Relu -> Conv 1x1 (16->8) + bias -> y. Conv1's output
+    channels span three decades and Conv2 weighs its small channels up, so every channel matters
+    to y: one per-tensor range for the activation between them rounds the small channels away,
+    which cross-layer equalisation undoes (FP32 outputs unchanged)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])
+    spread = np.logspace(-3, 0, 16).astype(np.float32)
+    rng = np.random.default_rng(37)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * spread[:, None, None, None]
+    w2 = rng.standard_normal((8, 16, 1, 1)).astype(np.float32) * (0.1 / spread)[None, :, None, None]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array((spread * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2"), _w("b2", (8,), 38, 0.1)]
+    return _model(nodes, [x], [y], inits, "imbalanced_convnet")
+
+
+def _rounding_biased(name: str, shape, axis: int, seed: int, step: float = 0.01) -> onnx.TensorProto:
+    """Weights whose round-to-nearest errors do not cancel: per channel (``axis``) one weight is
+    127 steps (it sets the int8 scale to ``step``), every other one k + 0.4 steps, so nearest
+    rounding takes 0.4 steps off almost every weight."""
+    rng = np.random.default_rng(seed)
+    w = (rng.integers(-100, 100, shape) + 0.4) * step
+    index = [slice(None)] * len(shape)
+    for i in range(len(shape)):
+        if i != axis:
+            index[i] = 0
+    w[tuple(index)] = 127 * step
+    return numpy_helper.from_array(w.astype(np.float32), name)
+
+
+def bias_shift_net() -> onnx.ModelProto:
+    """x[N,4,8,8] -> Conv 3x3 (no bias) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (bias) ->
+    MatMul (no bias) -> y[N,5]; each weight rounds systematically one way and every layer's input has
+    a positive mean, so each quantized layer's mean output shifts (two of them have no bias to correct)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["h"], name="fc", transB=1),
+        helper.make_node("MatMul", ["h", "wm"], ["y"], name="mm"),
+    ]
+    inits = [_rounding_biased("wc", (6, 4, 3, 3), 0, 39), _rounding_biased("wg", (7, 6), 0, 40),
+             numpy_helper.from_array(np.full(7, 3.0, np.float32), "bg"), _rounding_biased("wm", (7, 5), 1, 42)]
+    return _model(nodes, [x], [y], inits, "bias_shift_net")
 
 
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
@@ -370,4 +497,9 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "masked_attention": masked_attention,
     "paddle_block": paddle_block,
     "activations": activations,
+    "cle_chain": cle_chain,
+    "smooth_block": smooth_block,
+    "outlier_matmul": outlier_matmul,
+    "imbalanced_convnet": imbalanced_convnet,
+    "bias_shift_net": bias_shift_net,
 }

@@ -19,7 +19,7 @@ from infertune.quant.fusion import fusion_report
 from infertune.quant.placement import Exclusions, plan, weight_axis
 from infertune.quant.qparams import dequantize, quantize_weight_per_channel
 from infertune.quant.quantize import quantize, rebuild
-from infertune.quant.recipe import Recipe
+from infertune.quant.recipe import SCHEMA_VERSION, Recipe
 from infertune.quant.trt_rules import validate_tensorrt
 from models import MODELS
 
@@ -166,7 +166,7 @@ def test_recipe_rebuilds_the_same_model_and_edits_take_effect(tmp_path):
     m = _model("small_cnn")
     r = quantize(m, _data(m), method="auto", stability_halves=2)
     d = json.loads(json.dumps(r.recipe.to_dict()))
-    assert d["schema_version"] == 1 and d["tensors"]["x"]["method"] == "minmax"
+    assert d["schema_version"] == SCHEMA_VERSION and d["tensors"]["x"]["method"] == "minmax"
     again = rebuild(m, Recipe.from_dict(d))
     assert again.model.to_bytes() == r.model.to_bytes()
     d["tensors"]["r1"]["max"] *= 2

@@ -30,6 +30,7 @@ _PUBLIC = {
     "Dataset": "infertune.data",
     "Settings": "infertune.backends",
     "quantize": "infertune.quant.quantize",
+    "AlgorithmOptions": "infertune.quant.algorithms",
     "QuantSpace": "infertune.quant.space",
     "calibrated_space": "infertune.quant.space",
     "compare": "infertune.analysis.compare",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from infertune.perf.explain import explain
     from infertune.perf.latency import bench
     from infertune.perf.profile import profile
+    from infertune.quant.algorithms import AlgorithmOptions
     from infertune.quant.quantize import quantize
     from infertune.quant.space import QuantSpace, calibrated_space
     from infertune.search.mixed_precision import meet_budget
@@ -77,6 +79,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AlgorithmOptions",
     "BackendUnavailable",
     "Budget",
     "CalibrationError",

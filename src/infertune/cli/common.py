@@ -71,6 +71,29 @@ def load_metric(text: str | None):
     return UserFunction.parse(text, "--metric")
 
 
+def algorithm_options(f: Callable) -> Callable:
+    """--algorithm NAME (repeatable) and --adaround-seconds, handed to the command as ``algorithms``
+    and ``algorithm_options``."""
+    from infertune.quant.algorithms.base import ALGORITHMS, DESCRIPTIONS, AlgorithmOptions
+
+    @functools.wraps(f)
+    def with_algorithms(*args, algorithm: tuple[str, ...], adaround_seconds: float, **kwargs):
+        kwargs["algorithms"] = tuple(algorithm)
+        kwargs["algorithm_options"] = AlgorithmOptions(adaround_seconds=adaround_seconds)
+        return f(*args, **kwargs)
+
+    for opt in reversed([
+        click.option("--algorithm", multiple=True, type=click.Choice(ALGORITHMS),
+                     help="Accuracy algorithm to run while quantizing (repeatable): "
+                          + ", ".join(f"{a} ({DESCRIPTIONS[a]})" for a in ALGORITHMS) + "."),
+        click.option("--adaround-seconds", type=click.FloatRange(min=0, min_open=True),
+                     default=AlgorithmOptions.adaround_seconds, show_default=True,
+                     help="Time budget of learned rounding (adaround), its sampling passes included."),
+    ]):
+        f = opt(f)
+    return with_algorithms
+
+
 def backend_options(f: Callable) -> Callable:
     """--backend plus the runtime settings, handed to the command as one ``settings`` argument."""
 
@@ -283,10 +306,12 @@ def placement_for(backend: str, target: str | None) -> str:
 
 
 def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eval_samples, method, target, exclude,
-                        settings, as_json, fix=(), backend: str = "ort", prepare=None):
-    """One calibration of ``m`` (specialised per ``--fix``; every tensor an exclusion set may need) and the
-    evaluation feeds (``--eval``, or the calibration data): what ``sensitivity`` and ``quantize --budget``
-    search over. Returns (space, evaluator, the Specialisation or None, the datasets read)."""
+                        settings, as_json, fix=(), backend: str = "ort", algorithms=(), algorithm_options=None,
+                        prepare=None):
+    """One calibration of ``m`` (specialised per ``--fix``; every tensor an exclusion set may need; the
+    ``algorithms`` run on the way; ``prepare`` as quantize's) and the evaluation feeds (``--eval``, or the
+    calibration data): what ``sensitivity`` and ``quantize --budget`` search over. Returns (space,
+    evaluator, the Specialisation or None, the datasets read)."""
     from infertune.analysis.accuracy import Evaluator
     from infertune.quant.space import calibrated_space
 
@@ -294,7 +319,18 @@ def space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data, eva
     ev_data = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, samples, seed, "eval")
     m, fixed = specialised(m, [calib] if ev_data is calib else [calib, ev_data], fix, backend, settings)
     evaluator = Evaluator.from_dataset(m, ev_data, eval_samples, settings)
-    with progress_bar("calibrating", not as_json) as update:
+    with progress_bar("calibrating" + (" and running " + ", ".join(algorithms) if algorithms else ""),
+                      not as_json) as update:
+        options = algorithm_progress(algorithm_options, update)
         space = calibrated_space(m, calib, method=method, target=target, exclude=exclude, prepare=prepare,
-                                 settings=settings, progress=update)
+                                 settings=settings, progress=update, algorithms=algorithms, algorithm_options=options)
     return space, evaluator, fixed, {"data": calib, "eval": ev_data}
+
+
+def algorithm_progress(options, update: Callable):
+    """``options`` (or the defaults) reporting the algorithms' progress to ``update`` as well."""
+    import dataclasses
+
+    from infertune.quant.algorithms.base import AlgorithmOptions
+
+    return dataclasses.replace(options or AlgorithmOptions(), progress=lambda _name, done, total: update(done, total))

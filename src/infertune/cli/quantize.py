@@ -11,6 +11,8 @@ from rich.markup import escape
 
 from infertune.analysis.sensitivity import MODES
 from infertune.cli.common import (
+    algorithm_options,
+    algorithm_progress,
     backend_options,
     data_options,
     emit,
@@ -78,6 +80,7 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @click.option("--eval-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--rank", type=click.Choice(MODES), default="exact", show_default=True,
               help="How --budget ranks nodes (see `infertune sensitivity`).")
+@algorithm_options
 @backend_options
 @json_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -105,6 +108,9 @@ def quantize(model: Path, recipe_file, force, budget, backend, settings, as_json
     m = Model.load(model)
     budget_result, fixed, read = None, None, {}
     if recipe_file is not None:
+        if opts["algorithms"]:
+            raise UsageError("--algorithm with --recipe: the recipe's own algorithm steps are replayed; "
+                             "drop --algorithm, or calibrate again without --recipe")
         result = rebuild(m, Recipe.load(recipe_file), check_source=not force)
     elif budget is not None:
         result, budget_result, fixed, read = _to_budget(m, budget, backend, settings, as_json, **opts)
@@ -146,18 +152,20 @@ def _refuse_ignored(with_recipe: bool) -> None:
 
 def _calibrated(m, settings, as_json, backend, *, data, preprocess, dims, samples, seed, max_samples, method, target,
                 exclude, overrides, percentile, bins, calib_batch, reduce_range, stability_halves, stability_threshold,
-                fix, prepare, **_budget_only):
+                fix, algorithms, algorithm_options, prepare, **_budget_only):
     from infertune.quant.quantize import quantize as run_quantize
 
     read = load_data(m, data, preprocess, dims, samples, seed)
     m, fixed = specialised(m, [read], fix, backend, settings)
     ds = read.take(max_samples) if max_samples else read
-    with progress_bar("calibrating", not as_json) as update:
+    with progress_bar("calibrating" + (" and running " + ", ".join(algorithms) if algorithms else ""),
+                      not as_json) as update:
         result = run_quantize(m, ds, method=method, target=target, exclude=exclude, overrides=overrides,
                               percentile=percentile, bins=bins, batch_size=calib_batch,
                               weight_reduce_range=reduce_range, stability_halves=stability_halves,
                               stability_threshold=stability_threshold, prepare=prepare, settings=settings,
-                              progress=update)
+                              progress=update, algorithms=algorithms,
+                              algorithm_options=algorithm_progress(algorithm_options, update))
     return result, fixed, {"data": read}
 
 
@@ -174,6 +182,9 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
                   f"{c.seconds:.1f} s; methods: "
                   + ", ".join(f"{k} {v}" for k, v in Counter(
                       e["method"] for e in result.used_tensors().values()).most_common()))
+    for a in s["algorithms"]:
+        out.print(f"{a['name']} ({a['seconds']:.1f} s): " + ", ".join(
+            f"{k} {v}" for k, v in a.items() if k not in ("name", "seconds") and v not in (None, {})))
     t = table(("tensor", "method", "min", "max", "scale", "zp", "why"), numeric=("min", "max", "scale", "zp"),
               title="activation ranges")
     used = result.used_tensors()
@@ -206,7 +217,8 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
 
 
 def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims, samples, seed, eval_data,
-               eval_samples, method, target, exclude, rank, metric, fix, prepare, **_calibration_only):
+               eval_samples, method, target, exclude, rank, metric, fix, algorithms, algorithm_options,
+               prepare, **_calibration_only):
     from infertune.analysis.accuracy import Budget
     from infertune.analysis.sensitivity import check_mode
     from infertune.search.mixed_precision import quantize_to_budget
@@ -215,7 +227,8 @@ def _to_budget(m, budget, backend, settings, as_json, *, data, preprocess, dims,
     check_mode(rank, backend)
     space, evaluator, fixed, read = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data,
                                                         eval_samples, method, target, exclude, settings, as_json,
-                                                        fix, backend, prepare=prepare)
+                                                        fix, backend, algorithms, algorithm_options,
+                                                        prepare=prepare)
     with progress_bar(f"ranking ({rank}) and meeting the budget on {backend}", not as_json) as update:
         result, br = quantize_to_budget(space, evaluator, parsed, rank=rank, backend=backend, progress=update)
     return result, br, fixed, read

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from infertune.analysis.sensitivity import MODES
 from infertune.cli.common import (
+    algorithm_options,
     backend_options,
     data_options,
     emit,
@@ -43,11 +44,13 @@ from infertune.quant.placement import TARGETS
 @metric_option
 @fix_option
 @click.option("--lower-is-better", is_flag=True, help="With --metric: smaller values of it are better.")
+@algorithm_options
 @backend_options
 @json_option
 @output_option
 def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, eval_samples, mode, method, target,
-                exclude, top, metric, fix, lower_is_better, backend, settings, as_json, output) -> None:
+                exclude, top, metric, fix, lower_is_better, algorithms, algorithm_options, backend, settings, as_json,
+                output) -> None:
     """Rank MODEL's quantized nodes by their effect on the outputs (exact or fast), or on --metric (exact)."""
     from infertune.analysis.sensitivity import check_mode
     from infertune.analysis.sensitivity import sensitivity as run_sensitivity
@@ -65,7 +68,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
     m = Model.load(model)
     space, evaluator, fixed, read = space_and_evaluator(m, data, preprocess, dims, samples, seed, eval_data,
                                                         eval_samples, method, target, exclude, settings, as_json,
-                                                        fix, backend)
+                                                        fix, backend, algorithms, algorithm_options)
     with progress_bar(f"sensitivity ({mode})", not as_json) as update:
         r = run_sensitivity(space, evaluator, mode=mode, progress=update, backend=backend, metric=user_metric,
                             higher_is_better=not lower_is_better)
@@ -87,7 +90,7 @@ def sensitivity(model: Path, data, preprocess, dims, samples, seed, eval_data, e
         out.print(f"keep the top ones in float with: infertune quantize {model} --exclude NODE ... "
                   f"or let --budget choose them")
 
-    emit({**r.to_dict(), **provenance(fixed, **read)}, as_json, output, human)
+    emit({**r.to_dict(), **provenance(fixed, **read), "algorithms": list(algorithms)}, as_json, output, human)
 
 
 COMMANDS = (sensitivity,)

@@ -69,6 +69,10 @@ def _searchable(name: str) -> bool:
                    "'auto' = ort, plus openvino when it is installed, plus the GPU runtimes when a GPU is usable. "
                    "INT8 is placed, ranked and bisected on each runtime separately; GPU runtimes also try FP16 "
                    "and CUDA graphs.")
+@click.option("--algorithms/--no-algorithms", default=True, show_default=True,
+              help="When full INT8 misses the budget, try the accuracy algorithms (equalisation + bias "
+                   "correction for convnets, SmoothQuant for transformers, then learned rounding) before "
+                   "keeping nodes in float.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
               help="Stop starting trials after S seconds.")
@@ -89,7 +93,7 @@ def _searchable(name: str) -> bool:
 @force_option("an artifact")
 @json_option
 def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, fix, budget, metric, threads_text,
-         methods_text, runtimes_text, max_trials, time_budget, latency_seconds, executor, ray_address,
+         methods_text, runtimes_text, algorithms, max_trials, time_budget, latency_seconds, executor, ray_address,
          ray_shard_samples, run_dir, output, force, as_json) -> None:
     """The fastest variant of MODEL that meets --budget, written as a verified artifact with a report."""
     from infertune.analysis.accuracy import Budget, Evaluator
@@ -141,7 +145,8 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, fix
     try:
         r = run_tune(m, calib, evaluator, b, run_dir=run_dir, threads=threads, methods=methods, runtimes=runtimes,
                      max_trials=max_trials, time_budget_s=time_budget, latency_s=latency_seconds, on_trial=shown,
-                     output=output, force=force, executor=ex, notes=fixed.notes if fixed else ())
+                     output=output, force=force, executor=ex, notes=fixed.notes if fixed else (),
+                     algorithms=algorithms)
     finally:
         ex.close()
 

@@ -51,14 +51,17 @@ def write_qdq(
     activation_qparams: Mapping[str, QParams],
     *,
     weight_reduce_range: bool = False,
+    weight_values: Mapping[str, np.ndarray] | None = None,
 ) -> Model:
-    """A new model with Q/DQ per ``plan``; ``activation_qparams`` covers plan.activations."""
+    """A new model with Q/DQ per ``plan``; ``activation_qparams`` covers plan.activations.
+    ``weight_values``: int8 values of some weights instead of round-to-nearest (learned rounding),
+    with the same per-channel scales."""
     missing = [t for t in plan.activations if t not in activation_qparams]
     if missing:
         raise ModelError(f"no quantization parameters for tensor(s): {', '.join(missing[:5])}")
     if model.opset < MIN_OPSET and plan.weights:
         raise ModelError(f"per-channel weights need opset >= {MIN_OPSET}: call ensure_opset")
-    writer = _QdqWriter(model, plan, activation_qparams)
+    writer = _QdqWriter(model, plan, activation_qparams, weight_values or {})
     writer.quantize_weights(weight_reduce_range)
     writer.quantize_activations()
     proto = writer.finish()
@@ -73,11 +76,12 @@ class _QdqWriter:
     """One pass of ``write_qdq`` over a copy of the model: weights, then activations, then the
     nodes emitted in topological order (each Q/DQ right after its producer)."""
 
-    def __init__(self, model: Model, plan: QuantPlan, activation_qparams: Mapping[str, QParams]) -> None:
+    def __init__(self, model: Model, plan: QuantPlan, activation_qparams: Mapping[str, QParams],
+                 weight_values: Mapping[str, np.ndarray]) -> None:
         self.proto = onnx.ModelProto()
         self.proto.CopyFrom(model.proto)
         self.g = self.proto.graph
-        self.plan, self.activation_qparams = plan, activation_qparams
+        self.plan, self.activation_qparams, self.weight_values = plan, activation_qparams, weight_values
         self.nodes_by_name = {n.name: n for n in self.g.node}
         self.const_arrays = model.constant_tensors()
         self.new_inits: list[onnx.TensorProto] = []
@@ -103,6 +107,11 @@ class _QdqWriter:
         if w.dtype != np.float32:
             raise ModelError(f"weight {tensor} is {w.dtype}, expected float32")
         q, scales, zps = quantize_weight_per_channel(w, axis, dtype="int8", reduce_range=reduce_range)
+        if tensor in self.weight_values:
+            if self.weight_values[tensor].shape != q.shape:
+                raise ModelError(f"int8 values given for weight {tensor} have shape "
+                                 f"{self.weight_values[tensor].shape}, the weight has {q.shape}")
+            q = self.weight_values[tensor]
         self.new_inits += [
             numpy_helper.from_array(np.asarray(q, np.int8), f"{base}_quantized"),
             numpy_helper.from_array(np.asarray(scales, np.float32), f"{base}_scale"),

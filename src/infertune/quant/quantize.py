@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from infertune import backends
@@ -17,6 +17,9 @@ from infertune.data import Dataset, as_dataset
 from infertune.errors import CalibrationError, ModelError, UsageError
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
+from infertune.quant.algorithms import AlgorithmOptions, Context, check_algorithms, summarize
+from infertune.quant.algorithms import replay as replay_algorithms
+from infertune.quant.algorithms import run as run_algorithms
 from infertune.quant.calibrate import CalibrationResult, Progress, calibrate
 from infertune.quant.methods import (
     DEFAULT_PERCENTILE,
@@ -68,6 +71,7 @@ class QuantizeResult:
             "methods": dict(methods),
             "float_nodes": self.plan.float_nodes,
             "weight_reduce_range": self.recipe.weight_reduce_range,
+            "algorithms": [summarize(r) for r in self.recipe.algorithms],
             "preparation": self.preparation.to_dict() if self.preparation else None,
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "unstable_tensors": [t.tensor for t in self.stability.unstable] if self.stability else [],
@@ -103,6 +107,8 @@ def quantize(
     preparation: PrepareResult | None = None,
     settings: backends.Settings | None = None,
     progress: Progress | None = None,
+    algorithms: Iterable[str] = (),
+    algorithm_options: AlgorithmOptions | None = None,
 ) -> QuantizeResult:
     """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``.
 
@@ -113,16 +119,25 @@ def quantize(
     ``preparation``: that step already made for this model (tune prepares once for every variant).
     ``observe_all`` also calibrates every tensor another exclusion set could quantize, so the
     recipe can rebuild any of them without data (sensitivity and accuracy budgets need this).
+    ``algorithms`` (``infertune.quant.algorithms``: 'cle', 'smoothquant', 'adaround',
+    'bias_correction') run as steps of it: the float rewrites before calibration, learned rounding
+    and bias correction once ranges are chosen; each is recorded in the recipe.
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
+    names = check_algorithms(algorithms)
     source = model if isinstance(model, Model) else Model.load(model)
     data = as_dataset(data)
     parsed_overrides = MethodOverrides.parse(overrides)
     exclude = list(exclude)
     rules = _rules(target)
     prep = _prepared(source, data, rules.prepare if prepare is None else prepare, preparation, exclude)
-    m = ensure_opset(prep.model if prep else source)
+    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
+    ctx, records = run_algorithms(Context(
+        model=ensure_opset(prep.model if prep else source), target=target, reduce_range=reduce_range, data=data,
+        settings=settings, exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(),
+        batch_size=batch_size), names, "float")
+    m = ctx.model
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
     observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
@@ -130,26 +145,18 @@ def quantize(
                     halves=stability_halves, settings=settings, progress=progress)
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
-    constants = m.constant_tensors()
-    choices = {}
-    for t in observed:
-        chosen = "minmax" if t in constants else parsed_overrides.method_for(t, producers.get(t), method)
-        choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
-                                  dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
-    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
-    qmodel, qparams = _write(m, p, {t: choices[t] for t in p.activations}, reduce_range)
-    report = None
-    if stability_halves:
-        report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
-                           symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
-                           percentile=percentile, threshold=stability_threshold)
+    choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
+    qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names)
+    report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
+                       symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
+                       percentile=percentile, threshold=stability_threshold) if stability_halves else None
     tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules).to_dict(), **cal.stats[t].to_dict(),
                    "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
         auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
         overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
-        stability=report.to_dict() if report else None, versions=versions(),
+        stability=report.to_dict() if report else None, versions=versions(), algorithms=records,
         prepared=bool(prep and prep.prepared), preparation=prep.to_dict() if prep else None,
     )
     warnings = list(cal.warnings)
@@ -172,6 +179,17 @@ def _prepared(source: Model, data: Dataset, prepare: bool, preparation: PrepareR
         raise UsageError(f"--exclude {gone[0]}: graph preparation removed that node ({prep.removed[gone[0]]}); "
                          "exclude the node it went into, or quantize with --no-prepare")
     return prep
+
+
+def _choose(m: Model, observed: list[str], cal: CalibrationResult, overrides: MethodOverrides, method: str,
+            producers: dict[str, str | None], rules, percentile: float) -> dict[str, RangeChoice]:
+    constants = m.constant_tensors()
+    choices = {}
+    for t in observed:
+        chosen = "minmax" if t in constants else overrides.method_for(t, producers.get(t), method)
+        choices[t] = choose_range(cal.stats[t], chosen, symmetric=rules.activation_symmetric,
+                                  dtype=rules.activation_dtype, producer_op=producers.get(t), percentile=percentile)
+    return choices
 
 
 def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: str,
@@ -198,10 +216,9 @@ def _exclude_unusable(m: Model, p: QuantPlan, cal: CalibrationResult, target: st
 
 def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_source: bool = True,
             prepared: Model | None = None) -> QuantizeResult:
-    """The quantized model a recipe describes, from its (possibly edited) ranges; no data needed.
-
-    A recipe made from a prepared graph prepares ``model`` again, unless ``prepared`` (that graph,
-    already made: a QuantSpace building many variants) is given."""
+    """The quantized model a recipe describes, from its (possibly edited) ranges and the recorded
+    algorithm steps; no data needed. A recipe made from a prepared graph prepares ``model`` again,
+    unless ``prepared`` (that graph, already made: a QuantSpace building many variants) is given."""
     source = model if isinstance(model, Model) else Model.load(model)
     sha = model_sha256(source)
     if check_source and sha != recipe.source_sha256:
@@ -214,8 +231,11 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
             raise ModelError(f"the recipe was made from the prepared graph of {source.name}, and preparing it "
                              f"again failed: {prep.refused or 'nothing changed'}")
         prepared = prep.model
-    m = ensure_opset(prepared if recipe.prepared and prepared is not None else source)
+    float_graph = prepared if recipe.prepared and prepared is not None else source
     _rules(recipe.target)  # an unknown target fails before any work
+    ctx = replay_algorithms(Context(model=ensure_opset(float_graph), target=recipe.target,
+                                    reduce_range=recipe.weight_reduce_range), recipe.algorithms, "float")
+    m = ctx.model
     p = _plan_or_fail(m, recipe.target, Exclusions.parse([*recipe.exclusions, *recipe.auto_exclusions]))
     for n, why in recipe.auto_exclusions.items():
         p.float_nodes[n] = why
@@ -225,18 +245,29 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
                          f"quantizes: it was made for another model or placement")
     choices = {t: RangeChoice(float(recipe.tensors[t]["min"]), float(recipe.tensors[t]["max"]),
                               recipe.tensors[t].get("method", "recipe")) for t in p.activations}
-    qmodel, qparams = _write(m, p, choices, recipe.weight_reduce_range)
+    qmodel, qparams, _ = _write(ctx, p, choices, recipe.algorithms, ())
     for t, entry in recipe.tensors.items():
         entry.update(qparams[t].to_dict() if t in qparams else {})
         entry["used"] = t in qparams
     return QuantizeResult(qmodel, recipe, p, preparation=prep)
 
 
-def _write(m: Model, p: QuantPlan, choices: Mapping[str, RangeChoice],
-           reduce_range: bool) -> tuple[Model, dict[str, QParams]]:
+def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], records: list[dict],
+           names: Sequence[str]) -> tuple[Model, dict[str, QParams], list[dict]]:
+    """The Q/DQ model: learned rounding and bias correction first (run for ``names``, or replayed
+    from ``records`` when ``names`` is empty), then the writer."""
     rules = _rules(p.target)
     qparams = {t: _qparams(c, rules) for t, c in choices.items()}
-    return write_qdq(m, p, qparams, weight_reduce_range=reduce_range), qparams
+    ctx.plan, ctx.qparams = p, qparams
+    records = list(records)
+    for stage in ("weights", "bias"):
+        if names:
+            ctx, more = run_algorithms(ctx, names, stage)
+            records += more
+        else:
+            ctx = replay_algorithms(ctx, records, stage)
+    qmodel = write_qdq(ctx.model, p, qparams, weight_reduce_range=ctx.reduce_range, weight_values=ctx.weights)
+    return qmodel, qparams, records
 
 
 def _qparams(c: RangeChoice, rules) -> QParams:

@@ -5,6 +5,10 @@ added, with reasons), and per activation tensor its range, the method that chose
 resulting scale / zero point, and whether the Q/DQ were placed in the prepared float graph
 (``quant.prepare``; ``rebuild`` prepares it again). ``rebuild`` reads only ranges, so editing a tensor's ``min`` /
 ``max`` (or adding an exclusion) and rebuilding is the supported way to hand-tune a model.
+``algorithms`` holds what each accuracy algorithm decided (equalisation and smoothing scales,
+bias corrections, learned rounding as bit-packed flips of round-to-nearest), in the order they
+ran, so that ``rebuild`` reproduces the same model without data. Schema 1 (no algorithms) still
+loads.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 from infertune.errors import UsageError
 from infertune.model import Model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE = (1, 2)  # schema 1 recipes have no algorithms
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Recipe:
     versions: dict = field(default_factory=dict)
     prepared: bool = False  # Q/DQ placed in quant.prepare's graph of the source (recipes before it: False)
     preparation: dict | None = None  # what preparation did (PrepareResult.to_dict), for the record
+    algorithms: list[dict] = field(default_factory=list)  # one record per algorithm, in the order they ran
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +59,7 @@ class Recipe:
             "tensors": self.tensors,
             "calibration": self.calibration,
             "stability": self.stability,
+            "algorithms": self.algorithms,
             "versions": self.versions,
         }
 
@@ -61,8 +68,9 @@ class Recipe:
         if not isinstance(d, dict):
             raise UsageError(f"{where}: expected a JSON object")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UsageError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        if version not in READABLE:
+            raise UsageError(f"{where}: schema_version {version!r} is not supported (expected one of "
+                             f"{', '.join(map(str, READABLE))})")
         required = ("source_sha256", "target", "method", "exclusions", "weight_reduce_range", "tensors")
         missing = [k for k in required if k not in d]
         if missing:
@@ -80,8 +88,8 @@ class Recipe:
             weight_reduce_range=bool(d["weight_reduce_range"]), tensors=dict(d["tensors"]),
             percentile=float(d.get("percentile", 99.999)), overrides=list(d.get("overrides") or []),
             calibration=dict(d.get("calibration") or {}), stability=d.get("stability"),
-            versions=dict(d.get("versions") or {}), prepared=bool(d.get("prepared", False)),
-            preparation=d.get("preparation"),
+            versions=dict(d.get("versions") or {}), algorithms=list(d.get("algorithms") or []),
+            prepared=bool(d.get("prepared", False)), preparation=d.get("preparation"),
         )
 
     @classmethod

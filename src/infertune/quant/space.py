@@ -15,9 +15,9 @@ from infertune import backends
 from infertune.data import Dataset
 from infertune.errors import CalibrationError
 from infertune.model import Model
+from infertune.quant.algorithms import AlgorithmOptions
 from infertune.quant.placement import TARGETS
 from infertune.quant.prepare import PrepareResult
-from infertune.quant.qdq import ensure_opset
 from infertune.quant.quantize import Progress, QuantizeResult, quantize, rebuild
 
 
@@ -32,8 +32,8 @@ class QuantSpace:
         # the float graph the Q/DQ go into: the prepared one when quantize prepared it
         self.float_model = calibrated.float_model or source
         rules = TARGETS[calibrated.plan.target]
-        converted = ensure_opset(self.float_model)
-        self.op_types = {n.name: n.op_type for n in converted.graph.node}
+        # from the quantized model: algorithms may have added nodes (a SmoothQuant Mul, a bias Add)
+        self.op_types = {n.name: n.op_type for n in calibrated.model.graph.node}
         self.groups = [n for n in calibrated.plan.quantized_nodes if self.op_types[n] not in rules.passthrough_ops]
         self._cache: OrderedDict[frozenset[str], Model] = OrderedDict()
 
@@ -81,9 +81,12 @@ class QuantSpace:
 def calibrated_space(model: Model, calib: Dataset, *, method: str = "auto", target: str = "ort-cpu",
                      exclude: Sequence[str] = (), prepare: bool | None = None,
                      preparation: PrepareResult | None = None, settings: backends.Settings | None = None,
-                     progress: Progress | None = None) -> QuantSpace:
-    """Calibrate once, observing every tensor any exclusion set needs (``prepare``, ``preparation``: as
-    ``quantize``)."""
+                     progress: Progress | None = None, algorithms: Sequence[str] = (),
+                     algorithm_options: AlgorithmOptions | None = None) -> QuantSpace:
+    """Calibrate once, observing every tensor any exclusion set needs; ``algorithms`` run on the
+    way (their records make every exclusion set's model without data: a group kept in float gets
+    neither its learned rounding nor its bias correction); ``prepare``, ``preparation``: as ``quantize``."""
     q = quantize(model, calib, method=method, target=target, exclude=exclude, observe_all=True,
-                 stability_halves=0, prepare=prepare, preparation=preparation, settings=settings, progress=progress)
+                 stability_halves=0, settings=settings, progress=progress, algorithms=algorithms,
+                 algorithm_options=algorithm_options, prepare=prepare, preparation=preparation)
     return QuantSpace(model, q)

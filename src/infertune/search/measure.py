@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infertune import backends
+from infertune._io import write_json
 from infertune.analysis.accuracy import Budget, Evaluator, Verdict
 from infertune.data import Dataset
 from infertune.errors import InfertuneError, InfertuneWarning, UserCodeError
@@ -56,7 +57,7 @@ class TrialRunner:
                  latency_s: float) -> None:
         self.source, self.calib, self.evaluator, self.budget = source, calib, evaluator, budget
         self.run_dir, self.latency_s = run_dir, latency_s
-        self.spaces: dict[tuple[str, str, bool], QuantSpace] = {}
+        self.spaces: dict[tuple[str, str, tuple[str, ...], bool], QuantSpace] = {}
         self.verdicts: dict[str, Verdict] = {}
         self._preparation: PrepareResult | None = None
         # every evaluation feed has one size: compile for it, as a deployment feeding that size does
@@ -69,28 +70,40 @@ class TrialRunner:
             self._preparation = prepare(self.source, self.calib)
         return self._preparation
 
-    def space(self, method: str, target: str, prepared: bool = False) -> QuantSpace:
-        key = (method, target, prepared)
+    def space(self, method: str, target: str, algorithms: tuple[str, ...] = (), prepared: bool = False) -> QuantSpace:
+        """One calibration per method, placement, algorithm set and graph (prepared or not). With
+        algorithms, its recipe is kept in the run directory: learned rounding within a time budget need
+        not give the same rounding twice, so a resumed run rebuilds the variants its journal measured
+        from the recipe."""
+        key = (method, target, tuple(algorithms), prepared)
         if key not in self.spaces:
-            self.spaces[key] = calibrated_space(self.source, self.calib, method=method, target=target,
-                                                prepare=prepared, preparation=self.preparation() if prepared else None,
-                                                settings=self.evaluator.settings)
-            for w in self.spaces[key].calibrated.warnings:  # NaN left out, constant ranges: say so
-                warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
+            name = f"{method}-{target}-{'+'.join(algorithms)}{'-prepared' if prepared else ''}"
+            path = self.run_dir / "recipes" / f"{name}.recipe.json"
+            if algorithms and path.exists():
+                self.spaces[key] = QuantSpace(self.source, rebuild(self.source, Recipe.load(path), check_source=False))
+            else:
+                self.spaces[key] = calibrated_space(
+                    self.source, self.calib, method=method, target=target, settings=self.evaluator.settings,
+                    algorithms=algorithms, prepare=prepared, preparation=self.preparation() if prepared else None)
+                for w in self.spaces[key].calibrated.warnings:  # NaN left out, constant ranges: say so
+                    warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
+                if algorithms:
+                    path.parent.mkdir(exist_ok=True)
+                    write_json(path, self.spaces[key].calibrated.recipe.to_dict())
         return self.spaces[key]
 
     def recipe(self, spec: TrialSpec) -> dict | None:
         """The calibration an INT8 spec is built from, as plain data (what a worker rebuilds it with)."""
         if spec.precision != "int8":
             return None
-        return self.space(spec.method, spec.target, spec.prepared).calibrated.recipe.to_dict()
+        return self.space(spec.method, spec.target, spec.algorithms, spec.prepared).calibrated.recipe.to_dict()
 
     def build(self, spec: TrialSpec) -> Model:
         if spec.precision == "fp32":
             return self.preparation().model if spec.prepared else self.source
         if spec.precision == "fp16":
             return self.fp16_variant()
-        return self.space(spec.method, spec.target, spec.prepared).build(spec.exclude)
+        return self.space(spec.method, spec.target, spec.algorithms, spec.prepared).build(spec.exclude)
 
     def fp16_variant(self) -> Model:
         if self._fp16 is None:

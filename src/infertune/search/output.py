@@ -31,7 +31,7 @@ def write_artifact(result: TuneResult, runner: TrialRunner, source_sha: str, out
     model = runner.build(chosen.spec)
     recipe = None
     if chosen.spec.precision == "int8":
-        space = runner.space(chosen.spec.method, chosen.spec.target, chosen.spec.prepared)
+        space = runner.space(chosen.spec.method, chosen.spec.target, chosen.spec.algorithms, chosen.spec.prepared)
         recipe = space.result(chosen.spec.exclude).recipe.to_dict()
     settings = runner.settings(chosen.spec)  # what the artifact records (a GPU run's engine cache is not)
     result.measurements = measure_for_report(result, runner.source, model, runner.evaluator.feeds[0],

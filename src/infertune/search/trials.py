@@ -30,6 +30,7 @@ class TrialSpec:
     backend: str = "ort"  # the runtime that runs (and is evaluated on) this variant
     target: str = ""  # Q/DQ placement (int8); empty: the runtime's own (its registry entry)
     options: tuple[tuple[str, str], ...] = ()
+    algorithms: tuple[str, ...] = ()  # accuracy algorithms run while quantizing (int8), in their run order
     prepared: bool = False  # the prepared float graph (quant.prepare), or INT8 placed in it
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class TrialSpec:
             del d["options"]
         if not self.prepared:  # as recorded before graph preparation existed: the same key
             del d["prepared"]
+        if not self.algorithms:  # a spec without algorithms keeps the key it had before they existed
+            del d["algorithms"]
         return d
 
     @property
@@ -67,7 +70,8 @@ class TrialSpec:
             return f"FP32{prepared}{on}, {t}{knobs}"
         if self.precision == "fp16":
             return f"FP16{prepared}{on}, {t}{knobs}"
-        return f"INT8 {self.method}{prepared}{on}, {len(self.exclude)} in float, {t}{knobs}"
+        algos = f" + {'+'.join(self.algorithms)}" if self.algorithms else ""
+        return f"INT8 {self.method}{algos}{prepared}{on}, {len(self.exclude)} in float, {t}{knobs}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
@@ -75,7 +79,8 @@ class TrialSpec:
         return cls(d["precision"], d.get("method", ""), tuple(d.get("exclude", ())), d.get("threads", 0),
                    d.get("opt", "all"), d.get("backend", "ort"),
                    d.get("target", "ort-cpu" if d["precision"] == "int8" else ""),
-                   tuple(sorted(dict(d.get("options") or {}).items())), bool(d.get("prepared", False)))
+                   tuple(sorted(dict(d.get("options") or {}).items())), tuple(d.get("algorithms", ())),
+                   bool(d.get("prepared", False)))
 
 
 @dataclass

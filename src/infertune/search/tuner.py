@@ -10,11 +10,14 @@ The search (``Tuner``), cheapest first:
    ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
    what its graph optimiser fuses or accepts; one calibration per method asked for; in the prepared
    graph where the placement prepares one) with nothing excluded, evaluated on it;
-3. if no INT8 variant meets the budget there: ``rank`` (the exact sensitivity ranking of the best
-   method's groups, measured on that runtime: kernels differ, and OpenVINO's int8 convolutions on
-   a CPU without VNNI lose more than ONNX Runtime's; on the first ``RANK_FEEDS`` evaluation feeds:
-   a ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of the
-   most sensitive groups stay float;
+3. if no INT8 variant meets the budget there: ``recover``, accuracy algorithms with every node still
+   in 8-bit, cheapest first (bias correction, then with equalisation, for a convnet; SmoothQuant, then
+   with bias correction, for a transformer: told apart by the op types that dominate the graph),
+   learned rounding on top of the best of them only if the budget is still missed; then ``rank`` (the
+   exact sensitivity ranking of the best method's groups with the best algorithm set, measured on that
+   runtime: kernels differ, and OpenVINO's int8 convolutions on a CPU without VNNI lose more than ONNX
+   Runtime's; on the first ``RANK_FEEDS`` evaluation feeds: a ranking needs each group's output NSR, not
+   a verdict), then ``bisect`` over how many of the most sensitive groups stay float;
 4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
    runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).
@@ -57,8 +60,10 @@ from infertune.deploy.artifact import OWNED, sha256_file
 from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.outputs import Guard
+from infertune.quant.algorithms import check_algorithms, describe, model_family
+from infertune.quant.algorithms import ladder as algorithm_ladder
 from infertune.quant.placement import TARGETS
-from infertune.search.choice import choose, runoff
+from infertune.search.choice import NOISE, choose, runoff
 from infertune.search.executors import Executor, LocalExecutor
 from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
 from infertune.search.measure import Measured, TrialRunner
@@ -79,11 +84,12 @@ class Tuner:
     def __init__(self, source: Model, calib: Dataset, evaluator: Evaluator, budget: Budget, *, run_dir: Path,
                  threads: Sequence[int], methods: Sequence[str], runtimes: Sequence[str], max_trials: int,
                  time_budget_s: float | None, latency_s: float, executor: Executor | None,
-                 on_trial: OnTrial | None, notes: Sequence[str] = (), prepare: bool = True) -> None:
+                 on_trial: OnTrial | None, notes: Sequence[str] = (), algorithms: bool = True,
+                 prepare: bool = True) -> None:
         self.source, self.evaluator, self.budget = source, evaluator, budget
         self.root = run_dir
         self.threads, self.methods, self.runtimes = list(threads), list(methods), list(runtimes)
-        self.max_trials, self.on_trial = max_trials, on_trial
+        self.max_trials, self.on_trial, self.algorithms = max_trials, on_trial, algorithms
         self.deadline = time.monotonic() + time_budget_s if time_budget_s else None
         self.time_budget_s = time_budget_s
         self.executor = executor or LocalExecutor()
@@ -93,7 +99,9 @@ class Tuner:
         self.prepare = prepare
         claim_run_dir(self.root, {"source_sha256": self.source_sha, "budget": str(budget),
                                   "threads": self.threads, "methods": self.methods, "runtimes": self.runtimes,
-                                  "eval_sha256": feeds_sha(evaluator.feeds), **({} if prepare else {"prepare": False})})
+                                  "eval_sha256": feeds_sha(evaluator.feeds),
+                                  **({} if algorithms else {"algorithms": False}),
+                                  **({} if prepare else {"prepare": False})})
         self.journal = Journal(self.root)
         self.next_index = max((t.index for t in self.journal.done.values()), default=-1) + 1
         self.runner = TrialRunner(source, calib, evaluator, budget, self.root, latency_s)
@@ -175,17 +183,55 @@ class Tuner:
                                   f"one takes {quickest.p50_ms:.3f} ms, no faster than FP32's {floor:.3f} ms: "
                                   "not ranking its nodes")
             return []
+        best = self.recover(runtime, best)
+        if best.met or self.stopped:
+            return [best] if best.met else []
         self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized (best: "
-                              f"{best.spec.method}, {metric_text(best, self.budget)}); ranking "
-                              f"{best.spec.method}'s nodes by sensitivity{on} (exact, on the first {RANK_FEEDS} "
-                              "evaluation inputs)")
+                              f"{best.spec.label()}, {metric_text(best, self.budget)}); ranking "
+                              f"its nodes by sensitivity{on} (exact, on the first {RANK_FEEDS} evaluation inputs)")
         return self.bisect(best, self.rank(runtime, best))
+
+    def recover(self, runtime: str, best: Trial) -> Trial:
+        """Accuracy algorithms on ``best`` with every node still in 8-bit, cheapest first; each step's
+        alternatives on top of the best so far, the best of them kept. Returns the best INT8 trial."""
+        if not self.algorithms:
+            return best
+        family = model_family(self.source)
+        for step in algorithm_ladder(family):
+            base = best
+            for algos in step:
+                spec = replace(base.spec, algorithms=check_algorithms([*base.spec.algorithms, *algos]))
+                (t,) = self.ask([spec]) or (None,)
+                if t is None:
+                    return best
+                self.decisions.append(self.algorithm_text(family, base, t))
+                if t.met:
+                    return t
+                if t.metrics and score(t, self.budget) > score(best, self.budget):
+                    best = t
+        return best
+
+    def algorithm_text(self, family: str, before: Trial, after: Trial) -> str:
+        """Which algorithms bought how much of the budget's metric, at what cost."""
+        added = [a for a in after.spec.algorithms if a not in before.spec.algorithms]
+        on = backends.runtime(after.spec.backend).on()
+        lat = f"; p50 {before.p50_ms:.3f} -> {after.p50_ms:.3f} ms" if \
+            abs(after.p50_ms - before.p50_ms) > NOISE * before.p50_ms else ""
+        space = self.runner.spaces.get((after.spec.method, after.spec.target, after.spec.algorithms))
+        steps = ", ".join(f"{r['name']} {r.get('seconds', 0):.1f} s" for r in space.calibrated.recipe.algorithms
+                          if r["name"] in added) if space else ""
+        verdict = "meets" if after.met else "misses" if after.metrics else f"failed ({after.note})"
+        value = metric_text(after, self.budget).split()[-1] if after.metrics else "n/a"
+        return (f"{describe(added)} ({family}; on top of {describe(before.spec.algorithms)}){on}: "
+                f"{metric_text(before, self.budget)} -> {value}, {verdict} {self.budget}; cost "
+                f"{after.seconds:.1f} s for the trial{f' ({steps})' if steps else ''}{lat}")
 
     def rank(self, runtime: str, best: Trial) -> list[str]:
         """The exact sensitivity ranking on ``runtime`` (on the first ``RANK_FEEDS`` evaluation feeds),
         recorded in the run directory for a resumed run."""
+        algos = "".join(f"-{a}" for a in best.spec.algorithms)
         prepared = "-prepared" if best.spec.prepared else ""
-        path = self.root / f"sensitivity-{best.spec.method}-{runtime}{prepared}.json"
+        path = self.root / f"sensitivity-{best.spec.method}{algos}-{runtime}{prepared}.json"
         ranking = None
         if path.exists():
             try:
@@ -193,7 +239,7 @@ class Tuner:
             except ValueError:
                 ranking = None
         if ranking is None:
-            space = self.runner.space(best.spec.method, best.spec.target, best.spec.prepared)
+            space = self.runner.space(best.spec.method, best.spec.target, best.spec.algorithms, best.spec.prepared)
             short = self.evaluator.subset(RANK_FEEDS)
             ranking = [g.to_dict() for g in sensitivity(space, short, mode="exact", backend=runtime).groups]
             write_json(path, ranking)
@@ -207,7 +253,8 @@ class Tuner:
         ops that do not run in 8-bit after float producers): such a variant is the float model, so it
         counts as "too many excluded" and is never run as a trial."""
         on = backends.runtime(best.spec.backend).on()
-        limit = self.runner.space(best.spec.method, best.spec.target, best.spec.prepared).most_in_float(order)
+        space = self.runner.space(best.spec.method, best.spec.target, best.spec.algorithms, best.spec.prepared)
+        limit = space.most_in_float(order)
 
         def spec(k: int) -> TrialSpec:
             return replace(best.spec, exclude=tuple(order[:k]))
@@ -299,11 +346,12 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset | Iterable[dict],
          max_trials: int = 40, time_budget_s: float | None = None, latency_s: float = 1.0,
          executor: Executor | None = None, on_trial: OnTrial | None = None,
          output: str | os.PathLike[str] | None = None, force: bool = False,
-         notes: Sequence[str] = (), prepare: bool = True) -> TuneResult:
+         notes: Sequence[str] = (), algorithms: bool = True, prepare: bool = True) -> TuneResult:
     """Search (see the module docstring); with ``output``, write the artifact there (replacing a
     previous artifact only with ``force``). One tune at a time holds ``run_dir`` (``RunLock``). ``notes``
     open the decision log (what was done to the model or data before the search, e.g. inputs fixed).
-    ``prepare=False``: no prepared graph (neither the FP32 candidate nor INT8 placed in it)."""
+    ``algorithms``: try the accuracy algorithms before keeping nodes in float. ``prepare=False``: no
+    prepared graph (neither the FP32 candidate nor INT8 placed in it)."""
     if not threads or not methods or not runtimes:
         raise UsageError("tune needs at least one thread count, calibration method and runtime")
     for r in runtimes:
@@ -317,7 +365,8 @@ def tune(model: Model | str | os.PathLike[str], calib: Dataset | Iterable[dict],
     with RunLock(guard.directory(run_dir, RUN_DIR, what="run directory")):
         tuner = Tuner(source, as_dataset(calib), evaluator, budget, run_dir=Path(run_dir), threads=threads,
                       methods=methods, runtimes=runtimes, max_trials=max_trials, time_budget_s=time_budget_s,
-                      latency_s=latency_s, executor=executor, on_trial=on_trial, notes=notes, prepare=prepare)
+                      latency_s=latency_s, executor=executor, on_trial=on_trial, notes=notes,
+                      algorithms=algorithms, prepare=prepare)
         result = tuner.run()
         if output is not None:
             from infertune.search.output import write_artifact
@@ -331,6 +380,15 @@ def metric_text(t: Trial, budget: Budget) -> str:
         return f"{budget.name} {t.metrics.get('user', float('nan')):.4f}"
     v = t.metrics.get(budget.check.metric)
     return f"{budget.check.metric} {v:.4f}" if v is not None else "n/a"
+
+
+def score(t: Trial, budget: Budget) -> float:
+    """The budget's metric of ``t``, higher is better (a drop is negated)."""
+    if budget.check is None:
+        v = t.metrics.get("user", math.nan)
+        return -math.inf if not math.isfinite(v) else (-v if budget.fn_max is not None else v)
+    v = t.metrics.get(budget.check.metric, math.nan)
+    return -math.inf if not math.isfinite(v) else (-v if budget.check.op.startswith("<") else v)
 
 
 def source_sha(model: Model) -> str:

@@ -1,0 +1,123 @@
+"""Accuracy algorithms: composable steps of ``quantize`` that recover INT8 accuracy without
+keeping nodes in float (one module each; their shared interface is in ``base``).
+
+- ``cle``: cross-layer equalisation of Conv/Gemm/MatMul pairs (FP32 outputs unchanged);
+- ``smoothquant``: per-channel activation outliers of MatMul/Gemm inputs moved into the weights,
+  alpha chosen per layer by measured error (FP32 outputs unchanged);
+- ``adaround``: learned weight rounding, layer by layer, on sampled activations, within a time budget;
+- ``bias_correction``: each quantized layer's bias minus the mean output shift quantization causes.
+
+Activation ranges are calibrated after ``cle`` and ``smoothquant`` have rewritten the model, so
+the ranges (any method, ``auto`` / MSE included) are those of the model that gets quantized.
+Every step is recorded (``Recipe.algorithms``) and replayed by ``rebuild`` without data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from infertune.model import Model
+from infertune.quant.algorithms import adaround, bias_correction, cle, smoothquant
+from infertune.quant.algorithms.base import (
+    ALGORITHMS,
+    DESCRIPTIONS,
+    STAGES,
+    Algorithm,
+    AlgorithmOptions,
+    Context,
+    Step,
+    blas_threads,
+    check_algorithms,
+)
+
+MODULES = {"cle": cle, "smoothquant": smoothquant, "adaround": adaround, "bias_correction": bias_correction}
+# tune's steps, cheapest first; each step's alternatives are tried in order and the best is kept.
+# Bias correction comes alone first on convnets: on rapidocr's recognition model it recovered most of
+# what full INT8 lost where adding equalisation lost accuracy again (benchmarks/algorithms.py)
+CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("cle", "bias_correction")]
+TRANSFORMER_CHEAP: list[tuple[Algorithm, ...]] = [("smoothquant",), ("smoothquant", "bias_correction")]
+EXPENSIVE: list[tuple[Algorithm, ...]] = [("adaround",)]
+
+
+def run(ctx: Context, names: Sequence[str], stage: str) -> tuple[Context, list[dict]]:
+    """Apply the algorithms of ``names`` that belong to ``stage``; the context carries the result."""
+    records = []
+    for name in check_algorithms(names):
+        if STAGES[name] != stage:
+            continue
+        start = ctx.options.clock()
+        with blas_threads(ctx.options.blas_threads):
+            step = MODULES[name].apply(ctx)
+        step.record["seconds"] = round(ctx.options.clock() - start, 3)
+        ctx = ctx.with_model(step.model)
+        ctx.weights = {**ctx.weights, **step.weights}
+        records.append(step.record)
+    return ctx, records
+
+
+def replay(ctx: Context, records: Sequence[dict], stage: str) -> Context:
+    """The recorded steps of ``stage`` applied again, in their order, without data."""
+    for record in records:
+        name = record.get("name")
+        if name not in MODULES:
+            from infertune.errors import UsageError
+
+            raise UsageError(f"the recipe names an unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
+        if STAGES[name] != stage:
+            continue
+        step = MODULES[name].replay(ctx, record)
+        ctx = ctx.with_model(step.model)
+        ctx.weights = {**ctx.weights, **step.weights}
+    return ctx
+
+
+def model_family(model: Model) -> str:
+    """'transformer' when MatMul/Gemm layers with constant weights outnumber convolutions (or the
+    graph normalises layers the transformer way), else 'convnet': read from the graph, not the name."""
+    consts = set(model.constant_tensors())
+    ops = model.op_histogram()
+    convs = ops.get("Conv", 0) + ops.get("ConvTranspose", 0)
+    dense = sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+                and n.input[1] in consts)
+    if dense > convs or (dense and ops.get("LayerNormalization", 0) > convs):
+        return "transformer"
+    return "convnet"
+
+
+def ladder(family: str) -> list[list[tuple[Algorithm, ...]]]:
+    """What tune tries when full INT8 misses the budget, step by step: the cheap algorithms for the
+    family (alternatives, in order), then learned rounding on top of the best so far."""
+    return [CONVNET_CHEAP if family == "convnet" else TRANSFORMER_CHEAP, EXPENSIVE]
+
+
+def summarize(record: dict) -> dict:
+    """One algorithm's record without its bulky data: what it did, in numbers, and its time."""
+    name = record.get("name", "?")
+    out: dict = {"name": name, "seconds": record.get("seconds")}
+    if name == "cle":
+        ratios = [max(e["scales"]) / min(e["scales"]) for e in record["pairs"] if e["scales"] and min(e["scales"]) > 0]
+        out.update(pairs=len(record["pairs"]), rounds=record.get("rounds"),
+                   max_scale_ratio=round(max(ratios), 3) if ratios else None)
+    elif name == "smoothquant":
+        out.update(groups=len(record["groups"]), skipped=len(record.get("skipped", {})),
+                   alphas=dict(Counter(f"{g['alpha']:g}" for g in record["groups"])),
+                   folded_into=dict(Counter(g.get("fold", "?").split(" ")[0] for g in record["groups"])))
+    elif name == "adaround":
+        layers = record["layers"].values()
+        out.update(layers=len(record["layers"]), learned=sum("flips" in e for e in layers),
+                   iterations=sum(e.get("iterations", 0) for e in layers),
+                   flipped=sum(e.get("flipped", 0) for e in layers))
+    elif name == "bias_correction":
+        out.update(corrected=len(record["corrections"]), skipped=len(record.get("skipped", {})),
+                   max_abs_shift=round(record.get("max_abs_shift") or 0.0, 5))
+    return out
+
+
+def describe(names: Sequence[str]) -> str:
+    return " + ".join(DESCRIPTIONS[n] for n in check_algorithms(names)) or "none"
+
+
+__all__ = ["ALGORITHMS", "AlgorithmOptions", "Context", "Step", "check_algorithms", "describe", "ladder",
+           "model_family", "replay", "run",
+           "summarize"]

@@ -5,8 +5,8 @@ depends on it, and an ``If`` whose condition became constant is replaced by the 
 (the branch's nodes inlined into the graph: a model whose convolutions sit inside an If on its
 sample rate, as silero VAD's do, then has them in the main graph, where quantization sees them).
 A ``Where`` whose condition became a constant that is all true (or all false) is replaced by the
-operand it picks, when that operand already has the output's shape. onnxscript
-(``pip install 'infertune[graph]'``) is imported here only.
+operand it picks, when that operand already has the output's shape. onnxscript (a dependency, for
+graph rewriting) is imported here and in ``quant.prepare`` only.
 
 ``decides_control_flow`` tells whether an input reaches the condition of an If or a Where (what
 makes a constant input worth fixing without being asked). Whether the specialised model computes
@@ -16,7 +16,6 @@ what the original does is checked on data by ``analysis.specialization``.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections import Counter
 from collections.abc import Iterable
 
@@ -24,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from infertune.errors import BackendUnavailable, ModelError, UsageError
+from infertune.errors import ModelError, UsageError
 from infertune.model import Model, iter_graphs
 
 CONTROL = ("If", "Where")
@@ -79,8 +78,6 @@ def fix_inputs(model: Model, values: dict[str, np.ndarray]) -> tuple[Model, dict
     """``model`` with the inputs of ``values`` replaced by constants and what depends on them folded.
 
     Returns the new model and the change in op counts of the main graph (e.g. {'If': -1, 'Conv': 6})."""
-    if importlib.util.find_spec("onnxscript") is None:
-        raise BackendUnavailable("--fix folds the graph with onnxscript: pip install 'infertune[graph]'")
     import onnxscript.optimizer as optimizer
 
     proto = copy.deepcopy(model.proto)

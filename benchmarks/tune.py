@@ -276,7 +276,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="infertune-tune-bench-") as d:
         for name in args.models.split(","):
             results.append(run(name, [p for p in args.peers.split(",") if p], Path(d)))
-    save_results("tune", {"environment": env, "results": results}, markdown(results, env))
+            # saved after every model: a run cut short still leaves each finished model's numbers
+            save_results("tune", {"environment": env, "results": results}, markdown(results, env))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def meets(name: str, row: dict) -> bool:
 
 
 ROUNDS = 5
+NOISE = 0.05  # two p50s closer than this (or than their rounds' spread) are a tie, not a ranking
 
 
 def prepared_rows(m: Model, name: str, work: Path, paths: dict, runtimes: dict, rows: dict) -> None:
@@ -233,6 +234,11 @@ def markdown(results: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tie_margin(a: dict, b: dict, th: str) -> float:
+    """How far apart two p50s must be to rank them: the larger rounds' spread, at least NOISE."""
+    return max(a.get(f"spread_{th}", 0), b.get(f"spread_{th}", 0), NOISE)
+
+
 def verdict(res: dict) -> str:
     rows = {r["variant"]: r for r in res["rows"]}
     ours = rows["infertune-tune"]
@@ -251,11 +257,16 @@ def verdict(res: dict) -> str:
                    f"thread(s) ({gap:+.0%}{', within 10%' if abs(gap) <= 0.10 else ', NOT within 10%'})")
     for th in ("1t", "2t"):
         key = f"p50_ms_{th}"
-        fp32 = min(r[key] for k, r in rows.items() if k.startswith("fp32") and key in r)
-        slower = [r["variant"] for r in peers if r[key] < ours[key]]
-        out.append(f"{th}: {ours[key]:.3f} ms vs the best FP32 {fp32:.3f} ms ({fp32 / ours[key]:.2f}x); "
-                   + ("faster than every peer that meets the budget" if not slower else
-                      f"slower than {', '.join(slower)}"))
+        best = min((r for k, r in rows.items() if k.startswith("fp32") and key in r), key=lambda r: r[key])
+        ahead = [(r["variant"], r[key]) for r in peers if not r["variant"].startswith("fp32") and r[key] < ours[key]]
+        faster = [v for v, p in ahead if p < ours[key] * (1 - tie_margin(ours, rows[v], th))]
+        tied = [v for v, p in ahead if v not in faster]
+        fp32_note = ("" if ours[key] <= best[key] else " (within the rounds' spread)"
+                     if ours[key] * (1 - tie_margin(ours, best, th)) <= best[key] else " (SLOWER than the best FP32)")
+        out.append(f"{th}: {ours[key]:.3f} ms vs the best FP32 ({best['variant']}) {best[key]:.3f} ms "
+                   f"({best[key] / ours[key]:.2f}x){fp32_note}; "
+                   + (f"slower than {', '.join(faster)}" if faster else "faster than every peer that meets the budget"
+                      + (f" (ties within the rounds' spread: {', '.join(tied)})" if tied else "")))
     return "**Result**: " + "; ".join(out) + "."
 
 

@@ -125,10 +125,11 @@ def tune(model: Path, calib_data, eval_data, eval_samples, preprocess, dims, fix
     m = Model.load(model)
     calib = load_data(m, calib_data, preprocess, dims, 8, 0, "calib")
     ev = calib if eval_data is None else load_data(m, eval_data, preprocess, dims, 8, 0, "eval")
-    m, fixed = specialised(m, [calib] if ev is calib else [calib, ev], fix,
-                           settings=backends.Settings(intra_op_threads=threads[0]))
+    # accuracy does not depend on the thread count a variant is timed at (each timing has a process of its
+    # own): calibration and evaluation use every core the runtime takes by default
+    m, fixed = specialised(m, [calib] if ev is calib else [calib, ev], fix, settings=backends.Settings())
     refuse_constant(m, calib, "calibration data")  # before the search, not as a failed INT8 trial
-    evaluator = Evaluator.from_dataset(m, ev, eval_samples, backends.Settings(intra_op_threads=threads[0]))
+    evaluator = Evaluator.from_dataset(m, ev, eval_samples, backends.Settings())
     if b.check is not None and b.check.metric == "top1_drop" and evaluator.labels is None:
         raise UsageError("--budget top1_drop needs labels: an array named 'label' in the evaluation data")
 

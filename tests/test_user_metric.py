@@ -206,3 +206,72 @@ def test_budget_either_way_and_its_confidence():
     assert lo.met({"user": 0.1}) and not lo.met({"user": 0.11}) and str(lo) == "err_rate<=0.1"
     with pytest.raises(Exception, match="metric>=X"):
         Budget.parse("metric>0.1", metric=err_rate)
+
+
+def test_a_metric_that_takes_the_feeds_gets_them_aligned_in_every_resample(tmp_path):
+    """FUNC(reference, candidate, feeds): the i-th feed is the one the i-th outputs came from, on the whole
+    set and in each bootstrap resample (a metric that zipped with the feeds it closed over would not be)."""
+    from infertune import Evaluator
+    from infertune.usercode import UserFunction
+
+    path = tmp_path / "gemm.onnx"
+    onnx.save(MODELS["gemm"](), str(path))
+    feeds = [{"x": np.full((1, 32), float(i), np.float32)} for i in range(12)]  # feed i holds the value i
+    ref = outputs(path, feeds)
+    (tmp_path / "aligned.py").write_text(textwrap.dedent('''
+        import numpy as np
+
+        EXPECTED = {}
+
+        def aligned(reference, candidate, feeds):
+            return float(all(np.array_equal(next(iter(r.values())), EXPECTED[int(f["x"][0, 0])])
+                             for r, f in zip(reference, feeds)))
+    '''))
+    fn = UserFunction(tmp_path / "aligned.py", "aligned")
+    key = next(iter(ref[0]))
+    fn.load().__globals__["EXPECTED"].update({i: r[key] for i, r in enumerate(ref)})
+    ev = Evaluator(Model.load(path), feeds)
+    scored = ev.score(ref, Budget(fn=fn, fn_min=1.0), resamples=50)
+    assert scored["user"] == 1.0 and scored["confidence"] == 1.0
+    # the oracle can fail: outputs paired with the wrong feeds score 0
+    assert Budget(fn=fn, fn_min=1.0).fn(ref[::-1], ref[::-1], feeds) == 0.0
+    two = Budget.parse("metric>=0.5", metric=lambda r, c: 1.0)
+    assert ev.judge(ref, two).met  # two-argument metrics are called as before
+
+
+def test_a_metric_may_return_one_value_per_feed_and_is_called_once(tmp_path):
+    """One float per feed: the metric is their mean, and the bootstrap resamples average those values
+    (the same confidence as a function returning the mean, which is called again for every resample)."""
+    from infertune import Evaluator
+    from infertune.errors import UserCodeError
+
+    path = tmp_path / "gemm.onnx"
+    onnx.save(MODELS["gemm"](), str(path))
+    proto = MODELS["gemm"]()
+    w = next(t for t in proto.graph.initializer if len(t.dims) == 2)
+    arr = onnx.numpy_helper.to_array(w) + np.random.default_rng(2).normal(0, 0.2, tuple(w.dims)).astype(np.float32)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    x = np.random.default_rng(3).standard_normal((40, 32)).astype(np.float32)
+    feeds = [{"x": x[i:i + 1]} for i in range(40)]
+    got = outputs(Model.from_proto(proto), feeds)
+    calls = []
+
+    def per_feed(reference, candidate):
+        calls.append(len(reference))
+        return [float(np.argmax(next(iter(r.values()))) == np.argmax(next(iter(c.values()))))
+                for r, c in zip(reference, candidate, strict=True)]
+
+    def mean(reference, candidate):
+        return float(np.mean(per_feed(reference, candidate)))
+
+    ev = Evaluator(Model.load(path), feeds)
+    point = mean(ev.ref_outputs, got)
+    assert 0.3 < point < 1
+    calls.clear()
+    a = ev.score(got, Budget(fn=per_feed, fn_min=point - 0.05), resamples=100)
+    assert calls == [40]  # once, not once per resample
+    b = ev.score(got, Budget(fn=mean, fn_min=point - 0.05), resamples=100)
+    assert len(calls) == 1 + 1 + 100
+    assert a["user"] == b["user"] == point and a["confidence"] == b["confidence"] and 0 < a["confidence"] < 1
+    with pytest.raises(UserCodeError, match="one float per feed"):
+        ev.score(got, Budget(fn=lambda r, c: [1.0, 0.0], fn_min=0.5))

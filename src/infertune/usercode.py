@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from pathlib import Path
@@ -60,6 +61,10 @@ class UserFunction:
                 raise UsageError(f"{self.path} has no function {self.func!r}")
             self._fn = fn
         return self._fn
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what the user's function takes (a metric may take the feeds)
+        return inspect.signature(self.load())
 
     def __call__(self, *args: Any) -> Any:
         fn = self.load()

@@ -9,6 +9,7 @@ so that a variant which passes only by the luck of which samples were drawn is n
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,9 @@ RESAMPLES = 200
 @dataclass(frozen=True)
 class Budget:
     """'cosine>=0.999', 'sqnr_db>=30', 'top1_drop<=0.5', or a user metric: ``fn(reference, candidate) -> float``
-    (the float model's and the candidate's outputs, one ``{output_name: array}`` per feed) that must stay
+    (the float model's and the candidate's outputs, one ``{output_name: array}`` per feed; written with a
+    third parameter, ``fn(reference, candidate, feeds)``, it also gets the feeds those came from; it returns a
+    float, or one float per feed, whose mean is the metric) that must stay
     ``>= fn_min`` (higher is better) or ``<= fn_max`` (lower is better)."""
 
     check: Check | None = None
@@ -216,7 +219,8 @@ class Evaluator:
         """Does ``outs`` meet ``budget``: on the evaluation feeds, and on at least ``CONFIDENCE`` of
         ``RESAMPLES`` bootstrap resamples of them (one that passes only by the luck of which
         samples were drawn does not)."""
-        return judge_samples(PerSample.measure(self.ref_outputs, outs), self.labels, budget, self.ref_outputs, outs)
+        return judge_samples(PerSample.measure(self.ref_outputs, outs), self.labels, budget, self.ref_outputs, outs,
+                             self.feeds)
 
     def score(self, outs: list[dict[str, np.ndarray]], budget: Budget | None = None,
               resamples: int = 0) -> dict[str, float]:
@@ -228,7 +232,7 @@ class Evaluator:
         the luck of which samples were drawn scores low there.
         """
         per = PerSample.measure(self.ref_outputs, outs)
-        return score_samples(per, self.labels, budget, resamples, self.ref_outputs, outs)
+        return score_samples(per, self.labels, budget, resamples, self.ref_outputs, outs, self.feeds)
 
 
 @dataclass(frozen=True)
@@ -240,9 +244,9 @@ class Verdict:
 
 def judge_samples(per: PerSample, labels: np.ndarray | None, budget: Budget,
                   refs: list[dict[str, np.ndarray]] | None = None,
-                  outs: list[dict[str, np.ndarray]] | None = None) -> Verdict:
+                  outs: list[dict[str, np.ndarray]] | None = None, feeds: list[Feed] | None = None) -> Verdict:
     """``Evaluator.judge`` on per-sample sums (one evaluation set's, or the shards' combined)."""
-    metrics = score_samples(per, labels, budget, RESAMPLES, refs, outs)
+    metrics = score_samples(per, labels, budget, RESAMPLES, refs, outs, feeds)
     point = budget.met(metrics)
     if point and metrics["confidence"] < CONFIDENCE:
         return Verdict(metrics, False, f"meets {budget} on the evaluation set, but on only "
@@ -253,37 +257,72 @@ def judge_samples(per: PerSample, labels: np.ndarray | None, budget: Budget,
 
 def score_samples(per: PerSample, labels: np.ndarray | None, budget: Budget | None = None, resamples: int = 0,
                   refs: list[dict[str, np.ndarray]] | None = None,
-                  outs: list[dict[str, np.ndarray]] | None = None) -> dict[str, float]:
-    """``Evaluator.score`` from per-sample sums; a function budget also needs ``refs`` and ``outs``."""
+                  outs: list[dict[str, np.ndarray]] | None = None, feeds: list[Feed] | None = None) -> dict[str, float]:
+    """``Evaluator.score`` from per-sample sums; a function budget also needs ``refs`` and ``outs`` (and
+    ``feeds`` when it takes them)."""
     hits = per.hits(labels)
     n = per.count
     out = per.metrics(np.arange(n), hits)
     fn = budget.fn if budget is not None else None
+    per_feed = None
     if fn is not None:
         if refs is None or outs is None:
             raise ValueError("a function budget needs the reference and candidate outputs")
-        out["user"] = user_value(fn, refs, outs)
+        out["user"], per_feed = user_samples(fn, refs, outs, feeds)
     if budget is not None and resamples and budget.met(out):
         rng = np.random.default_rng(0)
         held = 0
         for _ in range(resamples):
             idx = rng.integers(0, n, n)
             m = per.metrics(idx, hits)
-            if fn is not None:
-                m["user"] = user_value(fn, [refs[i] for i in idx], [outs[i] for i in idx])
+            if fn is not None and per_feed is not None:
+                m["user"] = float(np.mean(per_feed[idx]))
+            elif fn is not None:
+                m["user"] = user_value(fn, [refs[i] for i in idx], [outs[i] for i in idx],
+                                       None if feeds is None else [feeds[i] for i in idx])
             held += budget.met(m)
         out["confidence"] = held / resamples
     return out
 
 
-def user_value(fn: Callable, refs: list[dict], outs: list[dict]) -> float:
-    """The user function's value; anything but a real number is the user's error, said so."""
-    value = fn(refs, outs)
+def takes_feeds(fn: Callable) -> bool:
+    """A metric written ``FUNC(reference, candidate, feeds)`` also gets the evaluation feeds, resampled with
+    the outputs (mean pooling over an attention mask, boxes scaled to each image's size)."""
     try:
-        return float(value)
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+
+def user_value(fn: Callable, refs: list[dict], outs: list[dict], feeds: list[Feed] | None = None) -> float:
+    """The user function's value (the mean, when it gives one value per feed)."""
+    return user_samples(fn, refs, outs, feeds)[0]
+
+
+def user_samples(fn: Callable, refs: list[dict], outs: list[dict],
+                 feeds: list[Feed] | None = None) -> tuple[float, np.ndarray | None]:
+    """The user function's value, and its value per feed when it returns one per feed (a mean over
+    feeds, such as word accuracy: then bootstrap resamples are averaged from those, not computed
+    again). Anything but a real number, or one per feed, is the user's error, said so."""
+    if takes_feeds(fn):
+        if feeds is None or len(feeds) != len(refs):
+            raise ValueError("a metric that takes the feeds needs one feed per output")
+        value = fn(refs, outs, feeds)
+    else:
+        value = fn(refs, outs)
+    try:
+        return float(value), None
+    except (TypeError, ValueError):
+        pass
+    try:
+        per = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        per = None
+    if per is None or per.ndim != 1 or len(per) != len(refs) or not len(per):
         raise UserCodeError(f"your metric {metric_name(fn)} returned {type(value).__name__} {value!r:.80}; "
-                            "it must return a float") from None
+                            f"it must return a float, or one float per feed ({len(refs)})") from None
+    return float(np.mean(per)), per
 
 
 class PerSample:

@@ -165,7 +165,7 @@ def compare(
     acc = {n: ErrorAccumulator(atol=atol, rtol=rtol) for n in names}
     validator = FeedValidator(cand_model)
     top1 = _Top1(names)
-    kept: tuple[list, list] = ([], [])  # every run's outputs, for the user metric
+    kept: tuple[list, list, list] = ([], [], [])  # every run's outputs and feeds, for the user metric
     for i, raw in enumerate(data):
         feed = validator(raw)
         rows = _rows(raw, cand_model)
@@ -180,6 +180,7 @@ def compare(
         if metric is not None:
             kept[0].append({n: ref_out[n] for n in names})
             kept[1].append(cand_out)
+            kept[2].append(feed)
         label = raw.get(labels_key) if isinstance(raw, dict) else None
         if label is not None:
             top1.add(ref_out, cand_out, label, where=f"'{labels_key}' in {data.name} (sample {i})")

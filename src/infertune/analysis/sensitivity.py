@@ -146,13 +146,14 @@ class MetricLoss:
     def __init__(self, evaluator: Evaluator, metric: Callable | None, higher_is_better: bool, backend: str) -> None:
         self.evaluator, self.metric, self.sign, self.backend = evaluator, metric, 1.0 if higher_is_better else -1.0, \
             backend
-        self.own = None if metric is None else user_value(metric, evaluator.ref_outputs, evaluator.ref_outputs)
+        self.own = None if metric is None else user_value(metric, evaluator.ref_outputs, evaluator.ref_outputs,
+                                                          evaluator.feeds)
 
     def __call__(self, model) -> dict[str, float]:
         outs = self.evaluator.run(model, self.backend)
         m = self.evaluator.score(outs)
         if self.metric is not None:
-            m["user"] = user_value(self.metric, self.evaluator.ref_outputs, outs)
+            m["user"] = user_value(self.metric, self.evaluator.ref_outputs, outs, self.evaluator.feeds)
             m["loss"] = self.sign * (self.own - m["user"])
         return m
 

@@ -156,7 +156,7 @@ class RayExecutor:
         start = time.perf_counter()
         recipe = None
         if spec.precision == "int8":  # FP16 is converted on the worker, FP32 is the source
-            key = (spec.method, spec.target)
+            key = (spec.method, spec.target, spec.algorithms, spec.prepared)  # what the calibration depends on
             if key not in shipped.recipes:  # calibrated once, in the driver: every worker builds the same model
                 shipped.recipes[key] = ray.put(runner.recipe(spec))
             recipe = shipped.recipes[key]
@@ -167,7 +167,7 @@ class RayExecutor:
         shards = [t["evaluate"].remote(shipped.source, model, f, r, doc, settings, fn is not None)
                   for f, r in zip(shipped.feeds, shipped.refs, strict=True)]
         verdict = t["judge"].remote(runner.budget, ev.labels, len(shards), *shards,
-                                    *(shipped.refs if fn is not None else []))
+                                    *(shipped.refs + shipped.feeds if fn is not None else []))
         p50 = t["time_variant"].remote(shipped.source, model, shipped.timing_feed, doc, runner.latency_s,
                                        runner.run_settings(spec))
         return Flight(spec, model, verdict, p50, start)

@@ -97,13 +97,15 @@ def evaluate(source: bytes, variant: bytes | None, feeds: list[Feed], refs: list
 
 @guarded
 def judge(budget: Budget, labels: np.ndarray | None, count: int, *parts) -> Verdict:
-    """``parts``: ``count`` shards, then (with a function budget) as many reference shards."""
-    shards, refs = parts[:count], parts[count:]
+    """``parts``: ``count`` shards, then (with a function budget) as many reference shards and as many
+    feed shards."""
+    shards, refs, feeds = parts[:count], parts[count:2 * count], parts[2 * count:]
     per = PerSample.concat([s.per for s in shards])
     if budget.fn is None:
         return judge_samples(per, labels, budget)
     outs = [o for s in shards for o in s.outputs]
-    return judge_samples(per, labels, budget, [r for part in refs for r in part], outs)
+    return judge_samples(per, labels, budget, [r for part in refs for r in part], outs,
+                         [f for part in feeds for f in part])
 
 
 @guarded

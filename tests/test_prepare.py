@@ -156,3 +156,38 @@ def test_trial_keys_recorded_before_preparation_still_match_and_prepared_ones_di
     assert spec.key == key and not spec.prepared
     prepared = TrialSpec("int8", "auto", ("a",), 1, prepared=True)
     assert prepared.key != key and TrialSpec.from_dict(prepared.to_dict()) == prepared
+
+
+def test_no_prepared_fp32_candidate_on_a_runtime_whose_compiler_prepares_itself(tmp_path):
+    """OpenVINO folds BatchNormalization and fuses decomposed activations when it compiles: FP32 of the
+    prepared graph is no other candidate there (INT8 is still placed in the prepared graph)."""
+    pytest.importorskip("openvino")
+    source = Model.from_proto(MODELS["paddle_block"]())
+    evaluator = Evaluator(source, _feeds((1, 3, 12, 12), 16, seed=3), settings=backends.Settings(intra_op_threads=1))
+    r = tune(source, Dataset.from_iterable(_feeds((1, 3, 12, 12))), evaluator, Budget.parse("cosine>=0.9"),
+             run_dir=tmp_path / "run", threads=(1,), latency_s=0.1, runtimes=("ort", "openvino"))
+    fp32 = {(t.spec.backend, t.spec.prepared) for t in r.trials if t.spec.precision == "fp32"}
+    assert fp32 == {("ort", False), ("ort", True), ("openvino", False)}
+    assert any("not on OpenVINO, whose compiler folds and fuses the same itself" in d for d in r.decisions)
+    assert all(t.spec.prepared for t in r.trials if t.spec.precision == "int8")
+
+
+def test_an_algorithm_set_that_keeps_the_float_graph_reuses_the_plain_calibration(monkeypatch):
+    """Bias correction and learned rounding run after calibration, on the same float graph: the plain
+    variant's statistics give the same model as calibrating again; CLE rewrites the graph: it calibrates."""
+    from infertune.quant import quantize as quantize_mod
+
+    source = Model.from_proto(MODELS["paddle_block"]())
+    calib = Dataset.from_iterable(_feeds((1, 3, 12, 12), 16))
+    plain = quantize(source, calib, stability_halves=0, observe_all=True)
+    fresh = quantize(source, calib, stability_halves=0, observe_all=True, algorithms=("bias_correction",))
+    calls = []
+    real = quantize_mod.calibrate
+    monkeypatch.setattr(quantize_mod, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reused = quantize(source, calib, stability_halves=0, observe_all=True, algorithms=("bias_correction",),
+                      calibration=plain.calibration)
+    assert calls == [] and reused.calibration is plain.calibration
+    assert reused.model.proto.SerializeToString() == fresh.model.proto.SerializeToString()
+    cle = quantize(source, calib, stability_halves=0, observe_all=True, algorithms=("cle",),
+                   calibration=plain.calibration)
+    assert calls == [1] and cle.calibration is not plain.calibration

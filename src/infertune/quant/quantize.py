@@ -20,6 +20,7 @@ from infertune.model import Model
 from infertune.quant.algorithms import AlgorithmOptions, Context, check_algorithms, summarize
 from infertune.quant.algorithms import replay as replay_algorithms
 from infertune.quant.algorithms import run as run_algorithms
+from infertune.quant.algorithms.base import STAGES
 from infertune.quant.calibrate import CalibrationResult, Progress, calibrate
 from infertune.quant.methods import (
     DEFAULT_PERCENTILE,
@@ -109,6 +110,7 @@ def quantize(
     progress: Progress | None = None,
     algorithms: Iterable[str] = (),
     algorithm_options: AlgorithmOptions | None = None,
+    calibration: CalibrationResult | None = None,
 ) -> QuantizeResult:
     """INT8 Q/DQ model of ``model`` calibrated on ``data`` for ``target``.
 
@@ -122,6 +124,9 @@ def quantize(
     ``algorithms`` (``infertune.quant.algorithms``: 'cle', 'smoothquant', 'adaround',
     'bias_correction') run as steps of it: the float rewrites before calibration, learned rounding
     and bias correction once ranges are chosen; each is recorded in the recipe.
+    ``calibration``: statistics already gathered on this same float graph and data (tune's plain INT8
+    variant); used instead of calibrating again when no float rewrite runs and it covers every tensor
+    observed now, with histograms where the methods need them.
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r} (known: {', '.join(METHODS)})")
@@ -141,8 +146,11 @@ def quantize(
     p = _plan_or_fail(m, target, Exclusions.parse(exclude))
     needs_hist = method in NEEDS_HISTOGRAM or any(r[2] in NEEDS_HISTOGRAM for r in parsed_overrides.rules)
     observed = list(dict.fromkeys([*p.activations, *(candidate_tensors(m, target) if observe_all else [])]))
-    cal = calibrate(m, observed, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
-                    halves=stability_halves, settings=settings, progress=progress)
+    if _reusable(calibration, names, observed, needs_hist, bins, stability_halves):
+        cal = calibration
+    else:
+        cal = calibrate(m, observed, data, histogram=needs_hist, bins=bins, batch_size=batch_size,
+                        halves=stability_halves, settings=settings, progress=progress)
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
@@ -165,6 +173,17 @@ def quantize(
     if report and report.message():
         warnings.append(report.message())
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings, prep)
+
+
+def _reusable(cal: CalibrationResult | None, names: Sequence[str], observed: list[str], histogram: bool, bins: int,
+              halves: int) -> bool:
+    """Can ``cal`` stand for calibrating ``observed`` again: gathered on the same float graph (no float
+    rewrite among ``names``), covering every tensor, with as many halves, and histograms when needed."""
+    if cal is None or any(STAGES[n] == "float" for n in names) or len(cal.half_stats) != halves:
+        return False
+    if not set(observed) <= set(cal.stats):
+        return False
+    return not histogram or (cal.bins == bins and all(cal.stats[t].hist is not None for t in observed))
 
 
 def _prepared(source: Model, data: Dataset, prepare: bool, preparation: PrepareResult | None,

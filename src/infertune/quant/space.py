@@ -16,6 +16,7 @@ from infertune.data import Dataset
 from infertune.errors import CalibrationError
 from infertune.model import Model
 from infertune.quant.algorithms import AlgorithmOptions
+from infertune.quant.calibrate import CalibrationResult
 from infertune.quant.placement import TARGETS
 from infertune.quant.prepare import PrepareResult
 from infertune.quant.quantize import Progress, QuantizeResult, quantize, rebuild
@@ -82,11 +83,13 @@ def calibrated_space(model: Model, calib: Dataset, *, method: str = "auto", targ
                      exclude: Sequence[str] = (), prepare: bool | None = None,
                      preparation: PrepareResult | None = None, settings: backends.Settings | None = None,
                      progress: Progress | None = None, algorithms: Sequence[str] = (),
-                     algorithm_options: AlgorithmOptions | None = None) -> QuantSpace:
+                     algorithm_options: AlgorithmOptions | None = None,
+                     calibration: CalibrationResult | None = None) -> QuantSpace:
     """Calibrate once, observing every tensor any exclusion set needs; ``algorithms`` run on the
     way (their records make every exclusion set's model without data: a group kept in float gets
-    neither its learned rounding nor its bias correction); ``prepare``, ``preparation``: as ``quantize``."""
+    neither its learned rounding nor its bias correction); ``prepare``, ``preparation``, ``calibration``: as
+    ``quantize``."""
     q = quantize(model, calib, method=method, target=target, exclude=exclude, observe_all=True,
                  stability_halves=0, settings=settings, progress=progress, algorithms=algorithms,
-                 algorithm_options=algorithm_options, prepare=prepare, preparation=preparation)
+                 algorithm_options=algorithm_options, prepare=prepare, preparation=preparation, calibration=calibration)
     return QuantSpace(model, q)

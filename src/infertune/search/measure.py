@@ -82,9 +82,12 @@ class TrialRunner:
             if algorithms and path.exists():
                 self.spaces[key] = QuantSpace(self.source, rebuild(self.source, Recipe.load(path), check_source=False))
             else:
+                # the plain variant's statistics serve a set that does not rewrite the float graph (quantize checks)
+                plain = self.spaces.get((method, target, (), prepared)) if algorithms else None
                 self.spaces[key] = calibrated_space(
                     self.source, self.calib, method=method, target=target, settings=self.evaluator.settings,
-                    algorithms=algorithms, prepare=prepared, preparation=self.preparation() if prepared else None)
+                    algorithms=algorithms, prepare=prepared, preparation=self.preparation() if prepared else None,
+                    calibration=plain.calibrated.calibration if plain else None)
                 for w in self.spaces[key].calibrated.warnings:  # NaN left out, constant ranges: say so
                     warnings.warn(f"calibration ({method}, {target}): {w}", InfertuneWarning, stacklevel=2)
                 if algorithms:

@@ -127,9 +127,13 @@ class Tuner:
         if self.prepare:
             prep = self.runner.preparation()
             if prep.prepared:
-                specs += [replace(s, prepared=True) for s in specs]
+                own = [r for r in self.runtimes if backends.runtime(r).prepares_float]
+                specs += [replace(s, prepared=True) for s in specs if s.backend not in own]
+                not_on = (f" (not on {', '.join(backends.runtime(r).display for r in own)}, whose compiler folds "
+                          "and fuses the same itself)") if own else ""
                 self.decisions.append(f"{prep.summary()} (outputs within {prep.max_rel_error or 0:.1e} of FP32's, "
-                                      "relative); the prepared FP32 graph is a candidate, INT8 is placed in it")
+                                      f"relative); the prepared FP32 graph is a candidate{not_on}, INT8 is placed "
+                                      "in it")
             elif prep.refused:
                 self.decisions.append(prep.summary())
         self.fp32 = self.ask(specs)

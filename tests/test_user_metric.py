@@ -149,7 +149,8 @@ def test_sensitivity_ranks_by_the_metric_loss(capsys, tmp_path, metrics):
     assert code == 2 and "cannot evaluate a user metric: give --mode exact" in err
 
 
-def test_compare_checks_a_metric(capsys, tmp_path, metrics):
+def gemm_and_noisy(tmp_path):
+    """The gemm model saved as gemm.onnx, and a copy with noise on its weight (saved as noisy.onnx)."""
     path = tmp_path / "gemm.onnx"
     onnx.save(MODELS["gemm"](), str(path))
     proto = MODELS["gemm"]()
@@ -157,6 +158,11 @@ def test_compare_checks_a_metric(capsys, tmp_path, metrics):
     arr = onnx.numpy_helper.to_array(w) + np.random.default_rng(2).normal(0, 0.2, tuple(w.dims)).astype(np.float32)
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     onnx.save(proto, str(tmp_path / "noisy.onnx"))
+    return path, proto
+
+
+def test_compare_checks_a_metric(capsys, tmp_path, metrics):
+    path, _ = gemm_and_noisy(tmp_path)
     x = np.random.default_rng(3).standard_normal((20, 32)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     feeds = [{"x": x[i:i + 1]} for i in range(20)]
@@ -245,12 +251,7 @@ def test_a_metric_may_return_one_value_per_feed_and_is_called_once(tmp_path):
     from infertune import Evaluator
     from infertune.errors import UserCodeError
 
-    path = tmp_path / "gemm.onnx"
-    onnx.save(MODELS["gemm"](), str(path))
-    proto = MODELS["gemm"]()
-    w = next(t for t in proto.graph.initializer if len(t.dims) == 2)
-    arr = onnx.numpy_helper.to_array(w) + np.random.default_rng(2).normal(0, 0.2, tuple(w.dims)).astype(np.float32)
-    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    path, proto = gemm_and_noisy(tmp_path)
     x = np.random.default_rng(3).standard_normal((40, 32)).astype(np.float32)
     feeds = [{"x": x[i:i + 1]} for i in range(40)]
     got = outputs(Model.from_proto(proto), feeds)

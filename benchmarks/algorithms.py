@@ -124,25 +124,12 @@ def _nncf(name: str, src: Path, calib, variant: str, out: Path) -> None:
 
 
 def _ort(src: Path, calib, variant: str, out: Path) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if variant == "ort-sq" else {}
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    calibrate_method=CalibrationMethod.MinMax, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, extra_options=extra)
+    qbench.ort_quantize_static(src, calib, out, calibrate_method=CalibrationMethod.MinMax,
+                               activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                               extra_options=extra)
 
 
 def run_worker(name: str, variant: str, calib_n: int, out: Path, target: str, adaround_s: float,

@@ -100,27 +100,14 @@ def worker(name: str, quantizer: str, calib_n: int, out: Path) -> dict:
         r = quantize(src, Dataset.from_iterable(calib), method=quantizer.split("-")[1], stability_halves=0)
         r.model.save(out)
     elif quantizer.startswith("ort"):
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter(calib)
-
-            def get_next(self):
-                return next(self.it, None)
+        from onnxruntime.quantization import CalibrationMethod, QuantType
 
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[quantizer.split("-")[1]]
         # "-u8": what ORT's docs advise on AVX2 without VNNI (uint8 activations, reduce_range)
         u8 = {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "per_channel": True,
               "reduce_range": True} if quantizer.endswith("-u8") else {}
-        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, calibrate_method=method, **u8)
+        ort_quantize_static(src, calib, out, calibrate_method=method, **u8)
     elif quantizer == "nncf":
         import nncf
         import onnx
@@ -164,6 +151,20 @@ def run_worker(name: str, quantizer: str, calib_n: int, out: Path, timeout: int 
         last = lines[-1][:300] if lines else f"exit {p.returncode}"
         return {"error": "killed (out of memory?)" if killed else last}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def ort_quantize_static(src: Path, calib, out: Path, **options) -> None:
+    """ONNX Runtime's quantize_static (Q/DQ format) fed from a list of feeds; ``options`` as it takes them."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, **options)
 
 
 # ---- measurement ---------------------------------------------------------------------------------

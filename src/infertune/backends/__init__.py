@@ -106,7 +106,8 @@ class Runtime:
     float16 (tune searches an FP16 variant on it); ``prepares_float``: its compiler folds
     BatchNormalization into convolutions and fuses decomposed HardSwish/HardSigmoid/Swish/GELU
     itself (OpenVINO's common transformations, TensorRT's builder), so FP32 of ``quant.prepare``'s
-    graph is the same candidate as FP32 there (rec on OpenVINO: 10.48 vs 10.69 ms, ORT: 20.4 vs 18.4).
+    graph is the same candidate as FP32 there (rec, benchmarks/results/tune.md, 1 thread: OpenVINO 10.45 ms
+    as given vs 10.74 prepared; ONNX Runtime 19.50 vs 18.38).
     """
 
     name: str

@@ -210,6 +210,12 @@ def test_budget_either_way_and_its_confidence():
 
     lo = Budget.parse("err_rate<=0.1", metric=err_rate)
     assert lo.met({"user": 0.1}) and not lo.met({"user": 0.11}) and str(lo) == "err_rate<=0.1"
+
+    class BoxF1:  # a callable object is named by its class
+        def __call__(self, r, c):
+            return 1.0
+
+    assert str(Budget(fn=BoxF1(), fn_min=0.97)) == "BoxF1>=0.97"
     with pytest.raises(Exception, match="metric>=X"):
         Budget.parse("metric>0.1", metric=err_rate)
 

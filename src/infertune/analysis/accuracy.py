@@ -98,8 +98,9 @@ class Budget:
 
 
 def metric_name(fn: object) -> str:
-    """What reports call a user metric: its function's name ('user function' for a lambda)."""
-    name = getattr(fn, "name", None) or getattr(fn, "__name__", None)
+    """What reports call a user metric: its function's name, or its class's for a callable object
+    ('user function' for a lambda)."""
+    name = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
     return name if isinstance(name, str) and name.isidentifier() else "user function"
 
 

@@ -10,8 +10,8 @@ Budgets (against FP32, on held-out inputs):
 - rapidocr rec: decoded text identical to FP32's on >= 97% of held-out rendered lines;
 - all-MiniLM-L6-v2: sentence-embedding cosine >= 0.995 (mean over held-out sentences);
 - YOLOv8n (nudenet's 320n.onnx) at 320x320: box F1 >= 0.97 against FP32's boxes (same class, IoU >= 0.5;
-  nudenet's score threshold and NMS) on mosaics of the bundled photos (200 evaluation inputs give 238
-  FP32 boxes; the 300 held-out ones 431).
+  nudenet's score threshold and NMS) on mosaics of the bundled photos (500 evaluation inputs, 600
+  held-out ones).
 
 tune searches with 64 calibration samples (seed 0) and decides on the evaluation set (seed 1);
 then every variant (FP32, tune's choice, each peer quantizer's output) is measured side by side
@@ -47,8 +47,11 @@ from infertune.fingerprint import environment  # noqa: E402
 from infertune.perf.isolated import Variant, time_isolated  # noqa: E402
 
 PEERS = ["ort-minmax", "ort-minmax-u8", "nncf"]
-EVAL_N = {"digits": 360, "rec": 200, "minilm": 64, "yolo": 200}  # rec: 100 lines let a 99% pass become 96%
-CHECK_N = {"digits": 360, "rec": 600, "minilm": 128, "yolo": 300}
+# rec: 100 lines let a 99% pass become 96%. yolo: box F1 counts boxes near nudenet's score threshold
+# (benchmarks/metric_floor.py: input noise of sigma 0.002 alone costs 0.015), and on 200 mosaics (238 boxes)
+# its standard error (~0.01) was the margin between what passed there (0.979) and held out (0.965)
+EVAL_N = {"digits": 360, "rec": 200, "minilm": 64, "yolo": 500}
+CHECK_N = {"digits": 360, "rec": 600, "minilm": 128, "yolo": 600}
 CHECK_SEEDS = (2, 3, 4)
 BUDGET_TEXT = {"digits": "top-1 drop <= 0.5", "rec": "text identical on >= 97% of lines",
                "minilm": "embedding cosine >= 0.995", "yolo": "box F1 >= 0.97 vs FP32"}

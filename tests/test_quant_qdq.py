@@ -265,3 +265,24 @@ def test_the_same_plan_gives_the_same_bytes_in_every_process(tmp_path):
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         digests.add(p.stdout.strip())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("isa,target,seven_bit", [
+    (["avx2", "fma"], "ort-cpu", True),
+    (["avx2", "fma"], "openvino", True),  # OpenVINO's CPU kernels saturate the same way without VNNI
+    (["avx2", "fma"], "tensorrt", False),  # a GPU: no int16 pair sums
+    (["avx2", "avx512_vnni"], "ort-cpu", False),
+    (["avx2", "avx_vnni"], "openvino", False),
+])
+def test_weights_are_7_bit_for_cpu_targets_without_vnni(monkeypatch, isa, target, seven_bit):
+    import infertune.quant.quantize as q
+
+    monkeypatch.setattr(q, "cpu", lambda: {"isa": isa})
+    m = _model("conv")
+    r = quantize(m, _data(m), target=target, stability_halves=0)
+    assert r.recipe.weight_reduce_range is seven_bit
+    weights = [numpy_helper.to_array(i) for i in r.model.graph.initializer if i.data_type == onnx.TensorProto.INT8
+               and len(i.dims) == 4]
+    assert weights
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert peak == (63 if seven_bit else 127)  # the widest channel of each weight reaches the grid's end

@@ -60,7 +60,7 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @click.option("--max-samples", type=click.IntRange(min=1), default=None,
               help="Use at most this many calibration samples.")
 @click.option("--reduce-range/--no-reduce-range", default=None,
-              help="7-bit weights (default: on for ort-cpu when the CPU lacks VNNI).")
+              help="7-bit weights (default: on for ort-cpu and openvino when the CPU lacks VNNI).")
 @click.option("--stability-halves", type=click.IntRange(min=0), default=4, show_default=True,
               help="Random halves of the data to recompute scales on (0: off).")
 @click.option("--stability-threshold", type=click.FloatRange(min=0), default=DEFAULT_THRESHOLD,

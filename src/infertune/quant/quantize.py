@@ -85,8 +85,8 @@ def _used(recipe: Recipe) -> dict[str, dict]:
 
 
 def default_reduce_range(target: str) -> bool:
-    """7-bit weights on CPUs without VNNI: the u8s8 multiply-add saturates int16 otherwise."""
-    return target == "ort-cpu" and not any(f in cpu()["isa"] for f in VNNI_FLAGS)
+    """7-bit weights for a CPU target on CPUs without VNNI: the u8s8 multiply-add saturates int16 otherwise."""
+    return TARGETS[target].int16_pairs and not any(f in cpu()["isa"] for f in VNNI_FLAGS)
 
 
 def quantize(

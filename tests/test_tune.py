@@ -104,13 +104,31 @@ def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
 
 
 def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkeypatch):
-    # every DQ node costs time: the fully quantized model is the slowest variant
-    _fake_clock(monkeypatch, lambda model, settings: 1.0 + 0.01 * _count(model, "DequantizeLinear"))
+    # every DQ node costs time: the fully quantized model is the slowest variant, at either thread count
+    _fake_clock(monkeypatch, lambda model, settings: (1.0 + 0.01 * _count(model, "DequantizeLinear"))
+                / settings.intra_op_threads)
     m, calib, ev = _digits(60)
-    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",))
-    assert [t.spec.precision for t in r.trials] == ["fp32", "int8"] and not r.sensitivity
-    assert any("no faster than FP32" in d and "not ranking" in d for d in r.decisions)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1, 2), runtimes=("ort",))
+    assert [(t.spec.precision, t.spec.threads) for t in r.trials] == [("fp32", 1), ("fp32", 2), ("int8", 1),
+                                                                       ("int8", 2)] and not r.sensitivity
+    (why,) = [d for d in r.decisions if "no faster than FP32" in d and "not ranking" in d]
+    assert "at 1 thread" in why and "at 2 threads" in why
     assert r.chosen.spec.precision == "fp32"
+
+
+def test_int8_slower_at_one_thread_but_faster_at_two_is_still_searched(tmp_path, monkeypatch):
+    # 8-bit kernels that scale better with threads than FP32's: judged at one thread count alone, the
+    # search would stop before trying anything that could win at the other
+    def clock(model, settings):
+        dq = _count(model, "DequantizeLinear")
+        return 1.0 + 0.01 * dq if settings.intra_op_threads == 1 else 0.6 - 0.001 * dq
+
+    _fake_clock(monkeypatch, clock)
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1, 2), runtimes=("ort",))
+    assert not any("not ranking" in d for d in r.decisions)
+    assert any(t.spec.precision == "int8" and t.spec.threads == 2 and not t.spec.exclude for t in r.trials)
+    assert len(r.trials) > 4  # went on: algorithms, then the ranking and exclusions
 
 
 def test_a_budget_met_only_by_the_luck_of_the_draw_is_not_met(tmp_path):

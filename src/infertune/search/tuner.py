@@ -180,12 +180,10 @@ class Tuner:
         if passing or not ran or self.stopped:
             return passing
         best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
-        quickest = min(ran, key=lambda t: t.p50_ms)
-        floor = min(t.p50_ms for t in self.fp32 if t.spec.threads == self.threads[0])
-        if quickest.p50_ms >= floor:  # nodes kept in float only add work: nothing here can beat FP32
+        slower = self.slower_than_fp32(min(ran, key=lambda t: t.p50_ms))
+        if slower:  # nodes kept in float only add work: nothing here can beat FP32
             self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized, and even that "
-                                  f"one takes {quickest.p50_ms:.3f} ms, no faster than FP32's {floor:.3f} ms: "
-                                  "not ranking its nodes")
+                                  f"one is no faster than FP32 ({'; '.join(slower)}): not ranking its nodes")
             return []
         best = self.recover(runtime, best)
         if best.met or self.stopped:
@@ -194,6 +192,22 @@ class Tuner:
                               f"{best.spec.label()}, {metric_text(best, self.budget)}); ranking "
                               f"its nodes by sensitivity{on} (exact, on the first {RANK_FEEDS} evaluation inputs)")
         return self.bisect(best, self.rank(runtime, best))
+
+    def slower_than_fp32(self, quickest: Trial) -> list[str]:
+        """Why ``quickest`` (every node in 8-bit: the fastest its method can be) cannot beat FP32, one line per
+        thread count tune searches, or [] when it is faster than every FP32 variant at one of them. Timed at
+        the other thread counts only when it is no faster at its own (8-bit kernels may scale differently)."""
+        why = []
+        for n in thread_counts(quickest.spec.backend, self.threads):
+            floor = min((t.p50_ms for t in self.fp32 if t.spec.threads == n and t.met), default=math.inf)
+            (at,) = [quickest] if n == quickest.spec.threads else (self.ask([replace(quickest.spec, threads=n)])
+                                                                     or [None])
+            if at is None or not at.metrics or not math.isfinite(at.p50_ms) or at.p50_ms <= 0:
+                continue  # not run (trial budget) or failed: no evidence either way
+            if at.p50_ms < floor:
+                return []
+            why.append(f"{at.p50_ms:.3f} ms vs FP32's {floor:.3f} ms at {n} thread{'s' if n != 1 else ''}")
+        return why
 
     def recover(self, runtime: str, best: Trial) -> Trial:
         """Accuracy algorithms on ``best`` with every node still in 8-bit, cheapest first; each step's

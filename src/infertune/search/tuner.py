@@ -200,9 +200,9 @@ class Tuner:
         why = []
         for n in thread_counts(quickest.spec.backend, self.threads):
             floor = min((t.p50_ms for t in self.fp32 if t.spec.threads == n and t.met), default=math.inf)
-            (at,) = [quickest] if n == quickest.spec.threads else (self.ask([replace(quickest.spec, threads=n)])
-                                                                     or [None])
-            if at is None or not at.metrics or not math.isfinite(at.p50_ms) or at.p50_ms <= 0:
+            at = quickest if n == quickest.spec.threads else \
+                next(iter(self.ask([replace(quickest.spec, threads=n)])), None)
+            if at is None or not at.metrics:
                 continue  # not run (trial budget) or failed: no evidence either way
             if at.p50_ms < floor:
                 return []

@@ -267,22 +267,30 @@ def test_the_same_plan_gives_the_same_bytes_in_every_process(tmp_path):
     assert len(digests) == 1
 
 
-@pytest.mark.parametrize("isa,target,seven_bit", [
+@pytest.mark.parametrize("isa,target,per_layer", [
     (["avx2", "fma"], "ort-cpu", True),
     (["avx2", "fma"], "openvino", True),  # OpenVINO's CPU kernels saturate the same way without VNNI
     (["avx2", "fma"], "tensorrt", False),  # a GPU: no int16 pair sums
     (["avx2", "avx512_vnni"], "ort-cpu", False),
     (["avx2", "avx_vnni"], "openvino", False),
 ])
-def test_weights_are_7_bit_for_cpu_targets_without_vnni(monkeypatch, isa, target, seven_bit):
+def test_weight_bits_are_chosen_per_layer_for_cpu_targets_without_vnni(monkeypatch, isa, target, per_layer):
+    """Without VNNI the u8 x s8 pair sums are measured (tests/test_pair_overflow.py); with it, or on a GPU,
+    every weight is 8-bit. ``weight_reduce_range`` True / False forces 7 / 8 bits everywhere."""
     import infertune.quant.quantize as q
 
     monkeypatch.setattr(q, "cpu", lambda: {"isa": isa})
     m = _model("conv")
     r = quantize(m, _data(m), target=target, stability_halves=0)
-    assert r.recipe.weight_reduce_range is seven_bit
-    weights = [numpy_helper.to_array(i) for i in r.model.graph.initializer if i.data_type == onnx.TensorProto.INT8
-               and len(i.dims) == 4]
-    assert weights
-    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
-    assert peak == (63 if seven_bit else 127)  # the widest channel of each weight reaches the grid's end
+    assert isinstance(r.recipe.weight_reduce_range, frozenset) is per_layer
+    assert (r.recipe.pair_overflow is not None) is per_layer
+    if not per_layer:
+        assert r.recipe.weight_reduce_range is False
+    for forced, peak in ((True, 63), (False, 127)):
+        f = quantize(m, _data(m), target=target, stability_halves=0, weight_reduce_range=forced)
+        assert f.recipe.weight_reduce_range is forced and f.recipe.pair_overflow is None
+        weights = [numpy_helper.to_array(i) for i in f.model.graph.initializer
+                   if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+        assert weights
+        # the widest channel of each weight reaches the grid's end
+        assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == peak

@@ -60,7 +60,9 @@ from infertune.quant.stability import DEFAULT_THRESHOLD
 @click.option("--max-samples", type=click.IntRange(min=1), default=None,
               help="Use at most this many calibration samples.")
 @click.option("--reduce-range/--no-reduce-range", default=None,
-              help="7-bit weights (default: on for ort-cpu and openvino when the CPU lacks VNNI).")
+              help="7-bit weights, every one or none (default: for ort-cpu and openvino on a CPU without VNNI, "
+                   "7-bit on the layers whose int16 pair sums overflow on the data, more than 7-bit rounding "
+                   "would cost; 8-bit elsewhere).")
 @click.option("--stability-halves", type=click.IntRange(min=0), default=4, show_default=True,
               help="Random halves of the data to recompute scales on (0: off).")
 @click.option("--stability-threshold", type=click.FloatRange(min=0), default=DEFAULT_THRESHOLD,
@@ -173,7 +175,7 @@ def _print_quantized(name, output, rpath, result, fused, violations, budget_resu
     s = result.summary()
     out.print(f"[bold]{name}[/] -> {output} ({s['target']}): {s['quantized_nodes']} nodes in INT8, "
               f"{s['activation_tensors']} activation tensors, {s['weights']} weights "
-              f"(per-channel int8{', 7-bit' if s['weight_reduce_range'] else ''})")
+              f"(per-channel int8, {s['weight_bits']})")
     if result.preparation and not result.preparation.refused:  # a refusal is among the warnings
         out.print(escape(result.preparation.summary()))
     if result.calibration:

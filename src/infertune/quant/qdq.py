@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from infertune.errors import ModelError
 from infertune.model import Model, iter_graphs
 from infertune.quant.placement import TARGETS, QuantPlan
-from infertune.quant.qparams import QParams, quantize_weight_per_channel
+from infertune.quant.qparams import QParams, quantize_weight_per_channel, seven_bit
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 SHARED_PRODUCERS = frozenset({"Conv", "ConvTranspose"})  # share_dq applies to their outputs (see placement)
@@ -50,10 +50,11 @@ def write_qdq(
     plan: QuantPlan,
     activation_qparams: Mapping[str, QParams],
     *,
-    weight_reduce_range: bool = False,
+    weight_reduce_range: bool | frozenset[str] = False,
     weight_values: Mapping[str, np.ndarray] | None = None,
 ) -> Model:
     """A new model with Q/DQ per ``plan``; ``activation_qparams`` covers plan.activations.
+    ``weight_reduce_range``: 7-bit weights, every one, none, or the weight tensors named.
     ``weight_values``: int8 values of some weights instead of round-to-nearest (learned rounding),
     with the same per-channel scales."""
     missing = [t for t in plan.activations if t not in activation_qparams]
@@ -92,14 +93,14 @@ class _QdqWriter:
         # names already in the graph: a Q/DQ parameter must not take one (a Paddle BN's 'fc_scale' did)
         self.taken = {t for n in self.g.node for t in (*n.input, *n.output)} | {t.name for t in self.g.initializer}
 
-    def quantize_weights(self, reduce_range: bool) -> None:
+    def quantize_weights(self, reduce_range: bool | frozenset[str]) -> None:
         done: dict[tuple[str, int], str] = {}
         for use in self.plan.weights:
             key = (use.tensor, use.axis)
             if key not in done:
                 # one set of names per (tensor, axis); the axis shows only when a tensor needs two
                 base = use.tensor if not any(k[0] == use.tensor for k in done) else f"{use.tensor}_axis{use.axis}"
-                done[key] = self._weight_dq(use.tensor, use.axis, base, reduce_range)
+                done[key] = self._weight_dq(use.tensor, use.axis, base, seven_bit(reduce_range, use.tensor))
             self.nodes_by_name[use.node].input[use.input_index] = done[key]
 
     def _weight_dq(self, tensor: str, axis: int, base: str, reduce_range: bool) -> str:

@@ -35,6 +35,11 @@ class QParams:
         return cls(float(d["scale"]), int(d["zero_point"]), str(d["dtype"]))
 
 
+def seven_bit(reduce_range: bool | frozenset[str], weight: str) -> bool:
+    """Whether ``weight`` gets 7 bits under ``reduce_range``: every weight (True), none (False) or those named."""
+    return reduce_range if isinstance(reduce_range, bool) else weight in reduce_range
+
+
 def qrange(dtype: str, symmetric: bool, reduce_range: bool = False) -> tuple[int, int]:
     try:
         return QRANGE[(dtype, symmetric, reduce_range)]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from infertune import backends
 from infertune.data import Dataset, as_dataset
 from infertune.errors import CalibrationError, ModelError, UsageError
 from infertune.fingerprint import cpu, versions
 from infertune.model import Model
+from infertune.quant import pair_overflow
 from infertune.quant.algorithms import AlgorithmOptions, Context, check_algorithms, summarize
 from infertune.quant.algorithms import replay as replay_algorithms
 from infertune.quant.algorithms import run as run_algorithms
@@ -61,6 +62,15 @@ class QuantizeResult:
         """Recipe entries of the tensors this model quantizes (the recipe also keeps the others)."""
         return _used(self.recipe)
 
+    def weight_bits(self) -> str:
+        """'8-bit', '7-bit', or how many weights got 7 bits because their int16 pair sums overflow."""
+        r = self.recipe.weight_reduce_range
+        if isinstance(r, bool):
+            return "7-bit" if r else "8-bit"
+        n = len(r & {w.tensor for w in self.plan.weights})
+        return (f"7-bit for {n} whose int16 pair sums overflow, 8-bit for the rest" if n
+                else "8-bit: no int16 pair sum overflows")
+
     def summary(self) -> dict:
         used = self.used_tensors()
         methods = Counter(e["method"] for e in used.values())
@@ -71,7 +81,8 @@ class QuantizeResult:
             "weights": len(self.plan.weights),
             "methods": dict(methods),
             "float_nodes": self.plan.float_nodes,
-            "weight_reduce_range": self.recipe.weight_reduce_range,
+            "weight_reduce_range": self.recipe.to_dict()["weight_reduce_range"],
+            "weight_bits": self.weight_bits(),
             "algorithms": [summarize(r) for r in self.recipe.algorithms],
             "preparation": self.preparation.to_dict() if self.preparation else None,
             "calibration": self.calibration.to_dict() if self.calibration else None,
@@ -84,8 +95,9 @@ def _used(recipe: Recipe) -> dict[str, dict]:
     return {t: e for t, e in recipe.tensors.items() if e.get("used", True)}
 
 
-def default_reduce_range(target: str) -> bool:
-    """7-bit weights for a CPU target on CPUs without VNNI: the u8s8 multiply-add saturates int16 otherwise."""
+def int16_pair_sums(target: str) -> bool:
+    """Whether the target's int8 kernels add u8 x s8 products in pairs in int16 on this CPU (no VNNI): then
+    weights get 7 bits where those sums overflow (``quant.pair_overflow``)."""
     return TARGETS[target].int16_pairs and not any(f in cpu()["isa"] for f in VNNI_FLAGS)
 
 
@@ -100,7 +112,7 @@ def quantize(
     percentile: float = DEFAULT_PERCENTILE,
     bins: int = DEFAULT_BINS,
     batch_size: int = 1,
-    weight_reduce_range: bool | None = None,
+    weight_reduce_range: bool | frozenset[str] | None = None,
     stability_halves: int = 4,
     stability_threshold: float = DEFAULT_THRESHOLD,
     observe_all: bool = False,
@@ -137,9 +149,10 @@ def quantize(
     exclude = list(exclude)
     rules = _rules(target)
     prep = _prepared(source, data, rules.prepare if prepare is None else prepare, preparation, exclude)
-    reduce_range = default_reduce_range(target) if weight_reduce_range is None else weight_reduce_range
+    per_layer = weight_reduce_range is None and int16_pair_sums(target)
     ctx, records = run_algorithms(Context(
-        model=ensure_opset(prep.model if prep else source), target=target, reduce_range=reduce_range, data=data,
+        model=ensure_opset(prep.model if prep else source), target=target, reduce_range=bool(weight_reduce_range)
+        if isinstance(weight_reduce_range, bool | None) else weight_reduce_range, data=data,
         settings=settings, exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(),
         batch_size=batch_size), names, "float")
     m = ctx.model
@@ -154,6 +167,10 @@ def quantize(
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
+    overflow = pair_overflow.measure(m, p, {t: _qparams(choices[t], rules) for t in p.activations}, data,
+                                     settings=settings) if per_layer else None
+    if overflow is not None:
+        ctx = replace(ctx, reduce_range=frozenset(layer.weight for layer in overflow if layer.seven_bit))
     qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names)
     report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
                        symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
@@ -162,10 +179,11 @@ def quantize(
                    "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
-        auto_exclusions=auto, weight_reduce_range=reduce_range, tensors=tensors, percentile=percentile,
+        auto_exclusions=auto, weight_reduce_range=ctx.reduce_range, tensors=tensors, percentile=percentile,
         overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
         stability=report.to_dict() if report else None, versions=versions(), algorithms=records,
         prepared=bool(prep and prep.prepared), preparation=prep.to_dict() if prep else None,
+        pair_overflow=[layer.to_dict() for layer in overflow if layer.overflows] if overflow is not None else None,
     )
     warnings = list(cal.warnings)
     if prep and prep.refused:

@@ -32,7 +32,7 @@ class Recipe:
     method: str
     exclusions: list[str]  # as given to Exclusions.parse
     auto_exclusions: dict[str, str]  # node -> why infertune kept it float
-    weight_reduce_range: bool
+    weight_reduce_range: bool | frozenset[str]  # 7-bit weights: every one, none, or the weight tensors named
     tensors: dict[str, dict]  # tensor -> {min, max, method, reason?, scale, zero_point, dtype, ...}
     percentile: float
     overrides: list[str] = field(default_factory=list)
@@ -42,6 +42,7 @@ class Recipe:
     prepared: bool = False  # Q/DQ placed in quant.prepare's graph of the source (recipes before it: False)
     preparation: dict | None = None  # what preparation did (PrepareResult.to_dict), for the record
     algorithms: list[dict] = field(default_factory=list)  # one record per algorithm, in the order they ran
+    pair_overflow: list[dict] | None = None  # layers whose int16 pair sums overflowed (quant.pair_overflow)
 
     def to_dict(self) -> dict:
         return {
@@ -53,7 +54,9 @@ class Recipe:
             "overrides": self.overrides,
             "exclusions": self.exclusions,
             "auto_exclusions": self.auto_exclusions,
-            "weight_reduce_range": self.weight_reduce_range,
+            "weight_reduce_range": self.weight_reduce_range if isinstance(self.weight_reduce_range, bool)
+            else sorted(self.weight_reduce_range),
+            "pair_overflow": self.pair_overflow,
             "prepared": self.prepared,
             "preparation": self.preparation,
             "tensors": self.tensors,
@@ -85,11 +88,12 @@ class Recipe:
         return cls(
             source_sha256=d["source_sha256"], target=d["target"], method=d["method"],
             exclusions=list(d["exclusions"]), auto_exclusions=dict(d.get("auto_exclusions") or {}),
-            weight_reduce_range=bool(d["weight_reduce_range"]), tensors=dict(d["tensors"]),
+            weight_reduce_range=_reduce_range(d["weight_reduce_range"], where), tensors=dict(d["tensors"]),
             percentile=float(d.get("percentile", 99.999)), overrides=list(d.get("overrides") or []),
             calibration=dict(d.get("calibration") or {}), stability=d.get("stability"),
             versions=dict(d.get("versions") or {}), algorithms=list(d.get("algorithms") or []),
             prepared=bool(d.get("prepared", False)), preparation=d.get("preparation"),
+            pair_overflow=d.get("pair_overflow"),
         )
 
     @classmethod
@@ -115,3 +119,12 @@ def model_sha256(model: Model) -> str:
     else:
         h.update(model.to_bytes())
     return h.hexdigest()
+
+
+def _reduce_range(value, where: str) -> bool | frozenset[str]:
+    """A recipe's weight_reduce_range: true, false, or the list of weights quantized to 7 bits."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    raise UsageError(f"{where}: weight_reduce_range must be true, false or a list of weight names, got {value!r}")

@@ -120,7 +120,7 @@ def layers_of(ctx: Context, ed: GraphEditor) -> tuple[dict[str, Layer], dict[str
             skipped[tensor] = (f"{_inputs_per_row(node, w)} inputs per output, more than the {ctx.options.sample_rows} "
                                "sampled rows: the rounding would fit the sample (and cost the most)")
         else:
-            q, scales, _ = quantize_weight_per_channel(w, use.axis, reduce_range=ctx.reduce_range)
+            q, scales, _ = quantize_weight_per_channel(w, use.axis, reduce_range=ctx.reduced(tensor))
             conv = ConvGeometry.of(node, w.shape) if node.op_type == "Conv" else None
             layers[tensor] = Layer(use, node, w, scales, q, conv)
     return layers, skipped
@@ -140,7 +140,6 @@ def apply(ctx: Context) -> Step:
     start = opts.clock()
     ed = GraphEditor(ctx.model)
     layers, skipped = layers_of(ctx, ed)
-    qmin, qmax = qrange("int8", True, ctx.reduce_range)
     sizes = {t: opts.sample_rows * lay.row_dim * 4 for t, lay in layers.items()}  # rows kept, float32
     groups = passes(sizes, opts.sample_memory_mb * 2**20)
     budget = Budget(start + opts.adaround_seconds, {t: cost(lay, opts.sample_rows) for t, lay in layers.items()},
@@ -155,10 +154,10 @@ def apply(ctx: Context) -> Step:
         samples = _sample(ctx, {t: layers[t] for t in tensors})
         budget.sampled()
         for t in tensors:
-            entries[t] = _round_layer(layers[t], samples.pop(t), budget, opts, qmin, qmax)
+            entries[t] = _round_layer(layers[t], samples.pop(t), budget, opts, *qrange("int8", True, ctx.reduced(t)))
             ctx.progress(NAME, len(entries), len(layers))
     record = {"name": NAME, "budget_seconds": opts.adaround_seconds, "rows": opts.sample_rows,
-              "reduce_range": ctx.reduce_range, "layers": entries, "skipped": skipped}
+              "layers": entries, "skipped": skipped}
     return replay(ctx, record)
 
 
@@ -333,13 +332,13 @@ def replay(ctx: Context, record: dict) -> Step:
     ed = GraphEditor(ctx.model)
     quantized = set(ctx.plan.quantized_nodes) if ctx.plan is not None else set()
     axes = {u.tensor: u.axis for u in ctx.plan.weights} if ctx.plan is not None else {}
-    qmin, qmax = qrange("int8", True, ctx.reduce_range)
     weights = {}
     for tensor, entry in record["layers"].items():
         if "flips" not in entry or entry["node"] not in quantized or axes.get(tensor) != entry["axis"]:
             continue
         w = ed.const(tensor)
-        q, scales, _ = quantize_weight_per_channel(w, entry["axis"], reduce_range=ctx.reduce_range)
+        q, scales, _ = quantize_weight_per_channel(w, entry["axis"], reduce_range=ctx.reduced(tensor))
+        qmin, qmax = qrange("int8", True, ctx.reduced(tensor))
         shape = [1] * w.ndim
         shape[entry["axis"]] = -1
         floor = np.floor(np.asarray(w, np.float32) / scales.reshape(shape))

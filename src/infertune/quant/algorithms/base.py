@@ -32,7 +32,7 @@ from infertune.data import Dataset
 from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.quant.placement import Exclusions, QuantPlan
-from infertune.quant.qparams import QParams
+from infertune.quant.qparams import QParams, seven_bit
 
 Algorithm = Literal["cle", "smoothquant", "adaround", "bias_correction"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)  # also the order they run in
@@ -92,7 +92,7 @@ class Context:
 
     model: Model
     target: str
-    reduce_range: bool
+    reduce_range: bool | frozenset[str]  # 7-bit weights: every one, none, or the weight tensors named
     data: Dataset | None = None  # None when replaying a recipe
     exclusions: Exclusions = field(default_factory=Exclusions)
     options: AlgorithmOptions = field(default_factory=AlgorithmOptions)
@@ -101,6 +101,10 @@ class Context:
     plan: QuantPlan | None = None
     qparams: Mapping[str, QParams] = field(default_factory=dict)  # activation tensor -> its parameters
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> int8 values (overrides)
+
+    def reduced(self, tensor: str) -> bool:
+        """Whether weight ``tensor`` is quantized to 7 bits."""
+        return seven_bit(self.reduce_range, tensor)
 
     def with_model(self, model: Model) -> Context:
         return replace(self, model=model)

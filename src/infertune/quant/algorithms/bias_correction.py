@@ -90,9 +90,9 @@ def apply(ctx: Context) -> Step:
         w = ed.const(s.use.tensor)
         q = ctx.weights.get(s.use.tensor)
         if q is None:
-            q, scales, _ = quantize_weight_per_channel(w, s.use.axis, reduce_range=ctx.reduce_range)
+            q, scales, _ = quantize_weight_per_channel(w, s.use.axis, reduce_range=ctx.reduced(s.use.tensor))
         else:
-            scales = quantize_weight_per_channel(w, s.use.axis, reduce_range=ctx.reduce_range)[1]
+            scales = quantize_weight_per_channel(w, s.use.axis, reduce_range=ctx.reduced(s.use.tensor))[1]
         shape = [1] * w.ndim
         shape[s.use.axis] = -1
         shift = s.shift(w, dequantize(q, scales.reshape(shape), 0))

@@ -157,7 +157,9 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.
     total = 0.0
     for wk, ref in zip(weights, reference, strict=True):
         ws = (wk.astype(np.float64) * s[:, None]).astype(np.float32)
-        q, scales, _ = quantize_weight_per_channel(ws, 1, reduce_range=ctx.reduce_range)
+        # a float rewrite runs before the per-layer 7-bit choice (quant.pair_overflow), which looks at the
+        # weights it makes: 8-bit unless every weight is 7-bit
+        q, scales, _ = quantize_weight_per_channel(ws, 1, reduce_range=ctx.reduce_range is True)
         total += float(np.sum(np.square(ref - xq @ dequantize(q, scales[None, :], 0)), dtype=np.float64))
     return total
 

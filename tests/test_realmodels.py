@@ -76,8 +76,8 @@ def test_rec_int8_keeps_the_characters_and_fuses():
     same_chars = np.mean([a.replace(" ", "") == b.replace(" ", "") for a, b in zip(ref, got, strict=True)])
     assert same_chars >= 0.8, list(zip(ref, got, strict=True))
     cos = float(ref_out.ravel() @ got_out.ravel() / np.linalg.norm(ref_out) / np.linalg.norm(got_out))
-    # ~0.958 where VNNI lets weights keep 8 bits; ~0.945 on AVX2 without VNNI, where they are
-    # reduced to 7 bits (reduce_range) so that vpmaddubsw's int16 sums cannot saturate
+    # ~0.958 where VNNI lets weights keep 8 bits; on AVX2 without VNNI the layers whose vpmaddubsw int16
+    # pair sums overflow get 7 bits (quant.pair_overflow)
     assert cos > 0.93
 
 

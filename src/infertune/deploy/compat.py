@@ -312,8 +312,9 @@ def _cpu_findings(c: dict) -> list[Finding]:
                            ""))
     else:
         out.append(Finding("info", "cpu", f"{c.get('model', 'this CPU')}: AVX2 without VNNI: int8 GEMM reaches "
-                           "~1.5-2x FP32 at best, weights are quantized to 7 bits (reduce_range) so that 16-bit "
-                           "intermediate sums cannot saturate, and Q/DQ overhead can eat the gain on small layers",
+                           "~1.5-2x FP32 at best, its 16-bit pair sums can saturate with 8-bit weights (quantize "
+                           "gives 7 bits to the layers where they do on the data), and Q/DQ overhead can eat the "
+                           "gain on small layers",
                            "measure with 'infertune profile --roofline' and let 'infertune tune' decide"))
     if "avx512f" not in isa:
         out.append(Finding("info", "cpu", "no AVX-512: FP32 and INT8 kernels use 256-bit vectors", ""))

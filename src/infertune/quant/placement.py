@@ -46,7 +46,7 @@ class TargetRules:
     input_only_ops: frozenset[str] = frozenset()  # (tensorrt) Q/DQ on inputs when they join
     prepare: bool = False  # quantize prepares the float graph first by default (quant.prepare)
     share_dq: bool = False  # float readers of a Q/DQ'd convolution output read its DQ output too
-    int16_pairs: bool = False  # CPU kernels sum u8 x s8 pairs in int16 where there is no VNNI: 7-bit weights there
+    int16_pairs: bool = False  # CPU kernels sum u8 x s8 pairs in int16 without VNNI: 7 bits where they overflow
 
 
 _MOVEMENT = frozenset({"MaxPool", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
@@ -94,7 +94,8 @@ TARGETS: dict[Target, TargetRules] = {
 # 7-bit weights (docs.openvino.ai, "Saturation (overflow) issue workaround"). Measured on an AVX2 EPYC, full
 # INT8 with 8-bit weights, the same file computed exactly in float vs on OpenVINO: rec text identical 93.5% vs
 # 55.5%, YOLOv8n box F1 0.927 vs 0.771, MiniLM cosine 0.9935 vs 0.9934; with 7-bit weights on OpenVINO
-# 61.0%, 0.900 and 0.9925: the runtime then computes what the recipe (and the algorithms that tune it) says.
+# 61.0%, 0.900 and 0.9925: the runtime then computes what the recipe says, but 7-bit rounding costs as much.
+# So quantize gives 7 bits per layer, where the pair sums overflow (quant.pair_overflow, same table).
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
                                      "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True,
                                      "share_dq": True, "int16_pairs": True})

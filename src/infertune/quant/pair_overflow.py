@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from infertune import backends
-from infertune.data import Dataset
+from infertune.data import Dataset, FeedValidator
 from infertune.model import Model
 from infertune.quant.placement import QuantPlan, WeightUse
 from infertune.quant.qparams import QParams, quantize_weight_per_channel
@@ -79,14 +79,21 @@ def measure(model: Model, plan: QuantPlan, qparams: dict[str, QParams], data: Da
     rng = np.random.default_rng(seed)
     stats = {u.node: LayerOverflow(u.node, u.tensor) for u, _, _ in layers}
     weights = {u.node: quantize_weight_per_channel(consts[u.tensor], u.axis, dtype="int8") for u, _, _ in layers}
-    for i, feed in enumerate(data):
-        if i >= samples:
+    validator = FeedValidator(model, nonfinite="keep")  # the feeds calibration took, as it took them
+    seen = 0
+    for raw in data:
+        feed = validator(raw)
+        if feed is None:
+            continue
+        if seen == samples:
             break
+        seen += 1
         values = {**(runner.run(feed) if runner else {}), **{t: feed[t] for t in wanted if t in inputs}}
         for u, node, act in layers:
             q, scales, _ = weights[u.node]
             qp = qparams[act]
-            a = np.clip(np.rint(values[node.input[0]] / np.float32(qp.scale)) + qp.zero_point, 0, 255).astype(np.int32)
+            x = np.nan_to_num(values[node.input[0]] / np.float32(qp.scale), nan=0.0, posinf=255.0, neginf=-255.0)
+            a = np.clip(np.rint(x) + qp.zero_point, 0, 255).astype(np.int32)
             _add(stats[u.node], node, a, q.astype(np.int32), scales.astype(np.float64), qp.zero_point, rng, positions)
     return list(stats.values())
 

@@ -87,8 +87,8 @@ def _brute_force(m: Model, q, feeds: list[dict]) -> tuple[int, int]:
     return pairs, overflows
 
 
-@pytest.mark.parametrize("make", [lambda: _conv(3), lambda: _conv(4), lambda: _conv(8, groups=2),
-                                  lambda: _matmul()], ids=["conv-3ch", "conv-4ch", "grouped", "matmul"])
+@pytest.mark.parametrize("make", [lambda: _conv(1), lambda: _conv(3), lambda: _conv(4), lambda: _conv(8, groups=2),
+                                  lambda: _matmul()], ids=["conv-1ch", "conv-3ch", "conv-4ch", "grouped", "matmul"])
 def test_pair_sums_counted_as_a_brute_force_loop_counts_them(make):
     m = make()
     feeds = _feeds(m)
@@ -122,7 +122,7 @@ def _exact_and_runtime(model: Model, feed: dict) -> tuple[np.ndarray, np.ndarray
     return exact, fast
 
 
-@pytest.mark.parametrize("cin", [3, 16])
+@pytest.mark.parametrize("cin", [1, 3, 16])
 def test_seven_bits_where_onnx_runtime_saturates_make_its_int8_kernels_exact(monkeypatch, cin):
     """Inputs around zero point 128 through full-scale weights: without VNNI, ONNX Runtime's kernels saturate
     the 8-bit model's pair sums (outputs off by whole units); the per-layer choice gives this layer 7 bits and

@@ -431,3 +431,20 @@ def test_the_bisection_never_runs_a_variant_with_nothing_left_to_quantize(tmp_pa
     assert int8 and all(len(t.spec.exclude) <= limit for t in int8)
     assert not any("nothing left to quantize" in t.note for t in r.trials)
     assert any(f"up to {limit} of its {len(order)} ranked nodes" in d for d in r.decisions)
+
+
+@pytest.mark.parametrize("isa,said", [(["avx2", "fma"], True), (["avx2", "avx512_vnni"], False)])
+def test_the_decisions_say_which_weights_got_7_bits_on_a_cpu_without_vnni(tmp_path, monkeypatch, isa, said):
+    import infertune.quant.quantize as qz
+
+    monkeypatch.setattr(qz, "cpu", lambda: {"isa": isa})
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=10"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",),
+             latency_s=0.1)
+    lines = [d for d in r.decisions if d.startswith("INT8 weights: ")]
+    assert len(lines) == int(said)
+    if said:  # what quantize chose for this model, data and target, as tune calibrated it
+        from infertune.quant.quantize import quantize
+
+        q = quantize(m, calib, target="ort-cpu", observe_all=True, preparation=None, stability_halves=0)
+        assert lines == [f"INT8 weights: {q.weight_bits()} (no VNNI: the int8 kernels add u8 x s8 pairs in 16 bits)"]

@@ -14,8 +14,8 @@ weights as their 8-bit values) at sampled output positions of the first feeds, a
 when the error the overflow adds (what the clipped sums lose, squared, per output) exceeds the error 7-bit
 rounding would add (the rounding variance of a twice wider step times the activations' energy). Depthwise
 convolutions are left alone: they have no input-channel pairs (both runtimes widen to 16 bits and add
-in 32). A layer read through a channel count per group that is odd is paired as the kernels lay it out
-(channels innermost, taps outermost), which is what both runtimes do for 1x1 and KxK convolutions.
+in 32). A layer with an odd channel count per group is paired as the kernels lay it out (channels
+innermost, taps outermost): a convolution of one input channel pairs its taps.
 """
 
 from __future__ import annotations
@@ -110,10 +110,11 @@ def _activation(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan, qparams: 
 
 
 def _paired(node: onnx.NodeProto, w: np.ndarray) -> bool:
-    """False for depthwise convolutions (one input channel per group: no pairs) and 3-D ones (not sampled)."""
+    """False for depthwise convolutions (several groups of one input channel: a kernel of their own, no pairs)
+    and 3-D ones (not sampled). One group of one channel is a GEMM over the taps, which are paired."""
     if node.op_type != "Conv":
         return True
-    return w.ndim in (3, 4) and w.shape[1] > 1
+    return w.ndim in (3, 4) and (w.shape[1] > 1 or _attr(node, "group", 1) == 1)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

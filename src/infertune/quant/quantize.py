@@ -67,8 +67,9 @@ class QuantizeResult:
         r = self.recipe.weight_reduce_range
         if isinstance(r, bool):
             return "7-bit" if r else "8-bit"
-        n = len(r & {w.tensor for w in self.plan.weights})
-        return (f"7-bit for {n} whose int16 pair sums overflow, 8-bit for the rest" if n
+        weights = {w.tensor for w in self.plan.weights}
+        n = len(r & weights)
+        return (f"7-bit for {n} of {len(weights)} weights (their int16 pair sums overflow), 8-bit for the rest" if n
                 else "8-bit: no int16 pair sum overflows")
 
     def summary(self) -> dict:

@@ -173,6 +173,7 @@ class Tuner:
         target = backends.runtime(runtime).placement
         int8 = self.ask(TrialSpec("int8", method=m, threads=threads, backend=runtime,
                                   prepared=self.prepared(target)) for m in self.methods)
+        self.say_weight_bits(runtime, target)
         passing = [t for t in int8 if t.met]
         ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
         if int8 and not ran:
@@ -192,6 +193,15 @@ class Tuner:
                               f"{best.spec.label()}, {metric_text(best, self.budget)}); ranking "
                               f"its nodes by sensitivity{on} (exact, on the first {RANK_FEEDS} evaluation inputs)")
         return self.bisect(best, self.rank(runtime, best))
+
+    def say_weight_bits(self, runtime: str, target: str) -> None:
+        """Which weights quantize gave 7 bits on this runtime, when it chose per layer (a CPU without VNNI)."""
+        prepared = self.prepared(target)
+        spaces = [self.runner.spaces.get((m, target, (), prepared)) for m in self.methods]
+        space = next((s for s in spaces if s is not None), None)  # a Ray run calibrates on its workers
+        if space is not None and isinstance(space.calibrated.recipe.weight_reduce_range, frozenset):
+            self.decisions.append(f"INT8{backends.runtime(runtime).on()} weights: {space.calibrated.weight_bits()} "
+                                  "(no VNNI: the int8 kernels add u8 x s8 pairs in 16 bits)")
 
     def slower_than_fp32(self, quickest: Trial) -> list[str]:
         """Why ``quickest`` (every node in 8-bit: the fastest its method can be) cannot beat FP32, one line per

@@ -171,3 +171,20 @@ def test_the_recipe_keeps_the_per_layer_choice_and_rebuilds_the_same_model(monke
     again = Recipe.load(path)
     assert again.weight_reduce_range == frozenset({"w"})
     assert rebuild(m, again).model.to_bytes() == q.model.to_bytes()
+
+
+def test_a_layout_it_does_not_pair_gets_7_bits_as_before(monkeypatch):
+    """OpenVINO quantizes ConvTranspose, whose kernel this module does not model: 7 bits, said why."""
+    import infertune.quant.quantize as qz
+
+    monkeypatch.setattr(qz, "cpu", lambda: {"isa": ["avx2", "fma"]})
+    w = np.random.default_rng(0).normal(0, 1, (4, 6, 3, 3)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 14, 14])
+    g = helper.make_graph([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up")], "up", [x], [y],
+                          [numpy_helper.from_array(w, "w")])
+    m = Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    q = quantize(m, Dataset.from_iterable(_feeds(m)), target="openvino", stability_halves=0)
+    assert q.recipe.weight_reduce_range == frozenset({"w"})
+    (entry,) = q.recipe.pair_overflow
+    assert entry["seven_bit"] and entry["unmeasured"] == "ConvTranspose with this weight layout"

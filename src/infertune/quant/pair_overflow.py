@@ -42,7 +42,7 @@ SEVEN_BIT_NOISE = ((127 / 63) ** 2 - 1) / 12
 
 @dataclass
 class LayerOverflow:
-    """One layer's pair sums over the sampled positions."""
+    """One layer's pair sums over the sampled positions (or why they were not computed: then 7 bits)."""
 
     node: str
     weight: str
@@ -50,34 +50,41 @@ class LayerOverflow:
     overflows: int = 0  # of which beyond int16
     overflow_error: float = 0.0  # sum of squared output error from clipping (scaled by weight scales)
     seven_bit_error: float = 0.0  # the rounding error 7-bit weights would add instead (same scaling)
+    unmeasured: str = ""  # a layout this module does not pair: 7 bits, as every weight had before
 
     @property
     def seven_bit(self) -> bool:
-        return self.overflow_error > self.seven_bit_error
+        return bool(self.unmeasured) or self.overflow_error > self.seven_bit_error
 
     def to_dict(self) -> dict:
         return {"node": self.node, "weight": self.weight, "pair_sums": self.pairs, "overflows": self.overflows,
                 "overflow_error": self.overflow_error, "seven_bit_error": self.seven_bit_error,
-                "seven_bit": self.seven_bit}
+                "seven_bit": self.seven_bit, **({"unmeasured": self.unmeasured} if self.unmeasured else {})}
 
 
 def measure(model: Model, plan: QuantPlan, qparams: dict[str, QParams], data: Dataset, *,
             settings: backends.Settings | None = None, samples: int = SAMPLES, positions: int = POSITIONS,
             seed: int = 0) -> list[LayerOverflow]:
-    """Pair-sum overflow of every layer with int8 weights and a uint8 activation input, on ``samples`` feeds."""
+    """Pair-sum overflow of every layer whose int8 weights meet a uint8 activation, on ``samples`` feeds."""
     nodes = {n.name: n for n in model.graph.node}
     consts = model.constant_tensors()
-    layers = [(u, nodes[u.node], act) for u in plan.weights
-              if (act := _activation(nodes[u.node], u, plan, qparams)) is not None
-              and _paired(nodes[u.node], consts[u.tensor])]
+    layers, stats = [], {}
+    for u in plan.weights:
+        node = nodes[u.node]
+        act = _uint8_operand(node, u, plan, qparams)
+        why = _unmeasurable(node, u, consts[u.tensor])
+        if act is None or why == "depthwise":  # no u8 x s8 kernel, or no pairs in it
+            continue
+        stats[u.node] = LayerOverflow(u.node, u.tensor, unmeasured=why)
+        if not why:
+            layers.append((u, node, act))
     if not layers:
-        return []
+        return list(stats.values())
     inputs = {i.name for i in model.inputs}
     wanted = list(dict.fromkeys(nodes[u.node].input[0] for u, _, _ in layers))
     computed = [t for t in wanted if t not in inputs]
     runner = backends.compile(model.with_outputs(computed, keep_original=False), settings) if computed else None
     rng = np.random.default_rng(seed)
-    stats = {u.node: LayerOverflow(u.node, u.tensor) for u, _, _ in layers}
     weights = {u.node: quantize_weight_per_channel(consts[u.tensor], u.axis, dtype="int8") for u, _, _ in layers}
     validator = FeedValidator(model, nonfinite="keep")  # the feeds calibration took, as it took them
     seen = 0
@@ -98,23 +105,27 @@ def measure(model: Model, plan: QuantPlan, qparams: dict[str, QParams], data: Da
     return list(stats.values())
 
 
-def _activation(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan, qparams: dict[str, QParams]) -> str | None:
-    """The uint8 activation the weight multiplies (input 0 of a Conv, MatMul or Gemm reading the weight at 1)."""
-    if node.op_type not in ("Conv", "MatMul", "Gemm") or use.input_index != 1:
+def _uint8_operand(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan, qparams: dict[str, QParams]) -> str | None:
+    """The activation the weight multiplies, when it is uint8 (else no u8 x s8 kernel runs)."""
+    if use.input_index not in (0, 1) or len(node.input) < 2:
         return None
-    if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
-        return None
-    t = plan.shared.get(node.input[0], node.input[0])
+    t = plan.shared.get(node.input[1 - use.input_index], node.input[1 - use.input_index])
     qp = qparams.get(t)
     return t if qp is not None and qp.dtype == "uint8" else None
 
 
-def _paired(node: onnx.NodeProto, w: np.ndarray) -> bool:
-    """False for depthwise convolutions (several groups of one input channel: a kernel of their own, no pairs)
-    and 3-D ones (not sampled). One group of one channel is a GEMM over the taps, which are paired."""
-    if node.op_type != "Conv":
-        return True
-    return w.ndim in (3, 4) and (w.shape[1] > 1 or _attr(node, "group", 1) == 1)
+def _unmeasurable(node: onnx.NodeProto, use: WeightUse, w: np.ndarray) -> str:
+    """'' when this module pairs the layer's sums as the kernels do; 'depthwise' (no pairs: safe in 8 bits);
+    else what it does not model (that layer gets 7 bits)."""
+    if node.op_type == "Conv":
+        if use.input_index == 1 and w.ndim in (3, 4):
+            # several groups of one channel: a depthwise kernel; one group of one channel pairs its taps
+            return "depthwise" if w.shape[1] == 1 and _attr(node, "group", 1) > 1 else ""
+        return "a convolution of rank other than 1 or 2"
+    if node.op_type in ("MatMul", "Gemm") and use.input_index == 1 and w.ndim == 2 and not (
+            node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        return ""
+    return f"{node.op_type} with this weight layout"
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -184,7 +184,8 @@ def quantize(
         overrides=parsed_overrides.to_list(), calibration=cal.to_dict(),
         stability=report.to_dict() if report else None, versions=versions(), algorithms=records,
         prepared=bool(prep and prep.prepared), preparation=prep.to_dict() if prep else None,
-        pair_overflow=[layer.to_dict() for layer in overflow if layer.overflows] if overflow is not None else None,
+        pair_overflow=[layer.to_dict() for layer in overflow if layer.overflows or layer.seven_bit]
+        if overflow is not None else None,
     )
     warnings = list(cal.warnings)
     if prep and prep.refused:

@@ -182,7 +182,9 @@ def test_dynamic_shape_qdq_garbage_reproduces_on_the_det_rse_block_and_sharing_t
     for share in (False, True):
         monkeypatch.setitem(placement.TARGETS, "openvino",
                             dataclasses.replace(placement.TARGETS["openvino"], share_dq=share))
-        q = quantize(det, calib, target="openvino", stability_halves=0)
+        # 7-bit weights: the constant feed is far outside calibration, where 8-bit pair sums would saturate
+        # (differently on each runtime's kernels) on a CPU without VNNI; this test is about dynamic dims
+        q = quantize(det, calib, target="openvino", stability_halves=0, weight_reduce_range=True)
         block = Extractor(onnx.shape_inference.infer_shapes(q.model.proto)).extract_model(["p2o.Add.253"],
                                                                                        ["p2o.Mul.171"])
         assert len(block.SerializeToString()) < 40_000

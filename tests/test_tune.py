@@ -446,5 +446,5 @@ def test_the_decisions_say_which_weights_got_7_bits_on_a_cpu_without_vnni(tmp_pa
     if said:  # what quantize chose for this model, data and target, as tune calibrated it
         from infertune.quant.quantize import quantize
 
-        q = quantize(m, calib, target="ort-cpu", observe_all=True, preparation=None, stability_halves=0)
+        q = quantize(m, calib, target="ort-cpu", observe_all=True, stability_halves=0)
         assert lines == [f"INT8 weights: {q.weight_bits()} (no VNNI: the int8 kernels add u8 x s8 pairs in 16 bits)"]

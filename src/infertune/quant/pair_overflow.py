@@ -109,7 +109,8 @@ def _uint8_operand(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan, qparam
     """The activation the weight multiplies, when it is uint8 (else no u8 x s8 kernel runs)."""
     if use.input_index not in (0, 1) or len(node.input) < 2:
         return None
-    t = plan.shared.get(node.input[1 - use.input_index], node.input[1 - use.input_index])
+    operand = node.input[1 - use.input_index]
+    t = plan.shared.get(operand, operand)
     qp = qparams.get(t)
     return t if qp is not None and qp.dtype == "uint8" else None
 

@@ -152,8 +152,8 @@ def quantize(
     prep = _prepared(source, data, rules.prepare if prepare is None else prepare, preparation, exclude)
     per_layer = weight_reduce_range is None and int16_pair_sums(target)
     ctx, records = run_algorithms(Context(
-        model=ensure_opset(prep.model if prep else source), target=target, reduce_range=bool(weight_reduce_range)
-        if isinstance(weight_reduce_range, bool | None) else weight_reduce_range, data=data,
+        model=ensure_opset(prep.model if prep else source), target=target, data=data,
+        reduce_range=False if weight_reduce_range is None else weight_reduce_range,  # per layer: chosen below
         settings=settings, exclusions=Exclusions.parse(exclude), options=algorithm_options or AlgorithmOptions(),
         batch_size=batch_size), names, "float")
     m = ctx.model

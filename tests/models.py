@@ -223,6 +223,15 @@ def mlp_bias() -> onnx.ModelProto:
                   "mlp_bias")
 
 
+def linear_bias(shape=("N", 8, 16)) -> onnx.ModelProto:
+    """x[shape] -> MatMul(W 16x32) -> Add(bias) -> y: a transformer's projection whose output is read in float."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], 32])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="bias")]
+    return _model(nodes, [x], [y], [_w("W", (16, 32), 1, 0.3), _w("b", (32,), 2, 1.0)], "linear_bias")
+
+
 def masked_attention() -> onnx.ModelProto:
     """One self-attention block as BERT exports it: x[N,16,32] -> query/key/value MatMuls ->
     q @ k^T * 1/sqrt(32) + mask (0 or float32 min per key position) -> Softmax -> @ v -> output

@@ -19,8 +19,9 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
 
 @functools.cache
 def cpu() -> dict:
-    """CPU model, logical cores and the ISA flags of ``ISA_FLAGS`` that are present."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """CPU model (with its x86 family and model numbers), logical cores and the ISA flags of ``ISA_FLAGS``
+    that are present."""
+    model, flags, generation = platform.processor() or platform.machine(), set(), {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -30,6 +31,11 @@ def cpu() -> dict:
                 model = value.strip()
             elif key in ("flags", "Features") and not flags:
                 flags = set(value.split())
+            elif key in ("cpu family", "model") and value.strip().isdigit():
+                generation.setdefault(key, value.strip())
+    if len(generation) == 2:
+        # a VM's model name can be just "AMD EPYC": Zen 1 (family 23) and Zen 3 (family 25) time differently
+        model = f"{model} (family {generation['cpu family']}, model {generation['model']})"
     return {
         "model": model,
         "arch": platform.machine(),

@@ -52,6 +52,7 @@ def test_choose_prefers_fp32_within_noise_and_int8_when_clearly_faster():
     assert choose([fp], [fp, close, far], log) is far and "faster" in log[-1]
     slow = _trial(3, TrialSpec("int8", "auto", (), 1), 12.0)
     assert choose([fp], [fp, slow], log) is fp and "for quantization to pay" in log[-1]
+    assert choose([fp], [fp], log, "cosine>=0.999") is fp and log[-1].endswith("no INT8 variant met cosine>=0.999")
 
 
 def test_trial_spec_key_is_stable_and_validated():

@@ -51,8 +51,8 @@ def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial])
     return measured
 
 
-def choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
-    """The fastest trial that met the budget, unless a simpler one is within NOISE of it."""
+def choose(fp32: list[Trial], met: list[Trial], decisions: list[str], budget: str = "the budget") -> Trial:
+    """The fastest trial that met ``budget``, unless a simpler one is within NOISE of it."""
     simplest = min(fp32, key=lambda t: t.p50_ms)
     fastest = min(met, key=lambda t: t.p50_ms)
     if fastest is simplest:
@@ -65,7 +65,7 @@ def choose(fp32: list[Trial], met: list[Trial], decisions: list[str]) -> Trial:
                              f"({best8.p50_ms / simplest.p50_ms:.2f}x): too small a model, or too little "
                              f"{'8-bit' if kind == 'INT8' else 'reduced-precision'} work, for quantization to pay here")
         else:
-            decisions.append(f"chose {simplest.spec.label()}: no INT8 variant met the budget")
+            decisions.append(f"chose {simplest.spec.label()}: no INT8 variant met {budget}")
         return simplest
     if fastest.p50_ms > simplest.p50_ms * (1 - NOISE):
         decisions.append(f"chose {simplest.spec.label()}: {fastest.spec.label()} is only "

@@ -320,9 +320,9 @@ class Tuner:
             final = {k: replace(self.trials[k], p50_ms=v) for k, v in measured.items()}
             # the chosen trial carries its runoff p50: the number the choice was made on
             chosen = choose([final[t.spec.key] for t in self.fp32 if t.spec.key in final], list(final.values()),
-                            self.decisions)
+                            self.decisions, str(self.budget))
         else:
-            chosen = choose(self.fp32, met, self.decisions)
+            chosen = choose(self.fp32, met, self.decisions, str(self.budget))
         if not self.stopped:
             self.stopped = {"int8": "budget met; more float nodes would only add work",
                             "fp16": "budget met by the FP16 variant"}.get(

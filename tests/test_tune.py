@@ -112,9 +112,41 @@ def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkey
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1, 2), runtimes=("ort",))
     assert [(t.spec.precision, t.spec.threads) for t in r.trials] == [("fp32", 1), ("fp32", 2), ("int8", 1),
                                                                        ("int8", 2)] and not r.sensitivity
-    (why,) = [d for d in r.decisions if "no faster than FP32" in d and "not ranking" in d]
-    assert "at 1 thread" in why and "at 2 threads" in why
+    (why,) = [d for d in r.decisions if "no faster than a variant that does" in d and "not ranking" in d]
+    assert "for FP32, 1 thread" in why and "for FP32, 2 threads" in why
     assert r.chosen.spec.precision == "fp32"
+
+
+def test_a_runtime_whose_full_int8_is_slower_than_another_runtimes_passing_int8_is_not_searched(tmp_path, monkeypatch):
+    # ORT's full INT8 misses and OpenVINO's meets, faster at both thread counts: keeping nodes in float on ORT
+    # only adds work, so tune neither runs accuracy algorithms nor ranks nodes there
+    pytest.importorskip("openvino")
+    import infertune.search.measure as measure
+    from infertune.perf.isolated import IsolatedLatency
+
+    def p50(v):
+        int8 = _count(Model.load(v.model), "DequantizeLinear") > 0
+        return {(False, "ort"): 1.0, (False, "openvino"): 1.0, (True, "ort"): 0.8, (True, "openvino"): 0.6}[
+            (int8, v.backend)] / v.settings.intra_op_threads
+
+    monkeypatch.setattr(measure, "time_variants", lambda variants, feed, *, rounds, seconds: {
+        v.key: IsolatedLatency(v.key, p50(v), [p50(v)] * rounds, [1] * rounds) for v in variants})
+    real = measure.TrialRunner.judge
+
+    def judge(self, spec, model):
+        v = real(self, spec, model)
+        return dataclasses.replace(v, met=False) if spec.precision == "int8" and spec.backend == "ort" else v
+
+    monkeypatch.setattr(measure.TrialRunner, "judge", judge)
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("top1_drop<=5"), run_dir=tmp_path / "run", threads=(1, 2),
+             runtimes=("ort", "openvino"))
+    ort8 = [t.spec for t in r.trials if t.spec.precision == "int8" and t.spec.backend == "ort"]
+    assert ort8 and all(not s.exclude and not s.algorithms for s in ort8) and not r.sensitivity
+    (why,) = [d for d in r.decisions if "no faster than a variant that does" in d]
+    assert "(0.800 ms vs 0.600 ms for INT8 auto on OpenVINO, 0 in float, 1 thread; 0.400 ms vs 0.300 ms for " \
+           "INT8 auto on OpenVINO, 0 in float, 2 threads)" in why
+    assert r.chosen.spec.backend == "openvino" and r.chosen.spec.precision == "int8"
 
 
 def test_int8_slower_at_one_thread_but_faster_at_two_is_still_searched(tmp_path, monkeypatch):
@@ -449,3 +481,30 @@ def test_the_decisions_say_which_weights_got_7_bits_on_a_cpu_without_vnni(tmp_pa
 
         q = quantize(m, calib, target="ort-cpu", observe_all=True, stability_halves=0)
         assert lines == [f"INT8 weights: {q.weight_bits()} (no VNNI: the int8 kernels add u8 x s8 pairs in 16 bits)"]
+
+
+def test_trials_reuse_the_reference_outputs_and_another_placements_calibration(tmp_path, monkeypatch):
+    from infertune.quant import space as space_module
+    from infertune.search.measure import TrialRunner
+
+    m, calib, evaluator = _digits(40)
+    runner = TrialRunner(m, calib, evaluator, Budget.parse("top1_drop<=0.5"), tmp_path, latency_s=0.05)
+    source = runner.judge(TrialSpec("fp32", threads=1), m)
+    assert evaluator.passes == 1 and source.met  # the reference pass only: the source on ORT is the reference
+    runner.judge(TrialSpec("fp32", threads=1, backend="ort", options=(("session.intra_op.allow_spinning", "0"),)), m)
+    assert evaluator.passes == 2  # with a knob it is another session: run, not assumed
+
+    seen = []
+    real = space_module.quantize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("calibration"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(space_module, "quantize", spy)
+    ort_space = runner.space("minmax", "ort-cpu")
+    ov_space = runner.space("minmax", "openvino")
+    assert seen == [None, ort_space.calibrated.calibration]  # offered to the second placement ...
+    ov_alone = space_module.calibrated_space(m, calib, method="minmax", target="openvino")
+    for t, qp in ov_alone.calibrated.recipe.tensors.items():  # ... and it gives what calibrating again gives
+        assert ov_space.calibrated.recipe.tensors[t]["scale"] == qp["scale"], t

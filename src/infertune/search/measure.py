@@ -82,8 +82,11 @@ class TrialRunner:
             if algorithms and path.exists():
                 self.spaces[key] = QuantSpace(self.source, rebuild(self.source, Recipe.load(path), check_source=False))
             else:
-                # the plain variant's statistics serve a set that does not rewrite the float graph (quantize checks)
-                plain = self.spaces.get((method, target, (), prepared)) if algorithms else None
+                # statistics gathered on the same float graph serve a set that does not rewrite it: the plain
+                # variant's for an algorithm set, another placement's for a plain one (quantize checks that they
+                # cover every tensor it observes, else calibrates again)
+                plain = self.spaces.get((method, target, (), prepared)) if algorithms else next(
+                    (s for (m, _, a, p), s in self.spaces.items() if (m, a, p) == (method, (), prepared)), None)
                 self.spaces[key] = calibrated_space(
                     self.source, self.calib, method=method, target=target, settings=self.evaluator.settings,
                     algorithms=algorithms, prepare=prepared, preparation=self.preparation() if prepared else None,
@@ -129,7 +132,12 @@ class TrialRunner:
         """``model``'s verdict on ``spec.backend``; the same model and runtime at another thread count reuses it."""
         key = replace(spec, threads=0).key
         if key not in self.verdicts:
-            outs = self.evaluator.run(model, spec.backend, self.eval_settings(spec))
+            settings = self.eval_settings(spec)
+            if (model is self.evaluator.reference and spec.backend == "ort"
+                    and settings == (self.evaluator.settings or backends.Settings())):
+                outs = self.evaluator.ref_outputs  # the reference itself, run as the reference was: no second pass
+            else:
+                outs = self.evaluator.run(model, spec.backend, settings)
             self.verdicts[key] = self.evaluator.judge(outs, self.budget)
         return self.verdicts[key]
 

@@ -114,10 +114,18 @@ class Tuner:
     # ---- the steps --------------------------------------------------------------------------------
     def run(self) -> TuneResult:
         self.measure_fp32()
+        # every runtime's full INT8 first (the fastest each can be): a runtime's accuracy search then only runs
+        # where its full INT8 beats every variant already known to meet the budget, on any runtime
+        full = {}
         for runtime in self.runtimes:
             if self.stopped:
                 break
-            passing = self.search_fp16(runtime) + self.search_int8(runtime)
+            full[runtime] = self.full_int8(runtime)
+            self.other_threads([t for t in full[runtime] if t.met])
+        for runtime in self.runtimes:
+            if self.stopped:
+                break
+            passing = self.search_fp16(runtime) + self.search_int8(runtime, full.get(runtime, []))
             self.other_threads(passing)
             self.try_knobs(runtime, passing)
         return self.decide()
@@ -158,9 +166,9 @@ class Tuner:
             s = min(met, key=lambda t: t.p50_ms).spec
             self.ask(replace(s, options={**dict(s.options), **o}) for o in options)
 
-    def search_int8(self, runtime: str) -> list[Trial]:
-        """INT8 on ``runtime``: every method; if none meets the budget, bisection over its ranking."""
-        on = backends.runtime(runtime).on()
+    def full_int8(self, runtime: str) -> list[Trial]:
+        """INT8 on ``runtime`` with every node quantized, one trial per method ([] where it has no INT8
+        placement, or its FP32 disagrees with ONNX Runtime's)."""
         if not backends.runtime(runtime).placement:
             return []
         fp32 = [t for t in self.fp32 if t.spec.backend == runtime]
@@ -174,17 +182,26 @@ class Tuner:
         int8 = self.ask(TrialSpec("int8", method=m, threads=threads, backend=runtime,
                                   prepared=self.prepared(target)) for m in self.methods)
         self.say_weight_bits(runtime, target)
+        if int8 and not any(t.metrics for t in int8):  # a failed trial has no metrics
+            self.decisions.append(f"no INT8 variant{backends.runtime(runtime).on()} could be built or run: "
+                                  f"{int8[0].note}")
+        return int8
+
+    def search_int8(self, runtime: str, int8: list[Trial]) -> list[Trial]:
+        """INT8 on ``runtime`` from its full-INT8 trials ``int8``: those that meet the budget; else, where the
+        fastest of them beats every variant known to meet it, accuracy algorithms, then bisection over its
+        ranking."""
+        on = backends.runtime(runtime).on()
         passing = [t for t in int8 if t.met]
-        ran = [t for t in int8 if t.metrics]  # a failed trial has no metrics
-        if int8 and not ran:
-            self.decisions.append(f"no INT8 variant{on} could be built or run: {int8[0].note}")
+        ran = [t for t in int8 if t.metrics]
         if passing or not ran or self.stopped:
             return passing
         best = max(ran, key=lambda t: t.metrics.get("sqnr_db", -math.inf))
-        slower = self.slower_than_fp32(min(ran, key=lambda t: t.p50_ms))
-        if slower:  # nodes kept in float only add work: nothing here can beat FP32
+        slower = self.slower_than_met(min(ran, key=lambda t: t.p50_ms))
+        if slower:  # nodes kept in float only add work: nothing here can beat what already meets the budget
             self.decisions.append(f"no INT8 variant{on} met {self.budget} with every node quantized, and even that "
-                                  f"one is no faster than FP32 ({'; '.join(slower)}): not ranking its nodes")
+                                  f"one is no faster than a variant that does ({'; '.join(slower)}): not ranking "
+                                  "its nodes")
             return []
         best = self.recover(runtime, best)
         if best.met or self.stopped:
@@ -203,20 +220,22 @@ class Tuner:
             self.decisions.append(f"INT8{backends.runtime(runtime).on()} weights: {space.calibrated.weight_bits()} "
                                   "(no VNNI: the int8 kernels add u8 x s8 pairs in 16 bits)")
 
-    def slower_than_fp32(self, quickest: Trial) -> list[str]:
-        """Why ``quickest`` (every node in 8-bit: the fastest its method can be) cannot beat FP32, one line per
-        thread count tune searches, or [] when it is faster than every FP32 variant at one of them. Timed at
-        the other thread counts only when it is no faster at its own (8-bit kernels may scale differently)."""
+    def slower_than_met(self, quickest: Trial) -> list[str]:
+        """Why ``quickest`` (every node in 8-bit: the fastest its method can be) cannot beat the fastest variant
+        that meets the budget (FP32, or INT8 on another runtime), one line per thread count tune searches, or []
+        when it is faster at one of them. Timed at the other thread counts only when it is no faster at its own
+        (8-bit kernels may scale differently)."""
         why = []
         for n in thread_counts(quickest.spec.backend, self.threads):
-            floor = min((t.p50_ms for t in self.fp32 if t.spec.threads == n and t.met), default=math.inf)
+            met = [t for t in self.trials.values() if t.met and t.spec.threads == n]
+            floor = min(met, key=lambda t: t.p50_ms, default=None)
             at = quickest if n == quickest.spec.threads else \
                 next(iter(self.ask([replace(quickest.spec, threads=n)])), None)
-            if at is None or not at.metrics:
-                continue  # not run (trial budget) or failed: no evidence either way
-            if at.p50_ms < floor:
+            if at is None or not at.metrics or floor is None:
+                continue  # not run (trial budget) or failed, or nothing at n meets it: no evidence either way
+            if at.p50_ms < floor.p50_ms:
                 return []
-            why.append(f"{at.p50_ms:.3f} ms vs FP32's {floor:.3f} ms at {n} thread{'s' if n != 1 else ''}")
+            why.append(f"{at.p50_ms:.3f} ms vs {floor.p50_ms:.3f} ms for {floor.spec.label()}")
         return why
 
     def recover(self, runtime: str, best: Trial) -> Trial:

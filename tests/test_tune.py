@@ -48,10 +48,10 @@ def test_choose_prefers_fp32_within_noise_and_int8_when_clearly_faster():
     close = _trial(1, TrialSpec("int8", "auto", (), 1), 10.0 * (1 - NOISE / 2))
     far = _trial(2, TrialSpec("int8", "auto", ("a",), 1), 6.0)
     log: list[str] = []
-    assert choose([fp], [fp, close], log) is fp and "within measurement noise" in log[-1]
-    assert choose([fp], [fp, close, far], log) is far and "faster" in log[-1]
+    assert choose([fp], [fp, close], log, "sqnr>=30") is fp and "within measurement noise" in log[-1]
+    assert choose([fp], [fp, close, far], log, "sqnr>=30") is far and "faster" in log[-1]
     slow = _trial(3, TrialSpec("int8", "auto", (), 1), 12.0)
-    assert choose([fp], [fp, slow], log) is fp and "for quantization to pay" in log[-1]
+    assert choose([fp], [fp, slow], log, "sqnr>=30") is fp and "for quantization to pay" in log[-1]
     assert choose([fp], [fp], log, "cosine>=0.999") is fp and log[-1].endswith("no INT8 variant met cosine>=0.999")
 
 
@@ -504,7 +504,8 @@ def test_trials_reuse_the_reference_outputs_and_another_placements_calibration(t
     monkeypatch.setattr(space_module, "quantize", spy)
     ort_space = runner.space("minmax", "ort-cpu")
     ov_space = runner.space("minmax", "openvino")
-    assert seen == [None, ort_space.calibrated.calibration]  # offered to the second placement ...
+    assert seen == [None, ort_space.calibrated.calibration]  # offered to the second placement, taken ...
+    assert ov_space.calibrated.calibration is ort_space.calibrated.calibration
     ov_alone = space_module.calibrated_space(m, calib, method="minmax", target="openvino")
     for t, qp in ov_alone.calibrated.recipe.tensors.items():  # ... and it gives what calibrating again gives
         assert ov_space.calibrated.recipe.tensors[t]["scale"] == qp["scale"], t

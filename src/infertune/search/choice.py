@@ -51,7 +51,7 @@ def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial])
     return measured
 
 
-def choose(fp32: list[Trial], met: list[Trial], decisions: list[str], budget: str = "the budget") -> Trial:
+def choose(fp32: list[Trial], met: list[Trial], decisions: list[str], budget: str) -> Trial:
     """The fastest trial that met ``budget``, unless a simpler one is within NOISE of it."""
     simplest = min(fp32, key=lambda t: t.p50_ms)
     fastest = min(met, key=lambda t: t.p50_ms)

@@ -188,3 +188,28 @@ def test_a_layout_it_does_not_pair_gets_7_bits_as_before(monkeypatch):
     assert q.recipe.weight_reduce_range == frozenset({"w"})
     (entry,) = q.recipe.pair_overflow
     assert entry["seven_bit"] and entry["unmeasured"] == "ConvTranspose with this weight layout"
+
+
+@pytest.mark.parametrize("attrs", [{"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+                                   {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+                                   {"auto_pad": "SAME_UPPER", "strides": [3, 1]}, {"auto_pad": "VALID"},
+                                   {"pads": [0, 1, 2, 1], "strides": [1, 2], "dilations": [2, 1]}, {}],
+                         ids=["same-upper-s2", "same-lower-s2", "same-upper-s3", "valid", "pads", "none"])
+def test_the_patches_it_pairs_are_the_convolutions_onnx_runtime_computes(attrs):
+    """Every output position's patch (padding with the zero point, as the kernels pad) against the integer
+    weights gives ONNX Runtime's own convolution of the same integers: the same values per output channel."""
+    rng = np.random.default_rng(0)
+    zp, cin, cout, size = 128, 3, 4, (7, 6)
+    a = rng.integers(0, 256, (1, cin, *size)).astype(np.int32)
+    q = rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    g = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, *size])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(q.astype(np.float32), "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": (a - zp).astype(np.float32)})[0]
+    patches, w, groups = pair_overflow._conv_patches(node, a, q, zp, rng, positions=10**6)
+    got = np.einsum("ptc,otc->po", (patches - zp).astype(np.float64), w.astype(np.float64))
+    assert groups == 1 and got.shape[0] == want.shape[2] * want.shape[3]
+    assert np.array_equal(np.sort(got, axis=0), np.sort(want[0].reshape(cout, -1).T.astype(np.float64), axis=0))

@@ -129,6 +129,26 @@ def _unmeasurable(node: onnx.NodeProto, use: WeightUse, w: np.ndarray) -> str:
     return f"{node.op_type} with this weight layout"
 
 
+def _conv_pads(node: onnx.NodeProto, size: tuple[int, ...], kernel: tuple[int, int], strides: list[int],
+               dil: list[int]) -> list[int]:
+    """[top, left, bottom, right] of a 2-D (or, height 1, 1-D) Conv: its pads, or what auto_pad makes of them."""
+    auto = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, strides, dil, strict=True):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)  # output ceil(n / s), as ONNX defines
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return [begin[0], begin[1], end[0], end[1]]
+    if auto == "VALID":
+        return [0, 0, 0, 0]
+    pads = _attr(node, "pads", None)
+    if pads is None:
+        return [0, 0, 0, 0]
+    return [0, pads[0], 0, pads[1]] if len(pads) == 2 else pads
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
@@ -179,14 +199,12 @@ def _conv_patches(node: onnx.NodeProto, a: np.ndarray, q: np.ndarray, zp: int, r
     if q.ndim == 3:  # Conv1d as a 2-D convolution of height 1
         a, q = a[:, :, None, :], q[:, :, None, :]
         one = [1]
-        pads = _attr(node, "pads", [0, 0])
-        pads = [0, pads[0], 0, pads[1]]
         strides, dil = one + _attr(node, "strides", [1]), one + _attr(node, "dilations", [1])
     else:
-        pads, strides = _attr(node, "pads", [0, 0, 0, 0]), _attr(node, "strides", [1, 1])
-        dil = _attr(node, "dilations", [1, 1])
+        strides, dil = _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1])
     groups = _attr(node, "group", 1)
     o, cg, kh, kw = q.shape
+    pads = _conv_pads(node, a.shape[2:], (kh, kw), strides, dil)
     x = np.pad(a, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=zp)
     h = (x.shape[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
     w = (x.shape[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ import pytest
 from infertune import backends
 from infertune.cli import main
 from infertune.errors import InfertuneError
-from infertune.perf.isolated import Variant, bench_isolated, time_isolated
+from infertune.perf.isolated import Variant, _Worker, bench_isolated, time_isolated
 from models import MODELS
 
 
@@ -24,19 +25,47 @@ def two(tmp_path):
     return a, b
 
 
-def test_each_variant_and_round_is_its_own_process_with_only_its_runtime(two):
+def test_each_variant_is_its_own_process_with_only_its_runtime_and_the_others_wait_idle(two):
     pytest.importorskip("openvino")
     a, b = two
     feed = {"x": np.zeros((1, 3, 16, 16), np.float32)}
-    variants = [Variant("a-ort", a, "ort"), Variant("a-ov", a, "openvino")]
-    r = time_isolated(variants, feed, rounds=3, seconds=0.05)
-    pids = [p["pid"] for lat in r.values() for p in lat.processes]
-    assert len(set(pids)) == 6 and os.getpid() not in pids  # 2 variants x 3 rounds, none in this process
+    variants = [Variant("a-ort", a, "ort", backends.Settings(intra_op_threads=2)), Variant("a-ov", a, "openvino")]
+    r = time_isolated(variants, feed, rounds=4, seconds=0.05)
+    pids = {lat.key: {p["pid"] for p in lat.processes} for lat in r.values()}
+    assert len(pids["a-ort"]) == len(pids["a-ov"]) == 1 and pids["a-ort"] != pids["a-ov"]  # one process per variant
+    assert os.getpid() not in pids["a-ort"] | pids["a-ov"]
     assert all(p["runtimes"] == ["onnxruntime"] for p in r["a-ort"].processes)
     assert all(p["runtimes"] == ["openvino"] for p in r["a-ov"].processes)  # no ORT thread pool spinning beside
-    assert [p["slot"] for p in r["a-ort"].processes] == [0, 1, 0]  # the order alternates from round to round
+    assert [p["slot"] for p in r["a-ort"].processes] == [0, 1, 0, 1]  # the order alternates from round to round
+    # while one is timed the other uses no CPU (ORT's pool spins ~40 ms after a run unless waited out);
+    # /proc counts in clock ticks, so one tick may fall on the boundary
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+    assert all(p["others_cpu_ms"] <= tick_ms for lat in r.values() for p in lat.processes)
     for lat in r.values():
-        assert lat.p50_ms == float(np.median(lat.rounds_ms)) and len(lat.rounds_ms) == 3 and lat.spread >= 0
+        assert lat.p50_ms == float(np.median(lat.rounds_ms)) and len(lat.rounds_ms) == 4
+        q1, q3 = np.percentile(lat.rounds_ms, [25, 75])
+        assert lat.spread == pytest.approx((q3 - q1) / lat.p50_ms)
+
+
+def test_a_worker_is_quiet_once_settled(tmp_path, two):
+    feed_path = tmp_path / "feed.npz"
+    np.savez(feed_path, x=np.zeros((1, 3, 12, 12), np.float32))
+    w = _Worker(Variant("a", two[1], "ort", backends.Settings(intra_op_threads=2)), feed_path, tmp_path / "w", 2)
+    try:
+        w.reply()
+        assert w.window(0.2)["iterations"] >= 10
+        w.settle()
+        before = w.cpu_s()
+        time.sleep(0.2)
+        assert w.cpu_s() - before <= 1 / os.sysconf("SC_CLK_TCK")
+    finally:
+        w.close()
+    assert w.proc.returncode == 0  # closing its requests ends it
+
+
+def test_a_batched_feed_is_timed_as_one_call(two):
+    r = time_isolated([Variant("a", two[0])], {"x": np.zeros((3, 3, 16, 16), np.float32)}, rounds=1, seconds=0.05)
+    assert r["a"].p50_ms > 0 and r["a"].iterations[0] >= 10
 
 
 def test_a_model_a_runtime_refuses_is_one_clear_error(tmp_path, two):

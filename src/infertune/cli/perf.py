@@ -23,6 +23,7 @@ from infertune.cli.common import (
     specialised,
     table,
 )
+from infertune.perf.isolated import DEFAULT_ROUNDS, DEFAULT_WINDOW_S
 
 
 @click.command()
@@ -33,7 +34,7 @@ from infertune.cli.common import (
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Exact number of timed runs (default: run for --time seconds).")
 @click.option("--time", "time_budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Time budget in seconds (default 3; at least 10 runs).")
+              help="Time budget in seconds (default 3; at least 10 runs); with --isolate, per model and round.")
 @click.option("--save-optimized", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the graph the runtime actually executes, after its optimisations.")
 @click.option("--preallocate", is_flag=True,
@@ -44,8 +45,9 @@ from infertune.cli.common import (
 @click.option("--isolate", is_flag=True,
               help="Time each model in its own fresh process, alternated over --rounds rounds (implied by "
                    "several MODELs): the ratios between them are side by side.")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="With --isolate: rounds of one fresh process per model; the median of rounds is reported.")
+@click.option("--rounds", type=click.IntRange(min=1), default=DEFAULT_ROUNDS, show_default=True,
+              help="With --isolate: rounds; in each, every model's process times --time seconds (default "
+                   f"{DEFAULT_WINDOW_S:g}) in turn. The median of rounds is reported.")
 @fix_option
 @backend_options
 @json_option
@@ -120,7 +122,7 @@ def run_isolated(models, data, preprocess, dims, samples, seed, batch, rounds, s
     ds = None if data in (None, "synthetic") else load_data(loaded[0], data, preprocess, dims, samples, seed)
     with progress_bar(f"timing {len(loaded)} model(s), each in its own process, {rounds} round(s)", not as_json):
         r = bench_isolated(loaded, ds, backend=backend, settings=settings, batch_size=batch, dims=parse_dims(dims),
-                           rounds=rounds, seconds=seconds or 1.0)
+                           rounds=rounds, seconds=seconds or DEFAULT_WINDOW_S)
 
     def human() -> None:
         out.print(f"on {backend}, inputs {', '.join(f'{k} {v}' for k, v in r.input_shapes.items())}: each model "

@@ -2,21 +2,34 @@
 
 ONNX Runtime and OpenVINO both keep spinning thread pools: timing two variants interleaved in one
 process, with both runtimes loaded, distorted a detector's figures by 29% and 80% against the same
-variants timed one per process, and flipped a choice. Here every measurement is a fresh
+variants timed one per process, and flipped a choice. Here every variant gets its own fresh
 ``python -m infertune.perf.isolated SPEC`` process that loads the one runtime it times, compiles
-the model from its file, warms up and times ``bench`` for the given seconds. ``time_isolated``
-runs ``rounds`` rounds over the variants, alternating their order from round to round (so a
-drift in machine speed does not always favour the same one), and reports each variant's median
-of its rounds' p50 with the spread of the rounds ((max - min) / median).
+the model from its file and warms up; then ``time_isolated`` runs ``rounds`` rounds over the
+variants, alternating their order from round to round, and in each round asks each process in
+turn to time ``run`` for the given seconds (after a few untimed calls) while the others wait on
+their pipe. It reports each variant's median of its rounds' p50 with the spread of the rounds
+(interquartile range / median), and for every round the CPU time the waiting processes used meanwhile
+(their thread pools must be asleep, not spinning beside the one being timed).
+
+Why one process per variant kept over the rounds rather than a fresh one per round: the speed of
+this kind of shared machine changes in phases of one to several seconds (benchmarks/timing_method.md:
+one ORT process's windows of 0.25 s in a row read 21, 33, 21 for eight windows, 38-43, then 30-37 ms),
+so many short windows alternated across the variants share the conditions better than a few long
+ones, and a process start (interpreter, runtime, model compile) no longer limits how many rounds
+there can be. Measured there, 8 repeats each: the spread of the reported p50 over repeats was lower
+on all three variants than with 3 fresh processes of 1 s (the same 3 s of timing), at 21% less wall
+time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +41,11 @@ from infertune.data import Dataset, batched
 from infertune.errors import EXIT_BAD_INPUT, InfertuneError, UsageError
 from infertune.fingerprint import environment
 from infertune.model import Model
-from infertune.perf.latency import first_feed
+from infertune.perf.latency import first_feed, time_calls
 
 WORKER_TIMEOUT_S = 600
+DEFAULT_ROUNDS = 10
+DEFAULT_WINDOW_S = 0.3  # per variant and round
 
 
 @dataclass(frozen=True)
@@ -53,17 +68,19 @@ class IsolatedLatency:
 
     @property
     def spread(self) -> float:
-        """(max - min) / median of the round p50s: how far apart the rounds were."""
-        return (max(self.rounds_ms) - min(self.rounds_ms)) / self.p50_ms if self.p50_ms else 0.0
+        """Interquartile range / median of the round p50s: how far apart the rounds were (with many
+        short rounds, max - min would only measure the one window a neighbour slowed down)."""
+        q1, q3 = np.percentile(self.rounds_ms, [25, 75])
+        return float(q3 - q1) / self.p50_ms if self.p50_ms else 0.0
 
     def to_dict(self) -> dict:
         return {"key": self.key, "p50_ms": self.p50_ms, "rounds_ms": self.rounds_ms, "spread": round(self.spread, 4),
                 "iterations": self.iterations, "processes": self.processes}
 
 
-def time_isolated(variants: Sequence[Variant], feed: dict[str, np.ndarray], *, rounds: int = 3,
-                  seconds: float = 1.0, warmup: int = 5) -> dict[str, IsolatedLatency]:
-    """Each variant timed in a fresh process per round, alternating order (see the module docstring)."""
+def time_isolated(variants: Sequence[Variant], feed: dict[str, np.ndarray], *, rounds: int = DEFAULT_ROUNDS,
+                  seconds: float = DEFAULT_WINDOW_S, warmup: int = 5) -> dict[str, IsolatedLatency]:
+    """Each variant timed in its own process, alternated in rounds (see the module docstring)."""
     if rounds < 1 or seconds <= 0:
         raise UsageError(f"rounds must be >= 1 and seconds > 0, got {rounds} and {seconds}")
     keys = [v.key for v in variants]
@@ -75,16 +92,29 @@ def time_isolated(variants: Sequence[Variant], feed: dict[str, np.ndarray], *, r
     with tempfile.TemporaryDirectory(prefix="infertune-isolated-") as d:
         feed_path = Path(d) / "feed.npz"
         np.savez(feed_path, **feed)
-        for r in range(rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for slot, v in enumerate(order):
-                samples[v.key].append({**_time_once(v, feed_path, Path(d), seconds, warmup), "slot": slot})
+        workers = {}
+        try:
+            for i, v in enumerate(variants):  # all compile at once: nothing is timed until every one is ready
+                workers[v.key] = _Worker(v, feed_path, Path(d) / str(i), warmup)
+            ready = {k: w.reply() for k, w in workers.items()}
+            for r in range(rounds):
+                order = list(variants) if r % 2 == 0 else list(reversed(variants))
+                for slot, v in enumerate(order):
+                    idle = {k: w for k, w in workers.items() if k != v.key}
+                    before = sum(w.cpu_s() for w in idle.values())
+                    got = workers[v.key].window(seconds)
+                    workers[v.key].settle()
+                    others_ms = (sum(w.cpu_s() for w in idle.values()) - before) * 1e3
+                    samples[v.key].append({**got, **ready[v.key], "slot": slot, "others_cpu_ms": round(others_ms, 1)})
+        finally:
+            for w in workers.values():
+                w.close()
     out = {}
     for v in variants:
         runs = samples[v.key]
         p50s = [r["p50_ms"] for r in runs]
         out[v.key] = IsolatedLatency(v.key, float(np.median(p50s)), p50s, [r["iterations"] for r in runs],
-                                     [{k: r[k] for k in ("pid", "runtimes", "slot")} for r in runs])
+                                     [{k: r[k] for k in ("pid", "runtimes", "slot", "others_cpu_ms")} for r in runs])
     return out
 
 
@@ -110,7 +140,8 @@ class IsolatedBench:
 
 def bench_isolated(models: Sequence[Model | str | os.PathLike[str]], data: Dataset | None = None, *,
                    backend: str = "ort", settings: backends.Settings | None = None, batch_size: int = 1,
-                   dims: dict[str, int] | None = None, rounds: int = 3, seconds: float = 1.0) -> IsolatedBench:
+                   dims: dict[str, int] | None = None, rounds: int = DEFAULT_ROUNDS,
+                   seconds: float = DEFAULT_WINDOW_S) -> IsolatedBench:
     """p50 of each model on the first sample of ``data`` (or synthetic), each in its own process,
     alternated over ``rounds`` rounds: ratios between them are side by side and truthful."""
     loaded = [m if isinstance(m, Model) else Model.load(m) for m in models]
@@ -138,45 +169,122 @@ def _file_of(model: Model, fallback: Path) -> Path:
     return model.save(fallback)
 
 
-def _time_once(v: Variant, feed_path: Path, workdir: Path, seconds: float, warmup: int) -> dict:
-    spec = workdir / f"spec-{os.getpid()}.json"
-    spec.write_text(json.dumps({"model": str(v.model), "backend": v.backend, "settings": v.settings.to_dict(),
-                                "feed": str(feed_path), "seconds": seconds, "warmup": warmup}))
-    try:
-        p = subprocess.run([sys.executable, "-m", "infertune.perf.isolated", str(spec)], capture_output=True,
-                           text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise InfertuneError(f"timing {v.model.name} on {v.backend} took over {WORKER_TIMEOUT_S} s") from None
-    lines = p.stdout.strip().splitlines()
-    try:
-        doc = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        tail = " | ".join(p.stderr.strip().splitlines()[-3:])
-        raise InfertuneError(f"the timing process for {v.model.name} on {v.backend} died (exit {p.returncode}): "
-                             f"{tail}") from None
-    if "error" in doc:
-        err = InfertuneError(doc["error"])
-        err.exit_code = doc.get("exit_code", EXIT_BAD_INPUT)
-        raise err
-    return doc
+class _Worker:
+    """One variant's timing process: started at once, then one JSON line per request and reply."""
+
+    WINDOW_WARMUP = 2  # untimed calls before each window: the caches are the previous process's
+
+    def __init__(self, v: Variant, feed_path: Path, workdir: Path, warmup: int) -> None:
+        self.variant = v
+        workdir.mkdir()
+        spec = workdir / "spec.json"
+        spec.write_text(json.dumps({"model": str(v.model), "backend": v.backend, "settings": v.settings.to_dict(),
+                                    "feed": str(feed_path), "warmup": warmup}))
+        self.stderr_path = workdir / "stderr.txt"
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "infertune.perf.isolated", str(spec)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def window(self, seconds: float) -> dict:
+        """p50 and iterations of ``run`` timed for ``seconds`` in the worker."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"seconds": seconds, "warmup": self.WINDOW_WARMUP}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died; reply() says how
+        return self.reply()
+
+    def reply(self) -> dict:
+        v = self.variant
+        assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], WORKER_TIMEOUT_S)
+        line = self.proc.stdout.readline() if readable else None
+        if line is None:
+            raise InfertuneError(f"timing {v.model.name} on {v.backend} took over {WORKER_TIMEOUT_S} s")
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            self.proc.wait(timeout=WORKER_TIMEOUT_S)
+            tail = " | ".join(self.stderr_path.read_text().strip().splitlines()[-3:])
+            raise InfertuneError(f"the timing process for {v.model.name} on {v.backend} died "
+                                 f"(exit {self.proc.returncode}): {tail}") from None
+        if "error" in doc:
+            err = InfertuneError(doc["error"])
+            err.exit_code = doc.get("exit_code", EXIT_BAD_INPUT)
+            raise err
+        return doc
+
+    def settle(self, quiet_s: float = 0.03, limit_s: float = 1.0) -> None:
+        """Wait until the process's threads stop spinning (ORT's pool spins about 40 ms after a run):
+        no CPU used for ``quiet_s``, or ``limit_s`` at most, so the next window runs beside no one."""
+        end = time.monotonic() + limit_s
+        last, quiet_since = self.cpu_s(), time.monotonic()
+        while time.monotonic() < end:
+            time.sleep(0.01)
+            now = self.cpu_s()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+
+    def cpu_s(self) -> float:
+        """CPU seconds the process has used (all its threads), from /proc; 0 where there is none."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()  # end of requests: the worker exits
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
-def _worker(spec_path: str) -> dict:
-    """In the fresh process: compile, warm up, time; the result as a dict (errors too)."""
-    from infertune.perf.latency import bench
-
+def _serve(spec_path: str) -> None:
+    """In the fresh process: compile, warm up, say so; then time one window per request line."""
     spec = json.loads(Path(spec_path).read_text())
     try:
         with np.load(spec["feed"], allow_pickle=False) as z:
             feed = {k: z[k] for k in z.files}
-        settings = backends.Settings(**spec["settings"])
-        r = bench(Model.load(spec["model"]), Dataset.from_iterable([feed]), backend=spec["backend"],
-                  settings=settings, warmup=spec["warmup"], time_budget_s=spec["seconds"])
+        model = Model.load(spec["model"])
+        first = next(iter(feed.values()), None)
+        rows = first.shape[0] if first is not None and first.ndim else 1
+        feed = first_feed(model, Dataset.from_iterable([feed]), "the feed to time", rows)
+        runner = backends.compile(model, backends.Settings(**spec["settings"]), backend=spec["backend"])
+        for _ in range(spec["warmup"]):
+            runner.run(feed)
     except InfertuneError as e:
-        return {"error": str(e), "exit_code": e.exit_code}
-    runtimes = sorted(m for m in ("onnxruntime", "openvino", "tensorrt") if m in sys.modules)
-    return {"p50_ms": r.latency_ms.p50, "iterations": r.iterations, "pid": os.getpid(), "runtimes": runtimes}
+        _say({"error": str(e), "exit_code": e.exit_code})
+        return
+    loaded = sorted(m for m in ("onnxruntime", "openvino", "tensorrt") if m in sys.modules)
+    _say({"pid": os.getpid(), "runtimes": loaded})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            for _ in range(request["warmup"]):
+                runner.run(feed)
+            ns = time_calls(runner, feed, time_budget_s=request["seconds"])
+        except InfertuneError as e:
+            _say({"error": str(e), "exit_code": e.exit_code})
+            return
+        _say({"p50_ms": float(np.percentile(ns, 50)) / 1e6, "iterations": int(ns.size)})
+
+
+def _say(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1])))
+    _serve(sys.argv[1])

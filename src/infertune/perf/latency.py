@@ -131,12 +131,35 @@ def bench(
         data = Dataset.synthetic(m, samples=batch_size, dims={**(dims or {}), "batch": 1})
     feed = first_feed(m, batched(data, batch_size), data.name, batch_size)
     runner = backends.compile(m, settings, backend=backend)
-    run = runner.run
-
     for _ in range(warmup):
-        run(feed)
-    budget_ns = None if iterations is not None else int(
-        (time_budget_s or DEFAULT_TIME_BUDGET_S) * 1e9)
+        runner.run(feed)
+    start = time.perf_counter_ns()
+    samples = time_calls(runner, feed, iterations=iterations,
+                         time_budget_s=time_budget_s or DEFAULT_TIME_BUDGET_S, progress=progress)
+    wall = (time.perf_counter_ns() - start) / 1e9
+    stats = LatencyStats.from_ns(samples)
+    warnings = []
+    if stats.cov > COV_WARN:
+        warnings.append(
+            f"latency varies: coefficient of variation {stats.cov:.1%} > {COV_WARN:.0%} (busy "
+            f"machine or too short a run; try more --iterations or fewer threads)"
+        )
+    total_s = sum(samples) / 1e9
+    return BenchResult(
+        model=m.name, backend=backend, settings=settings.to_dict(), batch_size=batch_size,
+        input_shapes={k: list(v.shape) for k, v in feed.items()}, warmup=warmup,
+        iterations=len(samples), wall_s=wall, latency_ms=stats,
+        throughput=batch_size * len(samples) / total_s if total_s > 0 else math.inf,
+        warnings=warnings,
+    )
+
+
+def time_calls(runner: backends.Runner, feed: dict[str, np.ndarray], *, iterations: int | None = None,
+               time_budget_s: float = DEFAULT_TIME_BUDGET_S, progress: Progress | None = None) -> np.ndarray:
+    """The nanoseconds of each timed ``runner.run(feed)``: exactly ``iterations`` of them, or as
+    many as ``time_budget_s`` holds (at least ``MIN_ITERATIONS``)."""
+    run = runner.run
+    budget_ns = int(time_budget_s * 1e9)
     samples: list[int] = []
     clock = time.perf_counter_ns
     start = clock()
@@ -153,22 +176,7 @@ def bench(
             break
         if progress and (n & 15) == 0:
             progress(n, iterations)
-    wall = (clock() - start) / 1e9
-    stats = LatencyStats.from_ns(np.asarray(samples, dtype=np.int64))
-    warnings = []
-    if stats.cov > COV_WARN:
-        warnings.append(
-            f"latency varies: coefficient of variation {stats.cov:.1%} > {COV_WARN:.0%} (busy "
-            f"machine or too short a run; try more --iterations or fewer threads)"
-        )
-    total_s = sum(samples) / 1e9
-    return BenchResult(
-        model=m.name, backend=backend, settings=settings.to_dict(), batch_size=batch_size,
-        input_shapes={k: list(v.shape) for k, v in feed.items()}, warmup=warmup,
-        iterations=len(samples), wall_s=wall, latency_ms=stats,
-        throughput=batch_size * len(samples) / total_s if total_s > 0 else math.inf,
-        warnings=warnings,
-    )
+    return np.asarray(samples, dtype=np.int64)
 
 
 def first_feed(model: Model, data: Dataset, name: str, batch_size: int) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """The choice among the trials that met the budget.
 
 The finalists (the fastest FP32 trial and the fastest others that meet the budget) are measured
-again (``runoff``): each in its own process, alternated over ``RUNOFF_ROUNDS`` rounds, median of
-the rounds, with their spread recorded. The fastest wins, but a quantized one must beat FP32 by
+again (``runoff``): each in its own process, alternated over ``RUNOFF_ROUNDS`` short rounds, median
+of the rounds, with their spread recorded. The fastest wins, but a quantized one must beat FP32 by
 more than ``NOISE`` to be preferred, since latencies on a shared machine differ by a few percent
 from run to run.
 """
@@ -17,7 +17,8 @@ from infertune.search.measure import TrialRunner
 from infertune.search.trials import Trial
 
 NOISE = 0.03
-RUNOFF_ROUNDS = 3
+RUNOFF_ROUNDS = 12
+RUNOFF_TIMING = 3  # each finalist is timed for this many times a trial's latency_s, split over the rounds
 RUNOFF_FINALISTS = 3
 RUNOFF = "runoff.json"
 
@@ -46,7 +47,8 @@ def runoff(runner: TrialRunner, root: Path, met: list[Trial], fp32: list[Trial])
                 return saved["latency"]
         except (ValueError, KeyError, AttributeError):
             pass
-    measured = {k: v.to_dict() for k, v in runner.time([t.spec for t in finalists], rounds=RUNOFF_ROUNDS).items()}
+    timed = runner.time([t.spec for t in finalists], rounds=RUNOFF_ROUNDS, seconds=RUNOFF_TIMING * runner.latency_s)
+    measured = {k: v.to_dict() for k, v in timed.items()}
     write_json(path, {"keys": keys, "latency": measured})
     return measured
 

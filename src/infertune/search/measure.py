@@ -121,7 +121,7 @@ class TrialRunner:
         try:
             model = self.build(spec)
             verdict = self.judge(spec, model)
-            p50 = self.time([spec], rounds=1)[spec.key].p50_ms  # saves the model file it times
+            p50 = self.time([spec], rounds=1, seconds=self.latency_s)[spec.key].p50_ms  # saves the model file it times
         except UserCodeError:
             raise  # the user's metric is broken: that stops the run, it is not this variant's result
         except InfertuneError as e:  # this variant cannot run on this runtime: a result, not a crash
@@ -173,10 +173,11 @@ class TrialRunner:
         return backends.fit_settings(spec.backend, replace(base, options={**base.options,
                                                                            **self.run_settings(spec).options}))
 
-    def time(self, specs: list[TrialSpec], rounds: int) -> dict[str, IsolatedLatency]:
-        """p50 on the first evaluation feed, each variant in its own process, alternated in rounds."""
+    def time(self, specs: list[TrialSpec], rounds: int, seconds: float) -> dict[str, IsolatedLatency]:
+        """p50 on the first evaluation feed, each variant in its own process, alternated in rounds;
+        each variant timed for ``seconds`` in all, split evenly over the rounds."""
         variants = [Variant(s.key, self.model_file(s), s.backend, self.run_settings(s)) for s in specs]
-        return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=self.latency_s)
+        return time_variants(variants, self.evaluator.feeds[0], rounds=rounds, seconds=seconds / rounds)
 
 
 def build_from_recipe(source: Model, recipe: dict | None, spec: TrialSpec) -> Model:

@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/perf.py
 	$(PY) benchmarks/backends.py
 	$(PY) benchmarks/tune.py
+	$(PY) benchmarks/timing_method.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts

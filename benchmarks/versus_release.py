@@ -8,7 +8,7 @@ last commit before that work). Both quantize with the same command, `infertune q
 calib.npz -o OUT` (defaults: method auto, the ort-cpu placement), on the same 64 calibration samples (seed
 0): the release from its source exported by `git archive` and run with this venv, this checkout from
 src/. Then FP32, the release's INT8 and this checkout's INT8 are timed on ONNX Runtime at 1 and 2 threads,
-each in its own process, alternated, median of 5 rounds (perf.isolated), and their fidelity measured on
+each in its own process, alternated, median of 15 short rounds (perf.isolated), and their fidelity measured on
 the held-out inputs of benchmarks/tune.py. Writes benchmarks/results/versus_release.{json,md}.
 """
 
@@ -33,7 +33,8 @@ from infertune import Model, backends  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
 from infertune.perf.isolated import Variant, time_isolated  # noqa: E402
 
-ROUNDS = 5
+ROUNDS = 15
+WINDOW_S = 1 / 3  # per variant and round
 
 
 def export_release(rev: str, dest: Path) -> Path:
@@ -89,7 +90,7 @@ def run(name: str, rev: str, work: Path) -> dict:
     for threads in (1, 2):
         settings = backends.Settings(intra_op_threads=threads, static_shapes=shapes)
         lat = time_isolated([Variant(k, Path(p), "ort", settings) for k, p in paths.items()], data[0],
-                            rounds=ROUNDS, seconds=1.0)
+                            rounds=ROUNDS, seconds=WINDOW_S)
         for key, v in lat.items():
             rows[key][f"p50_ms_{threads}t"] = v.p50_ms
             rows[key][f"spread_{threads}t"] = v.spread

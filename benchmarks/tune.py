@@ -16,7 +16,7 @@ Budgets (against FP32, on held-out inputs):
 tune searches with 64 calibration samples (seed 0) and decides on the evaluation set (seed 1);
 then every variant (FP32, tune's choice, each peer quantizer's output) is measured side by side
 on fresh held-out inputs (seeds 2, 3, 4; rec: 600 lines): fidelity, and p50 latency at 1 and 2 threads (each
-variant in its own process, alternated, median of 5 rounds, compiled for the input's shape as a deployment
+variant in its own process, alternated, median of 15 short rounds, compiled for the input's shape as a deployment
 feeding one size is). tune's wall time per model is recorded. Writes benchmarks/results/tune.{json,md}.
 """
 
@@ -102,7 +102,8 @@ def meets(name: str, row: dict) -> bool:
     return row.get("embedding_cosine_mean", 0) >= 0.995
 
 
-ROUNDS = 5
+ROUNDS = 15
+WINDOW_S = 1 / 3  # per variant and round: 5 s of timing each, in short alternated windows
 NOISE = 0.05  # two p50s closer than this (or than their rounds' spread) are a tie, not a ranking
 
 
@@ -116,6 +117,15 @@ def prepared_rows(m: Model, name: str, work: Path, paths: dict, runtimes: dict, 
         prep.model.save(path)
         for key, runtime in (("fp32-prepared", "ort"), ("fp32-prepared-openvino", "openvino")):
             paths[key], runtimes[key], rows[key] = path, runtime, {"variant": key}
+
+
+def recorded_fp32(r) -> dict | None:
+    """The FP32 finalist tune's runoff timed beside its choice: its row here, threads and p50."""
+    fp = r.fp32
+    if fp.spec.key not in r.runoff:
+        return None
+    row = "fp32" + ("-prepared" if fp.spec.prepared else "") + ("-openvino" if fp.spec.backend == "openvino" else "")
+    return {"variant": row, "threads": fp.spec.threads, "p50_ms": r.p50(fp)}
 
 
 def run(name: str, peers: list[str], work: Path) -> dict:
@@ -152,6 +162,7 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         "variant": "infertune-tune", "chosen": r.chosen.spec.label(), "runtime": r.chosen.spec.backend,
         "trials": len(r.trials), "tune_seconds": tune_s, "excluded": list(r.chosen.spec.exclude),
         "recorded_p50_ms": r.p50(r.chosen), "recorded_threads": r.chosen.spec.threads}}
+    rows["infertune-tune"]["recorded_fp32"] = recorded_fp32(r)
     prepared_rows(m, name, work, paths, runtimes, rows)
     for q in peers:
         out = work / f"{name}-{q}.onnx"
@@ -199,7 +210,7 @@ def isolated_latencies(paths: dict[str, Path], feed: dict, runtimes: dict[str, s
     for threads in (1, 2):
         settings = backends.Settings(intra_op_threads=threads, static_shapes=shapes)
         variants = [Variant(k, Path(p), runtimes.get(k, "ort"), settings) for k, p in paths.items()]
-        for k, lat in time_isolated(variants, feed, rounds=rounds, seconds=1.0).items():
+        for k, lat in time_isolated(variants, feed, rounds=rounds, seconds=WINDOW_S).items():
             out[k][f"p50_ms_{threads}t"] = lat.p50_ms
             out[k][f"spread_{threads}t"] = lat.spread
     return out
@@ -209,7 +220,7 @@ def markdown(results: list[dict], env: dict) -> str:
     lines = ["# tune vs peers, each under its budget", "",
              machine_line(env, "tune.py") + " Fidelity on held-out inputs "
              "tune never saw; latency p50 of one input, each variant in its own process, alternated, median of "
-             "5 rounds.", "",
+             f"{ROUNDS} rounds of {WINDOW_S:.2g} s (spread: interquartile range of the rounds / median).", "",
              "| model | tune wall time s | trials | chosen | measured (UTC) |", "|---|---|---|---|---|"]
     for res in results:
         tr = next(r for r in res["rows"] if r["variant"] == "infertune-tune")
@@ -243,6 +254,20 @@ def tie_margin(a: dict, b: dict, th: str) -> float:
     return max(a.get(f"spread_{th}", 0), b.get(f"spread_{th}", 0), NOISE)
 
 
+def drift(ours: dict, rows: dict, measured: float) -> list[str]:
+    """The recorded speed-up over the FP32 finalist timed beside the choice in tune's runoff, against the
+    same ratio re-measured here; and how far that FP32 file itself moved between the two measurements
+    (the machine's drift, which no timing method removes)."""
+    fp = ours.get("recorded_fp32")
+    fp_now = rows.get(fp["variant"], {}).get(f"p50_ms_{fp['threads']}t") if fp else None
+    if not fp_now:
+        return []
+    then, now = fp["p50_ms"] / ours["recorded_p50_ms"], fp_now / measured
+    return [f"speed-up over {fp['variant']} at {fp['threads']} thread(s) recorded {then:.2f}x vs re-measured "
+            f"{now:.2f}x ({then / now - 1:+.0%}); that FP32 file itself read {fp['p50_ms']:.3f} ms then and "
+            f"{fp_now:.3f} ms now ({fp['p50_ms'] / fp_now - 1:+.0%}, the machine's drift)"]
+
+
 def verdict(res: dict) -> str:
     rows = {r["variant"]: r for r in res["rows"]}
     ours = rows["infertune-tune"]
@@ -259,6 +284,7 @@ def verdict(res: dict) -> str:
         gap = ours["recorded_p50_ms"] / measured - 1
         out.append(f"recorded {ours['recorded_p50_ms']:.3f} ms vs re-measured {measured:.3f} ms at {threads} "
                    f"thread(s) ({gap:+.0%}{', within 10%' if abs(gap) <= 0.10 else ', NOT within 10%'})")
+        out += drift(ours, rows, measured)
     for th in ("1t", "2t"):
         key = f"p50_ms_{th}"
         best = min((r for k, r in rows.items() if k.startswith("fp32") and key in r), key=lambda r: r[key])
@@ -279,13 +305,13 @@ def main() -> None:
     ap.add_argument("--models", default="digits,rec,minilm,yolo")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: a quarter of the evaluation and held-out inputs, 2 timing rounds")
+                    help="a smoke run: a quarter of the evaluation and held-out inputs, 4 timing rounds")
     ap.add_argument("--merge", action="store_true",
                     help="keep the committed results of the models not run now (same machine kind only)")
     args = ap.parse_args()
     if args.quick:
         global ROUNDS
-        ROUNDS = 2
+        ROUNDS = 4
         for n in (EVAL_N, CHECK_N):
             n.update({k: max(12, v // 4) for k, v in n.items()})
     env = environment()

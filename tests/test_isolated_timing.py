@@ -63,6 +63,21 @@ def test_a_worker_is_quiet_once_settled(tmp_path, two):
     assert w.proc.returncode == 0  # closing its requests ends it
 
 
+def test_where_cpu_time_cannot_be_read_it_waits_a_fixed_time_and_says_it_does_not_know(monkeypatch, two):
+    """No /proc (macOS, Windows): the wait after a window is a fixed one, and the record of what the waiting
+    processes used is None, not a 0 that would claim they were idle."""
+    import infertune.perf.isolated as isolated
+
+    monkeypatch.setattr(isolated._Worker, "cpu_s", lambda self: None)
+    slept = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(isolated.time, "sleep", lambda s: (slept.append(s), real_sleep(s)))
+    r = time_isolated([Variant("a", two[0]), Variant("b", two[0])], {"x": np.zeros((1, 3, 16, 16), np.float32)},
+                      rounds=2, seconds=0.05)
+    assert all(p["others_cpu_ms"] is None for lat in r.values() for p in lat.processes)
+    assert slept.count(isolated.BLIND_SETTLE_S) == 4  # after each of the 2 x 2 windows
+
+
 def test_a_batched_feed_is_timed_as_one_call(two):
     r = time_isolated([Variant("a", two[0])], {"x": np.zeros((3, 3, 16, 16), np.float32)}, rounds=1, seconds=0.05)
     assert r["a"].p50_ms > 0 and r["a"].iterations[0] >= 10

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ from infertune.perf.latency import first_feed, time_calls
 WORKER_TIMEOUT_S = 600
 DEFAULT_ROUNDS = 10
 DEFAULT_WINDOW_S = 0.3  # per variant and round
+BLIND_SETTLE_S = 0.2  # the wait after a window where a process's CPU time cannot be read (ORT spins ~40 ms)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class IsolatedLatency:
     p50_ms: float  # median over the rounds of each round's p50
     rounds_ms: list[float]  # each round's p50, in round order
     iterations: list[int]  # timed runs per round
-    processes: list[dict] = field(default_factory=list)  # per round: {"pid", "runtimes" loaded in it, "slot"}
+    # per round: {"pid", "runtimes" loaded in it, "slot", "others_cpu_ms": CPU the waiting processes used
+    # meanwhile (None where the system cannot say)}
+    processes: list[dict] = field(default_factory=list)
 
     @property
     def spread(self) -> float:
@@ -100,12 +103,13 @@ def time_isolated(variants: Sequence[Variant], feed: dict[str, np.ndarray], *, r
             for r in range(rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for slot, v in enumerate(order):
-                    idle = {k: w for k, w in workers.items() if k != v.key}
-                    before = sum(w.cpu_s() for w in idle.values())
+                    idle = [w for k, w in workers.items() if k != v.key]
+                    before = _cpu_total(idle)
                     got = workers[v.key].window(seconds)
                     workers[v.key].settle()
-                    others_ms = (sum(w.cpu_s() for w in idle.values()) - before) * 1e3
-                    samples[v.key].append({**got, **ready[v.key], "slot": slot, "others_cpu_ms": round(others_ms, 1)})
+                    after = _cpu_total(idle)
+                    others_ms = None if before is None or after is None else round((after - before) * 1e3, 1)
+                    samples[v.key].append({**got, **ready[v.key], "slot": slot, "others_cpu_ms": others_ms})
         finally:
             for w in workers.values():
                 w.close()
@@ -198,10 +202,13 @@ class _Worker:
     def reply(self) -> dict:
         v = self.variant
         assert self.proc.stdout is not None
-        readable, _, _ = select.select([self.proc.stdout], [], [], WORKER_TIMEOUT_S)
-        line = self.proc.stdout.readline() if readable else None
-        if line is None:
+        got: list[str] = []  # a reading thread, not select(): pipes cannot be selected on Windows
+        reader = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(WORKER_TIMEOUT_S)
+        if not got:
             raise InfertuneError(f"timing {v.model.name} on {v.backend} took over {WORKER_TIMEOUT_S} s")
+        line = got[0]
         try:
             doc = json.loads(line)
         except ValueError:
@@ -217,7 +224,11 @@ class _Worker:
 
     def settle(self, quiet_s: float = 0.03, limit_s: float = 1.0) -> None:
         """Wait until the process's threads stop spinning (ORT's pool spins about 40 ms after a run):
-        no CPU used for ``quiet_s``, or ``limit_s`` at most, so the next window runs beside no one."""
+        no CPU used for ``quiet_s``, or ``limit_s`` at most, so the next window runs beside no one.
+        Where the CPU time cannot be read (no /proc), a fixed ``BLIND_SETTLE_S``."""
+        if self.cpu_s() is None:
+            time.sleep(BLIND_SETTLE_S)
+            return
         end = time.monotonic() + limit_s
         last, quiet_since = self.cpu_s(), time.monotonic()
         while time.monotonic() < end:
@@ -228,12 +239,12 @@ class _Worker:
             elif time.monotonic() - quiet_since >= quiet_s:
                 return
 
-    def cpu_s(self) -> float:
-        """CPU seconds the process has used (all its threads), from /proc; 0 where there is none."""
+    def cpu_s(self) -> float | None:
+        """CPU seconds the process has used (all its threads), from /proc; None where there is none."""
         try:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            return 0.0
+            return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def close(self) -> None:
@@ -249,6 +260,13 @@ class _Worker:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def _cpu_total(workers: list[_Worker]) -> float | None:
+    """CPU seconds these processes have used, or None when any cannot say."""
+    used = [w.cpu_s() for w in workers]
+    known = [u for u in used if u is not None]
+    return sum(known) if len(known) == len(used) else None
 
 
 def _serve(spec_path: str) -> None:

@@ -29,12 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, model_path, outputs  # noqa: E402
 from benchmarks.results_io import machine_line, save_results  # noqa: E402
+from benchmarks.tune import ROUNDS, WINDOW_S  # noqa: E402  the tune benchmark's timing protocol
 from infertune import Model, backends  # noqa: E402
 from infertune.fingerprint import environment  # noqa: E402
 from infertune.perf.isolated import Variant, time_isolated  # noqa: E402
-
-ROUNDS = 15
-WINDOW_S = 1 / 3  # per variant and round
 
 
 def export_release(rev: str, dest: Path) -> Path:

@@ -13,7 +13,8 @@ their pipe. It reports each variant's median of its rounds' p50 with the spread 
 
 Why one process per variant kept over the rounds rather than a fresh one per round: the speed of
 this kind of shared machine changes in phases of one to several seconds (benchmarks/timing_method.md:
-one ORT process's windows of 0.25 s in a row read 21, 33, 21 for eight windows, 38-43, then 30-37 ms),
+one ORT process's windows of 0.25 s in a row read 20.6-21.7 ms for eight windows, then 37.6 and
+43.2, then 29-37 ms for 17 of the next 18),
 so many short windows alternated across the variants share the conditions better than a few long
 ones, and a process start (interpreter, runtime, model compile) no longer limits how many rounds
 there can be. Measured there, 8 repeats each: the spread of the reported p50 over repeats was lower
@@ -46,7 +47,7 @@ from infertune.perf.latency import first_feed, time_calls
 WORKER_TIMEOUT_S = 600
 DEFAULT_ROUNDS = 10
 DEFAULT_WINDOW_S = 0.3  # per variant and round
-BLIND_SETTLE_S = 0.2  # the wait after a window where a process's CPU time cannot be read (ORT spins ~40 ms)
+BLIND_SETTLE_S = 0.2  # the wait after a window where a process's CPU time cannot be read
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,14 @@ class _Worker:
         return doc
 
     def settle(self, quiet_s: float = 0.03, limit_s: float = 1.0) -> None:
-        """Wait until the process's threads stop spinning (ORT's pool spins about 40 ms after a run):
+        """Wait until the process's threads stop spinning (ORT's pool keeps spinning after a run):
         no CPU used for ``quiet_s``, or ``limit_s`` at most, so the next window runs beside no one.
         Where the CPU time cannot be read (no /proc), a fixed ``BLIND_SETTLE_S``."""
-        if self.cpu_s() is None:
+        last, quiet_since = self.cpu_s(), time.monotonic()
+        if last is None:
             time.sleep(BLIND_SETTLE_S)
             return
-        end = time.monotonic() + limit_s
-        last, quiet_since = self.cpu_s(), time.monotonic()
+        end = quiet_since + limit_s
         while time.monotonic() < end:
             time.sleep(0.01)
             now = self.cpu_s()

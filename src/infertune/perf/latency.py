@@ -144,7 +144,7 @@ def bench(
             f"latency varies: coefficient of variation {stats.cov:.1%} > {COV_WARN:.0%} (busy "
             f"machine or too short a run; try more --iterations or fewer threads)"
         )
-    total_s = sum(samples) / 1e9
+    total_s = int(samples.sum()) / 1e9
     return BenchResult(
         model=m.name, backend=backend, settings=settings.to_dict(), batch_size=batch_size,
         input_shapes={k: list(v.shape) for k, v in feed.items()}, warmup=warmup,

@@ -117,36 +117,72 @@ def test_no_ranking_when_even_full_int8_is_not_faster_than_fp32(tmp_path, monkey
     assert r.chosen.spec.precision == "fp32"
 
 
-def test_a_runtime_whose_full_int8_is_slower_than_another_runtimes_passing_int8_is_not_searched(tmp_path, monkeypatch):
-    # ORT's full INT8 misses and OpenVINO's meets, faster at both thread counts: keeping nodes in float on ORT
-    # only adds work, so tune neither runs accuracy algorithms nor ranks nodes there
-    pytest.importorskip("openvino")
+# p50 by (quantized, runtime) at one thread: INT8 quicker on OpenVINO than on ORT, both quicker than FP32
+_TWO_RUNTIMES = {(False, "ort"): 1.0, (False, "openvino"): 1.0, (True, "ort"): 0.8, (True, "openvino"): 0.6}
+
+
+def _runtime_clock(monkeypatch, p50s):
+    """Replace tune's timing by ``p50s[(quantized, runtime)]`` divided by the thread count."""
     import infertune.search.measure as measure
     from infertune.perf.isolated import IsolatedLatency
 
     def p50(v):
-        int8 = _count(Model.load(v.model), "DequantizeLinear") > 0
-        return {(False, "ort"): 1.0, (False, "openvino"): 1.0, (True, "ort"): 0.8, (True, "openvino"): 0.6}[
-            (int8, v.backend)] / v.settings.intra_op_threads
+        return p50s[(_count(Model.load(v.model), "DequantizeLinear") > 0, v.backend)] / v.settings.intra_op_threads
 
     monkeypatch.setattr(measure, "time_variants", lambda variants, feed, *, rounds, seconds: {
         v.key: IsolatedLatency(v.key, p50(v), [p50(v)] * rounds, [1] * rounds) for v in variants})
+
+
+def _misses(monkeypatch, when):
+    """Every trial whose spec satisfies ``when`` misses the budget; the others are judged as measured."""
+    import infertune.search.measure as measure
+
     real = measure.TrialRunner.judge
 
     def judge(self, spec, model):
         v = real(self, spec, model)
-        return dataclasses.replace(v, met=False) if spec.precision == "int8" and spec.backend == "ort" else v
+        return dataclasses.replace(v, met=False) if when(spec) else v
 
     monkeypatch.setattr(measure.TrialRunner, "judge", judge)
+
+
+def _searched_only_full_int8(r, runtime: str) -> bool:
+    """``runtime`` got its full INT8 trials and nothing more: no algorithms, no ranking, no exclusions."""
+    int8 = [t.spec for t in r.trials if t.spec.precision == "int8" and t.spec.backend == runtime]
+    return bool(int8) and all(not s.exclude and not s.algorithms for s in int8)
+
+
+def test_a_runtime_whose_full_int8_is_slower_than_another_runtimes_passing_int8_is_not_searched(tmp_path, monkeypatch):
+    # ORT's full INT8 misses and OpenVINO's meets, faster at both thread counts: keeping nodes in float on ORT
+    # only adds work, so tune neither runs accuracy algorithms nor ranks nodes there
+    pytest.importorskip("openvino")
+    _runtime_clock(monkeypatch, _TWO_RUNTIMES)
+    _misses(monkeypatch, lambda s: s.precision == "int8" and s.backend == "ort")
     m, calib, ev = _digits(60)
     r = tune(m, calib, ev, Budget.parse("top1_drop<=5"), run_dir=tmp_path / "run", threads=(1, 2),
              runtimes=("ort", "openvino"))
-    ort8 = [t.spec for t in r.trials if t.spec.precision == "int8" and t.spec.backend == "ort"]
-    assert ort8 and all(not s.exclude and not s.algorithms for s in ort8) and not r.sensitivity
+    assert _searched_only_full_int8(r, "ort") and not r.sensitivity
     (why,) = [d for d in r.decisions if "no faster than a variant that does" in d]
     assert "(0.800 ms vs 0.600 ms for INT8 auto on OpenVINO, 0 in float, 1 thread; 0.400 ms vs 0.300 ms for " \
            "INT8 auto on OpenVINO, 0 in float, 2 threads)" in why
     assert r.chosen.spec.backend == "openvino" and r.chosen.spec.precision == "int8"
+
+
+def test_the_runtime_with_the_quickest_full_int8_is_searched_first(tmp_path, monkeypatch):
+    # both runtimes' full INT8 miss. OpenVINO's is the quicker, so its accuracy search runs first although ORT
+    # is asked for first, and the variant that meets the budget there (bias correction, all in 8-bit) bounds
+    # ORT's search: ORT's full INT8 cannot beat it, so ORT gets no algorithms, ranking or bisection. Searched
+    # in the order asked for, ORT's full INT8 (faster than FP32) would have been searched first, for nothing.
+    pytest.importorskip("openvino")
+    _runtime_clock(monkeypatch, _TWO_RUNTIMES)
+    _misses(monkeypatch, lambda s: s.precision == "int8" and (s.backend == "ort" or not s.algorithms))
+    m, calib, ev = _digits(60)
+    r = tune(m, calib, ev, Budget.parse("top1_drop<=5"), run_dir=tmp_path / "run", threads=(1, 2),
+             runtimes=("ort", "openvino"))
+    (first,) = [d for d in r.decisions if d.startswith("searching OpenVINO first")]
+    assert "INT8 auto on OpenVINO, 0 in float, 1 thread 0.600 ms; INT8 auto, 0 in float, 1 thread 0.800 ms" in first
+    assert _searched_only_full_int8(r, "ort") and not r.sensitivity
+    assert r.chosen.spec.backend == "openvino" and r.chosen.spec.algorithms and r.chosen.met
 
 
 def test_int8_slower_at_one_thread_but_faster_at_two_is_still_searched(tmp_path, monkeypatch):

@@ -10,14 +10,16 @@ The search (``Tuner``), cheapest first:
    ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
    what its graph optimiser fuses or accepts; one calibration per method asked for; in the prepared
    graph where the placement prepares one) with nothing excluded, evaluated on it;
-3. if no INT8 variant meets the budget there: ``recover``, accuracy algorithms with every node still
-   in 8-bit, cheapest first (bias correction, then with equalisation, for a convnet; SmoothQuant, then
-   with bias correction, for a transformer: told apart by the op types that dominate the graph),
-   learned rounding on top of the best of them only if the budget is still missed; then ``rank`` (the
-   exact sensitivity ranking of the best method's groups with the best algorithm set, measured on that
-   runtime: kernels differ (their int8 convolutions round and saturate differently); on the first
-   ``RANK_FEEDS`` evaluation feeds: a ranking needs each group's output NSR, not a verdict), then
-   ``bisect`` over how many of the most sensitive groups stay float;
+3. if no INT8 variant meets the budget there (runtimes in the order of their full INT8's latency,
+   quickest first: what meets the budget on one bounds the search on the slower ones): ``recover``,
+   accuracy algorithms with every node still in 8-bit, cheapest first (bias correction, then with
+   equalisation, for a convnet; SmoothQuant, then with bias correction, for a transformer: told
+   apart by the op types that dominate the graph), learned rounding on top of the best of them only
+   if the budget is still missed; then ``rank`` (the exact sensitivity ranking of the best method's
+   groups with the best algorithm set, measured on that runtime: kernels differ (their int8
+   convolutions round and saturate differently); on the first ``RANK_FEEDS`` evaluation feeds: a
+   ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of the most
+   sensitive groups stay float;
 4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
    runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).
@@ -122,13 +124,28 @@ class Tuner:
                 break
             full[runtime] = self.full_int8(runtime)
             self.other_threads([t for t in full[runtime] if t.met])
-        for runtime in self.runtimes:
+        for runtime in self.quickest_first(full):
             if self.stopped:
                 break
             passing = self.search_fp16(runtime) + self.search_int8(runtime, full.get(runtime, []))
             self.other_threads(passing)
             self.try_knobs(runtime, passing)
         return self.decide()
+
+    def quickest_first(self, full: dict[str, list[Trial]]) -> list[str]:
+        """The runtimes in the order their accuracy search runs: the one whose full INT8 is quickest first, so
+        that what meets the budget there bounds the search on the slower ones (``slower_than_met``): searched
+        the other way round, the slower runtime's algorithms and bisection are spent on variants the quicker
+        runtime's INT8 may beat anyway."""
+        quickest = {r: min((t for t in full.get(r, []) if t.metrics), key=lambda t: t.p50_ms, default=None)
+                    for r in self.runtimes}
+        # stable: runtimes without an INT8 trial that ran keep the order asked for, after the others
+        order = sorted(self.runtimes, key=lambda r: quickest[r].p50_ms if quickest[r] else math.inf)
+        if order != self.runtimes:
+            timed = [f"{quickest[r].spec.label()} {quickest[r].p50_ms:.3f} ms" for r in order if quickest[r]]
+            self.decisions.append(f"searching {backends.runtime(order[0]).display} first, its full INT8 being the "
+                                  f"quickest: {'; '.join(timed)}")
+        return order
 
     def measure_fp32(self) -> None:
         specs = [TrialSpec("fp32", threads=t, backend=r) for r in self.runtimes for t in thread_counts(r, self.threads)]

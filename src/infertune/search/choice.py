@@ -17,8 +17,11 @@ from infertune.search.measure import TrialRunner
 from infertune.search.trials import Trial
 
 NOISE = 0.03
-RUNOFF_ROUNDS = 12
-RUNOFF_TIMING = 3  # each finalist is timed for this many times a trial's latency_s, split over the rounds
+# 24 windows of 0.25 s each (at latency_s 1 s): the machine changes speed in phases of seconds (on a 2-vCPU
+# Zen 5, rounds of one runoff read 4.8-5.0 ms and then 7.5-8.6 ms for the same file), so the median is
+# taken over as many phases as a few seconds more allow (3 finalists: about 18 s of timing instead of 9)
+RUNOFF_ROUNDS = 24
+RUNOFF_TIMING = 6  # each finalist is timed for this many times a trial's latency_s, split over the rounds
 RUNOFF_FINALISTS = 3
 RUNOFF = "runoff.json"
 

@@ -45,8 +45,8 @@ from benchmarks import quantize as qbench  # noqa: E402
 MODELS = ("rec", "minilm", "yolo")
 FAMILY = {"rec": "convnet", "yolo": "convnet", "minilm": "transformer"}
 SETS = {
-    "convnet": ["none", "bias_correction", "cle", "cle+bias_correction", "adaround", "adaround+bias_correction",
-                "cle+adaround+bias_correction"],
+    "convnet": ["none", "bias_correction", "cle", "cle+bias_correction", "smoothquant+bias_correction", "adaround",
+                "adaround+bias_correction", "cle+adaround+bias_correction"],
     "transformer": ["none", "smoothquant", "bias_correction", "smoothquant+bias_correction", "adaround",
                     "smoothquant+adaround+bias_correction"],
 }

@@ -13,13 +13,13 @@ The search (``Tuner``), cheapest first:
 3. if no INT8 variant meets the budget there (runtimes in the order of their full INT8's latency,
    quickest first: what meets the budget on one bounds the search on the slower ones): ``recover``,
    accuracy algorithms with every node still in 8-bit, cheapest first (bias correction, then with
-   equalisation, for a convnet; SmoothQuant, then with bias correction, for a transformer: told
-   apart by the op types that dominate the graph), learned rounding on top of the best of them only
-   if the budget is still missed; then ``rank`` (the exact sensitivity ranking of the best method's
-   groups with the best algorithm set, measured on that runtime: kernels differ (their int8
-   convolutions round and saturate differently); on the first ``RANK_FEEDS`` evaluation feeds: a
-   ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of the most
-   sensitive groups stay float;
+   SmoothQuant, then with equalisation, for a convnet; SmoothQuant, then with bias correction, for a
+   transformer: told apart by the op types that dominate the graph), learned rounding on top of the
+   best of them only if the budget is still missed; then ``rank`` (the exact sensitivity ranking of
+   the best method's groups with the best algorithm set, measured on that runtime: kernels differ
+   (their int8 convolutions round and saturate differently); on the first ``RANK_FEEDS`` evaluation
+   feeds: a ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of
+   the most sensitive groups stay float;
 4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
    runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).

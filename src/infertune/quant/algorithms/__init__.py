@@ -2,8 +2,8 @@
 keeping nodes in float (one module each; their shared interface is in ``base``).
 
 - ``cle``: cross-layer equalisation of Conv/Gemm/MatMul pairs (FP32 outputs unchanged);
-- ``smoothquant``: per-channel activation outliers of MatMul/Gemm inputs moved into the weights,
-  alpha chosen per layer by measured error (FP32 outputs unchanged);
+- ``smoothquant``: per-channel activation outliers of MatMul/Gemm and pointwise-convolution inputs
+  moved into the weights, alpha chosen per layer by measured error (FP32 outputs unchanged);
 - ``adaround``: learned weight rounding, layer by layer, on sampled activations, within a time budget;
 - ``bias_correction``: each quantized layer's bias minus the mean output shift quantization causes.
 
@@ -34,8 +34,11 @@ from infertune.quant.algorithms.base import (
 MODULES = {"cle": cle, "smoothquant": smoothquant, "adaround": adaround, "bias_correction": bias_correction}
 # tune's steps, cheapest first; each step's alternatives are tried in order and the best is kept.
 # Bias correction comes alone first on convnets: on rapidocr's recognition model it recovered most of
-# what full INT8 lost where adding equalisation lost accuracy again (benchmarks/algorithms.py)
-CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("cle", "bias_correction")]
+# what full INT8 lost where adding equalisation lost accuracy again (benchmarks/algorithms.py).
+# SmoothQuant next: convnets with SiLU / HardSwish activations (YOLO, PP-OCR) have no pair equalisation
+# can scale through, while SmoothQuant's explicit Mul reaches their pointwise convolutions' inputs.
+CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("smoothquant", "bias_correction"),
+                                              ("cle", "bias_correction")]
 TRANSFORMER_CHEAP: list[tuple[Algorithm, ...]] = [("smoothquant",), ("smoothquant", "bias_correction")]
 EXPENSIVE: list[tuple[Algorithm, ...]] = [("adaround",)]
 

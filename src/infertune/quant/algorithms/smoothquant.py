@@ -1,10 +1,14 @@
 """SmoothQuant (Xiao et al., 2023): move per-channel activation outliers into the weights.
 
 A *group* is an activation X and the MatMul / Gemm layers that multiply it by a constant weight
-(a transformer's query, key and value read the same X and form one group). With a_j the absmax
-of X's channel j over the calibration data and w_j that of row j of the group's weights,
-s_j = a_j^alpha / w_j^(1 - alpha); X / s and diag(s) W give the same product, and X / s has
-flatter channels for the per-tensor activation quantizer.
+(a transformer's query, key and value read the same X and form one group), or the pointwise (1x1,
+ungrouped) convolutions that read X, channels on axis 1: a 1x1 convolution is a MatMul over the
+channels at every position. With a_j the absmax of X's channel j over the calibration data and w_j
+that of row j of the group's weights (input channel j), s_j = a_j^alpha / w_j^(1 - alpha); X / s and
+diag(s) W give the same product, and X / s has flatter channels for the per-tensor activation
+quantizer. Convolutions matter where the activation before them is not positively homogeneous
+(SiLU, HardSwish, GELU): equalisation (``cle``) cannot scale through it, the explicit Mul can, and
+OpenVINO fuses that Mul (on rapidocr's recognition model its executed graph keeps no layer for any).
 
 The division by s is folded into X's producer when X feeds only the group: a LayerNormalization
 (scale and bias), an Add of a constant after a Mul by a constant (a decomposed normalisation),
@@ -38,33 +42,60 @@ STAGE = "float"
 STAT_FLOOR = 1e-5  # channels (of X or W) smaller than this count as this (no division by zero)
 
 
+# how a layer holds its weight: [K, N] (MatMul, Gemm), [N, K] (Gemm transB), [N, K, 1, ...] (pointwise Conv)
+Layout = str
+KN, NK, CONV = "kn", "nk", "conv"
+
+
 @dataclass
 class Group:
     tensor: str
-    layers: list[tuple[str, str, bool]]  # (node, weight, weight is [N, K] (Gemm transB))
+    layers: list[tuple[str, str, Layout]]  # (node, weight, its layout)
+
+    @property
+    def channels_first(self) -> bool:
+        """X's channels are on axis 1 (convolutions), not the last axis."""
+        return self.layers[0][2] == CONV
 
     def weights(self, ed: GraphEditor) -> list[np.ndarray]:
         """Each layer's weight as [K, N]."""
-        return [ed.const(w).T if t else ed.const(w) for _, w, t in self.layers]
+        return [as_kn(ed.const(w), layout) for _, w, layout in self.layers]
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """X as the [rows, K] its layers multiply."""
+        return matrix_rows(np.moveaxis(x, 1, -1) if self.channels_first else x)
+
+
+def as_kn(w: np.ndarray, layout: Layout) -> np.ndarray:
+    return w.reshape(w.shape[0], w.shape[1]).T if layout in (NK, CONV) else w
+
+
+def layout_of(ed: GraphEditor, node: onnx.NodeProto) -> Layout | None:
+    """How ``node`` holds a constant weight only it reads, or None where it is no group member."""
+    if len(node.input) < 2 or ed.float_const(node.input[1]) is None or ed.is_const(node.input[0]) or \
+            ed.readers(node.input[1]) != 1:
+        return None
+    w = ed.const(node.input[1])
+    if node.op_type == "Conv":
+        pointwise = w.ndim >= 3 and all(k == 1 for k in w.shape[2:]) and attr(node, "group", 1) == 1
+        return CONV if pointwise and all(d == 1 for d in attr(node, "dilations", [1])) else None
+    if w.ndim != 2 or node.op_type == "Gemm" and attr(node, "transA", 0):
+        return None
+    return NK if node.op_type == "Gemm" and attr(node, "transB", 0) else KN
 
 
 def find_groups(ed: GraphEditor, excluded, target: str) -> list[Group]:
     compute = TARGETS[target].compute_ops
     groups: dict[str, Group] = {}
     for node in ed.g.node:
-        if node.op_type not in compute or node.op_type not in ("MatMul", "Gemm") or excluded(node):
+        if node.op_type not in compute or node.op_type not in ("MatMul", "Gemm", "Conv") or excluded(node):
             continue
-        if len(node.input) < 2 or ed.float_const(node.input[1]) is None or ed.is_const(node.input[0]):
-            continue
-        w = ed.const(node.input[1])
-        if w.ndim != 2 or ed.readers(node.input[1]) != 1:
-            continue
-        if node.op_type == "Gemm" and attr(node, "transA", 0):
-            continue
-        transposed = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
-        groups.setdefault(node.input[0], Group(node.input[0], [])).layers.append(
-            (node.name, node.input[1], transposed))
-    return list(groups.values())
+        layout = layout_of(ed, node)
+        if layout is not None:
+            groups.setdefault(node.input[0], Group(node.input[0], [])).layers.append(
+                (node.name, node.input[1], layout))
+    # a tensor read by convolutions and by MatMuls has no one channel axis: left alone
+    return [g for g in groups.values() if len({layout == CONV for _, _, layout in g.layers}) == 1]
 
 
 class _Stats:
@@ -73,8 +104,7 @@ class _Stats:
         self.hi = np.full(k, -np.inf)
         self.sampler = RowSampler(capacity, seed)
 
-    def add(self, x: np.ndarray) -> None:
-        rows = matrix_rows(x)
+    def add(self, rows: np.ndarray) -> None:
         finite = np.isfinite(rows).all(axis=1)
         if finite.any():
             ok = rows[finite]
@@ -109,13 +139,14 @@ def _collect(ctx: Context, ed: GraphEditor, groups: list[Group]) -> dict[str, _S
     """Per-channel min/max and sampled rows of every group's activation, in passes that fit memory."""
     rows = ctx.options.sample_rows
     dims = {g.tensor: g.weights(ed)[0].shape[0] for g in groups}
+    by_tensor = {g.tensor: g for g in groups}
     sizes = {t: rows * k * 4 for t, k in dims.items()}  # rows kept, float32
     out: dict[str, _Stats] = {}
     for tensors in passes(sizes, ctx.options.sample_memory_mb * 2**20):
         stats = {t: _Stats(dims[t], rows, ctx.options.seed) for t in tensors}
         for batch in stream(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, settings=ctx.settings):
             for t in tensors:
-                stats[t].add(batch[t])
+                stats[t].add(by_tensor[t].rows(batch[t]))
         out.update(stats)
         ctx.progress(NAME, len(out), len(groups))
     return out
@@ -172,22 +203,27 @@ def replay(ctx: Context, record: dict) -> Step:
 
 
 def smooth(ed: GraphEditor, tensor: str, layers: list[str], s: np.ndarray) -> str:
-    """Rows of each layer's weight times s; X divided by s in its producer or by a new Mul.
-    Returns where the division went."""
+    """Rows of each layer's weight (its input channels) times s; X divided by s in its producer or by
+    a new Mul. Returns where the division went."""
+    conv, spatial = False, 0
     for name in layers:
         node = ed.node(name)
         w = ed.const(node.input[1]).astype(np.float64)
-        transposed = node.op_type == "Gemm" and attr(node, "transB", 0)
-        ed.set_const(node.input[1], (w * (s[None, :] if transposed else s[:, None])).astype(np.float32))
+        layout = layout_of(ed, node)
+        conv, spatial = layout == CONV, w.ndim - 2
+        scale = s.reshape(1, -1, *[1] * spatial) if conv else s[None, :] if layout == NK else s[:, None]
+        ed.set_const(node.input[1], (w * scale).astype(np.float32))
     inv = 1.0 / s
     readers = {n.name for n in ed.consumers(tensor)}
     producer = ed.producer(tensor)
-    if producer is not None and readers == set(layers) and not ed.is_output(tensor) and \
+    if not conv and producer is not None and readers == set(layers) and not ed.is_output(tensor) and \
             ed.readers(tensor) == len(layers):
         fold = _fold(ed, producer, inv)
         if fold:
             return fold
     out = ed.unique(f"{tensor}_smoothed")
+    if conv:  # per channel on axis 1 of [N, C, *spatial]
+        inv = inv.reshape(-1, *[1] * spatial)
     factor = ed.add_const(f"{tensor}_smoothquant_inverse_scale", inv.astype(np.float32))
     ed.insert_after(producer.name if producer is not None else None,
                     helper.make_node("Mul", [tensor, factor], [out], name=ed.unique(f"{tensor}_smoothquant")))

@@ -57,7 +57,7 @@ def _brute_force(m: Model, q, feeds: list[dict]) -> tuple[int, int]:
     """(pair sums, overflows) of the one layer, every output position of every feed, by loops: the kernels'
     reduction order is (tap, input channel) with channels innermost, consecutive elements paired."""
     rec = q.recipe.tensors["x"]
-    scale, zp = rec["scale"], rec["zero_point"]
+    scale, zp = rec["scale"], rec["zero_point"] + (128 if rec["dtype"] == "int8" else 0)  # s8 runs as u8 + 128
     node = m.graph.node[0]
     w = m.constant_tensors()[node.input[1]]
     axis = 0 if node.op_type == "Conv" else 1
@@ -100,6 +100,22 @@ def test_pair_sums_counted_as_a_brute_force_loop_counts_them(make):
     pairs, overflows = _brute_force(m, q, feeds)
     assert (layers[0].pairs, layers[0].overflows) == (pairs, overflows)
     assert overflows > 0  # inputs around the zero point 128 through full-scale weights do overflow
+
+
+@pytest.mark.parametrize("make", [lambda: _conv(3), lambda: _matmul()], ids=["conv-3ch", "matmul"])
+def test_int8_activations_are_measured_as_the_kernels_shift_them_to_uint8(make):
+    """OpenVINO gives a balanced range int8 with zero point 0; without VNNI oneDNN adds 128 to run it as u8,
+    so the pairs overflow as they would for u8 around 128."""
+    m = make()
+    feeds = _feeds(m)
+    q = quantize(m, Dataset.from_iterable(feeds), target="openvino", weight_reduce_range=False, stability_halves=0)
+    assert q.recipe.tensors["x"]["dtype"] == "int8" and q.recipe.tensors["x"]["zero_point"] == 0
+    qparams = {t: QParams.from_dict(q.recipe.tensors[t]) for t in q.plan.activations}
+    layers = pair_overflow.measure(m, q.plan, qparams, Dataset.from_iterable(feeds), samples=len(feeds),
+                                   positions=10**6)
+    assert len(layers) == 1
+    pairs, overflows = _brute_force(m, q, feeds)
+    assert (layers[0].pairs, layers[0].overflows) == (pairs, overflows) and overflows > 0
 
 
 def test_depthwise_convolutions_have_no_pairs_to_measure(monkeypatch):

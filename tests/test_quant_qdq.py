@@ -294,3 +294,40 @@ def test_weight_bits_are_chosen_per_layer_for_cpu_targets_without_vnni(monkeypat
         assert weights
         # the widest channel of each weight reaches the grid's end
         assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == peak
+
+
+def _one_matmul(k: int = 16, n: int = 8) -> Model:
+    w = np.random.default_rng(0).normal(0, 1, (k, n)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6, k])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6, n])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm", [x], [y],
+                          [numpy_helper.from_array(w, "w")])
+    return Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+@pytest.mark.parametrize("lo,hi,dtype,zero_point_is_0", [
+    (-1.0, 1.0, "int8", True),  # balanced: zero point 0 costs nothing
+    (-0.9, 1.0, "int8", True),  # the step widens 1.06x
+    (-0.1, 1.0, "uint8", False),  # one-sided (a SiLU's output): zero point 0 would double the step
+    (0.0, 1.0, "uint8", True),  # non-negative: zero point 0 already
+])
+def test_openvino_activations_drop_the_zero_point_where_the_range_is_balanced(lo, hi, dtype, zero_point_is_0):
+    m = _one_matmul()
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.uniform(lo, hi, (1, 6, 16)).astype(np.float32)} for _ in range(8)]
+    for f in feeds:  # the calibrated range is exactly [lo, hi]
+        f["x"].flat[:2] = [lo, hi]
+    q = quantize(m, Dataset.from_iterable(feeds), method="minmax", target="openvino", stability_halves=0)
+    rec = q.recipe.tensors["x"]
+    assert rec["dtype"] == dtype and (rec["zero_point"] == 0) == zero_point_is_0
+    plain = (hi - lo) / 255
+    assert rec["scale"] <= 1.25 * plain * (1 + 1e-6)  # never more than 1.25x the asymmetric step
+    # the file computes what the recipe says: numpy's Q/DQ of x and of the weights, then the product
+    s, zp = np.float32(rec["scale"]), rec["zero_point"]
+    qmin, qmax = (-128, 127) if dtype == "int8" else (0, 255)
+    wq, ws, _ = quantize_weight_per_channel(m.constant_tensors()["w"], 1)
+    sess = ort.InferenceSession(q.model.to_bytes(), providers=["CPUExecutionProvider"])
+    for f in feeds:
+        xq = (np.clip(np.rint(f["x"] / s) + zp, qmin, qmax) - zp) * s
+        want = xq @ dequantize(wq, ws[None, :], 0)
+        np.testing.assert_allclose(sess.run(None, f)[0], want, rtol=1e-5, atol=1e-5)

@@ -65,13 +65,13 @@ class LayerOverflow:
 def measure(model: Model, plan: QuantPlan, qparams: dict[str, QParams], data: Dataset, *,
             settings: backends.Settings | None = None, samples: int = SAMPLES, positions: int = POSITIONS,
             seed: int = 0) -> list[LayerOverflow]:
-    """Pair-sum overflow of every layer whose int8 weights meet a uint8 activation, on ``samples`` feeds."""
+    """Pair-sum overflow of every layer whose int8 weights meet an 8-bit activation, on ``samples`` feeds."""
     nodes = {n.name: n for n in model.graph.node}
     consts = model.constant_tensors()
     layers, stats = [], {}
     for u in plan.weights:
         node = nodes[u.node]
-        act = _uint8_operand(node, u, plan, qparams)
+        act = _eight_bit_operand(node, u, plan, qparams)
         why = _unmeasurable(node, u, consts[u.tensor])
         if act is None or why == "depthwise":  # no u8 x s8 kernel, or no pairs in it
             continue
@@ -99,20 +99,23 @@ def measure(model: Model, plan: QuantPlan, qparams: dict[str, QParams], data: Da
         for u, node, act in layers:
             q, scales, _ = weights[u.node]
             qp = qparams[act]
+            zp = qp.zero_point + (128 if qp.dtype == "int8" else 0)  # s8 sources run shifted to u8 (+128)
             x = np.nan_to_num(values[node.input[0]] / np.float32(qp.scale), nan=0.0, posinf=255.0, neginf=-255.0)
-            a = np.clip(np.rint(x) + qp.zero_point, 0, 255).astype(np.int32)
-            _add(stats[u.node], node, a, q.astype(np.int32), scales.astype(np.float64), qp.zero_point, rng, positions)
+            a = np.clip(np.rint(x) + zp, 0, 255).astype(np.int32)
+            _add(stats[u.node], node, a, q.astype(np.int32), scales.astype(np.float64), zp, rng, positions)
     return list(stats.values())
 
 
-def _uint8_operand(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan, qparams: dict[str, QParams]) -> str | None:
-    """The activation the weight multiplies, when it is uint8 (else no u8 x s8 kernel runs)."""
+def _eight_bit_operand(node: onnx.NodeProto, use: WeightUse, plan: QuantPlan,
+                       qparams: dict[str, QParams]) -> str | None:
+    """The activation the weight multiplies, when it is 8-bit: uint8, or int8, which the kernels shift to uint8
+    by adding 128 and subtract 128 x the weights' sum after (oneDNN's s8s8 compensation) on CPUs without VNNI."""
     if use.input_index not in (0, 1) or len(node.input) < 2:
         return None
     operand = node.input[1 - use.input_index]
     t = plan.shared.get(operand, operand)
     qp = qparams.get(t)
-    return t if qp is not None and qp.dtype == "uint8" else None
+    return t if qp is not None and qp.dtype in ("uint8", "int8") else None
 
 
 def _unmeasurable(node: onnx.NodeProto, use: WeightUse, w: np.ndarray) -> str:

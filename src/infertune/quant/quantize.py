@@ -36,7 +36,7 @@ from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_
 from infertune.quant.prepare import PrepareResult
 from infertune.quant.prepare import prepare as prepare_graph
 from infertune.quant.qdq import ensure_opset, write_qdq
-from infertune.quant.qparams import QParams, compute_qparams
+from infertune.quant.qparams import QParams
 from infertune.quant.recipe import Recipe, model_sha256
 from infertune.quant.stability import DEFAULT_THRESHOLD, StabilityReport, stability
 
@@ -310,7 +310,7 @@ def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], recor
 
 
 def _qparams(c: RangeChoice, rules) -> QParams:
-    return compute_qparams(c.lo, c.hi, rules.activation_dtype, rules.activation_symmetric)
+    return rules.activation_qparams(c.lo, c.hi)
 
 
 def _rules(target: str):

@@ -35,7 +35,7 @@ from infertune.quant.algorithms.base import Context, Step
 from infertune.quant.algorithms.graph import GraphEditor, attr
 from infertune.quant.algorithms.streaming import RowSampler, fake_quant, matrix_rows, passes, stream
 from infertune.quant.placement import TARGETS
-from infertune.quant.qparams import compute_qparams, dequantize, quantize_weight_per_channel
+from infertune.quant.qparams import dequantize, quantize_weight_per_channel
 
 NAME = "smoothquant"
 STAGE = "float"
@@ -182,8 +182,7 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.
                 reference: list[np.ndarray], ctx: Context) -> float:
     """Sum of squared output errors of the group quantized after smoothing by ``s``, on rows ``x``."""
     rules = TARGETS[ctx.target]
-    qp = compute_qparams(float(np.min(lo / s)), float(np.max(hi / s)), rules.activation_dtype,
-                         rules.activation_symmetric)
+    qp = rules.activation_qparams(float(np.min(lo / s)), float(np.max(hi / s)))
     xq = fake_quant((x / s).astype(np.float32), qp)
     total = 0.0
     for wk, ref in zip(weights, reference, strict=True):

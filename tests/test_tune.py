@@ -545,3 +545,32 @@ def test_trials_reuse_the_reference_outputs_and_another_placements_calibration(t
     ov_alone = space_module.calibrated_space(m, calib, method="minmax", target="openvino")
     for t, qp in ov_alone.calibrated.recipe.tensors.items():  # ... and it gives what calibrating again gives
         assert ov_space.calibrated.recipe.tensors[t]["scale"] == qp["scale"], t
+
+
+def test_float_nodes_the_budget_does_not_need_go_back_to_8_bit_the_costliest_first(tmp_path, monkeypatch):
+    """The budget needs two nodes float, the ranking puts two others between them: the bisection keeps four,
+    and the prune sends the two it does not need back to 8-bit, trying the one with most multiply-adds first."""
+    from types import SimpleNamespace
+
+    from infertune.analysis.model_stats import macs_by_node
+    from infertune.search import tuner
+
+    first, last = "/features/features.0/Conv", "/head/head.2/Gemm"
+    between = ["/features/features.2/Conv", "/features/features.5/Conv"]
+    ranking = [first, *between, last, "/head/head.0/Gemm"]
+    monkeypatch.setattr(tuner, "sensitivity", lambda *a, **k: SimpleNamespace(
+        groups=[SimpleNamespace(to_dict=lambda n=n: {"node": n}) for n in ranking]))
+    _misses(monkeypatch, lambda s: s.precision == "int8" and not {first, last} <= set(s.exclude))
+    _fake_clock(monkeypatch, lambda model, settings: 2.0 - 0.01 * _count(model, "DequantizeLinear"))
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("sqnr>=10"), run_dir=tmp_path / "run", threads=(1,), runtimes=("ort",),
+             methods=("minmax",), algorithms=False)
+    assert r.chosen.spec.exclude == (first, last) and r.chosen.met
+    int8 = [t.spec.exclude for t in r.trials if t.spec.precision == "int8"]
+    assert tuple(ranking[:4]) in int8  # the bisection's answer, then one node back to 8-bit per trial
+    macs = macs_by_node(m, ev.feeds[0])
+    heaviest = max(ranking[:4], key=lambda n: macs[n])
+    (pruned, *_) = [e for e in int8 if e != tuple(ranking[:len(e)])]  # the first set that is no prefix
+    assert pruned == tuple(n for n in ranking[:4] if n != heaviest)
+    (said,) = [d for d in r.decisions if d.startswith("tried 4 of the 4 float node(s)")]
+    assert "2 stay 8-bit" in said and "2 left in float" in said

@@ -16,6 +16,7 @@ Nodes inside If/Loop/Scan bodies are listed in the op histogram but not in FLOPs
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,6 +137,14 @@ def inspect_model(model: Model, *, dims: dict[str, int] | None = None,
         renamed_nodes=dict(model.renamed_nodes),
         has_subgraphs=model.has_subgraphs, shapes_measured=measured,
     )
+
+
+def macs_by_node(model: Model, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Multiply-adds of each Conv/MatMul/Gemm node of ``model`` run on ``feed`` (its symbolic dims read off the
+    feed's arrays; nodes whose shapes stay unknown are left out)."""
+    dims = {dim_key(i.name, axis, d): int(np.shape(feed[i.name])[axis]) for i in model.inputs if i.name in feed
+            for axis, d in enumerate(i.shape or ()) if not isinstance(d, int) and axis < np.ndim(feed[i.name])}
+    return {n.node: n.macs for n in inspect_model(model, dims=dims).nodes}
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple | None]) -> int | None:

@@ -19,7 +19,8 @@ The search (``Tuner``), cheapest first:
    the best method's groups with the best algorithm set, measured on that runtime: kernels differ
    (their int8 convolutions round and saturate differently); on the first ``RANK_FEEDS`` evaluation
    feeds: a ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of
-   the most sensitive groups stay float;
+   the most sensitive groups stay float, and ``prune``: the float groups that cost most go back to 8-bit
+   one at a time where the budget is still met;
 4. ``other_threads``: the passing INT8 variant at the other thread counts; ``try_knobs``: on a GPU
    runtime, its fastest variant that meets the budget with CUDA graphs (``runtimes.knob_options``);
 5. ``decide``: the finalists measured again and the choice (``choice``).
@@ -56,6 +57,7 @@ import numpy as np
 from infertune import backends
 from infertune._io import write_json
 from infertune.analysis.accuracy import Budget, Evaluator
+from infertune.analysis.model_stats import macs_by_node
 from infertune.analysis.sensitivity import sensitivity
 from infertune.data import Dataset, as_dataset
 from infertune.deploy.artifact import OWNED, sha256_file
@@ -78,6 +80,9 @@ OnTrial = Callable[[Trial, bool], None]
 # rank on this many evaluation feeds (a ranking needs each group's output NSR, not a verdict): rec's
 # exact ranking on OpenVINO, one pass over 200 lines per group, took most of a 10-minute tune
 RANK_FEEDS = 32
+# float nodes the bisection kept that go back to 8-bit one at a time (YOLOv8n on OpenVINO: 16 kept, and each
+# of 15 of them alone could go back with box F1 still >= 0.97 on the evaluation set)
+PRUNE_TRIES = 8
 
 
 class Tuner:
@@ -333,10 +338,38 @@ class Tuner:
         if hi <= limit and spec(hi).key in self.trials and self.trials[spec(hi).key].met:
             self.decisions.append(f"kept the {hi} most sensitive node(s) in float{on} to meet {self.budget}: "
                                   f"{', '.join(order[:hi][:8])}{' ...' if hi > 8 else ''}")
-            return [self.trials[spec(hi).key]]
+            met = self.trials[spec(hi).key]
+            pruned = self.prune(met, space.float_model)
+            return [pruned, met] if pruned is not met else [met]
         self.decisions.append(f"no INT8 variant{on} with up to {limit} of its {len(order)} ranked nodes in float "
                               f"(beyond that nothing is left in 8-bit) met {self.budget}")
         return []
+
+    def prune(self, met: Trial, float_model: Model) -> Trial:
+        """The bisection keeps a prefix of a ranking measured one node at a time in float; nodes interact, so the
+        budget may need fewer. Up to ``PRUNE_TRIES`` of them go back to 8-bit, one at a time, the costliest first
+        (multiply-adds on the first evaluation feed): each stays 8-bit when the variant still meets the budget."""
+        kept = list(met.spec.exclude)
+        if len(kept) < 2:
+            return met
+        macs = macs_by_node(float_model, self.evaluator.feeds[0])
+        tries = sorted(kept, key=lambda n: -macs.get(n, 0))[:PRUNE_TRIES]
+        best, back = met, []
+        for node in tries:
+            if self.stopped:
+                break
+            spec = replace(met.spec, exclude=tuple(n for n in best.spec.exclude if n != node))
+            t = self.trials.get(spec.key) or next(iter(self.ask([spec])), None)  # the bisection may have run it
+            if t is not None and t.met:
+                best = t
+                back.append(node)
+        on = backends.runtime(met.spec.backend).on()
+        self.decisions.append(
+            f"tried {len(tries)} of the {len(kept)} float node(s){on} in 8-bit again, the most multiply-adds first: "
+            + (f"{len(back)} stay 8-bit and {self.budget} is still met ({', '.join(back[:8])}"
+               f"{' ...' if len(back) > 8 else ''}), {len(best.spec.exclude)} left in float" if back
+               else "each one is needed in float"))
+        return best
 
     def other_threads(self, passing: list[Trial]) -> None:
         """The fastest passing INT8 variant at every other thread count."""

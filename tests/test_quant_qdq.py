@@ -331,3 +331,21 @@ def test_openvino_activations_drop_the_zero_point_where_the_range_is_balanced(lo
         xq = (np.clip(np.rint(f["x"] / s) + zp, qmin, qmax) - zp) * s
         want = xq @ dequantize(wq, ws[None, :], 0)
         np.testing.assert_allclose(sess.run(None, f)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_recipe_rebuilds_each_range_as_the_kind_it_recorded():
+    """A recipe written before OpenVINO's balanced ranges became int8 recorded uint8: it rebuilds uint8 with the
+    zero point it had, not what the rule chooses now; one written now rebuilds the same bytes."""
+    m = _one_matmul()
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.uniform(-1, 1, (1, 6, 16)).astype(np.float32)} for _ in range(8)]
+    q = quantize(m, Dataset.from_iterable(feeds), method="minmax", target="openvino", stability_halves=0)
+    assert q.recipe.tensors["x"]["dtype"] == "int8"
+    assert rebuild(m, Recipe.from_dict(q.recipe.to_dict())).model.to_bytes() == q.model.to_bytes()
+    old = q.recipe.to_dict()
+    old["tensors"]["x"] = {k: v for k, v in old["tensors"]["x"].items() if k not in ("scale", "zero_point")}
+    old["tensors"]["x"]["dtype"] = "uint8"
+    rebuilt = rebuild(m, Recipe.from_dict(old))
+    zp = next(numpy_helper.to_array(i) for i in rebuilt.model.graph.initializer if i.name == "x_zero_point")
+    assert zp.dtype == np.uint8 and 120 < int(zp) < 136  # [-1, 1] in uint8: zero point about 128
+    assert rebuilt.recipe.tensors["x"]["dtype"] == "uint8"

@@ -36,7 +36,7 @@ from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_
 from infertune.quant.prepare import PrepareResult
 from infertune.quant.prepare import prepare as prepare_graph
 from infertune.quant.qdq import ensure_opset, write_qdq
-from infertune.quant.qparams import QParams
+from infertune.quant.qparams import QParams, compute_qparams
 from infertune.quant.recipe import Recipe, model_sha256
 from infertune.quant.stability import DEFAULT_THRESHOLD, StabilityReport, stability
 
@@ -284,19 +284,26 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
                          f"quantizes: it was made for another model or placement")
     choices = {t: RangeChoice(float(recipe.tensors[t]["min"]), float(recipe.tensors[t]["max"]),
                               recipe.tensors[t].get("method", "recipe")) for t in p.activations}
-    qmodel, qparams, _ = _write(ctx, p, choices, recipe.algorithms, ())
+    # the kind of each range as the recipe recorded it (uint8 with a zero point, or int8 without), so that a recipe
+    # rebuilds what it was made as after the target's rule for choosing between them changed
+    kinds = {t: recipe.tensors[t]["dtype"] for t in p.activations
+             if recipe.tensors[t].get("dtype") in ("uint8", "int8")}
+    qmodel, qparams, _ = _write(ctx, p, choices, recipe.algorithms, (), kinds)
     for t, entry in recipe.tensors.items():
         entry.update(qparams[t].to_dict() if t in qparams else {})
         entry["used"] = t in qparams
     return QuantizeResult(qmodel, recipe, p, preparation=prep)
 
 
-def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], records: list[dict],
-           names: Sequence[str]) -> tuple[Model, dict[str, QParams], list[dict]]:
+def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], records: list[dict], names: Sequence[str],
+           kinds: Mapping[str, str] | None = None) -> tuple[Model, dict[str, QParams], list[dict]]:
     """The Q/DQ model: learned rounding and bias correction first (run for ``names``, or replayed
-    from ``records`` when ``names`` is empty), then the writer."""
+    from ``records`` when ``names`` is empty), then the writer. ``kinds``: the dtype of some ranges (int8 means
+    zero point 0), where the target's rule would otherwise choose."""
     rules = _rules(p.target)
-    qparams = {t: _qparams(c, rules) for t, c in choices.items()}
+    kinds = kinds or {}
+    qparams = {t: compute_qparams(c.lo, c.hi, kinds[t], kinds[t] == "int8") if t in kinds else _qparams(c, rules)
+               for t, c in choices.items()}
     ctx.plan, ctx.qparams = p, qparams
     records = list(records)
     for stage in ("weights", "bias"):

@@ -18,6 +18,20 @@ def save_results(name: str, doc: dict, markdown: str) -> None:
     os.sync()
 
 
+def run_models(name: str, settings: dict, models: str, measure, table, key: str = "results") -> None:
+    """One result per model of ``models`` (comma-separated), each measured by ``measure(model, work_dir)`` in a
+    temporary directory that goes away after; then NAME.{json,md}: the results under ``key``, the settings and
+    the machine, and ``table(results, environment)``."""
+    import tempfile
+
+    from infertune.fingerprint import environment
+
+    with tempfile.TemporaryDirectory(prefix=f"infertune-{name}-") as d:
+        results = [measure(model, Path(d)) for model in models.split(",")]
+    env = environment()
+    save_results(name, {"settings": settings, key: results, "environment": env}, table(results, env))
+
+
 def machine_line(env: dict, script: str) -> str:
     """The sentence every table opens with: the machine and runtime a result was measured on, and by what."""
     cpu = env["machine"]["cpu"]

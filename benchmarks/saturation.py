@@ -28,9 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, model_path, outputs  # noqa: E402
-from benchmarks.results_io import machine_line, save_results  # noqa: E402
+from benchmarks.results_io import machine_line, run_models  # noqa: E402
 from infertune import Dataset, Model, quantize  # noqa: E402
-from infertune.fingerprint import environment  # noqa: E402
 
 EVAL_N = {"rec": 200, "yolo": 200, "minilm": 64}
 METRIC = {"rec": ("text_agree", "text identical %", 1), "yolo": ("box_f1", "box F1", 3),
@@ -84,15 +83,10 @@ def table(rows: list[dict], env: dict) -> str:
 
 
 def main() -> None:
-    import tempfile
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="rec,yolo,minilm")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="infertune-saturation-") as d:
-        rows = [measure(name, Path(d)) for name in args.models.split(",")]
-    env = environment()
-    save_results("saturation", {"settings": vars(args), "rows": rows, "environment": env}, table(rows, env))
+    run_models("saturation", vars(args), args.models, measure, table, key="rows")
 
 
 if __name__ == "__main__":

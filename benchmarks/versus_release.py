@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, model_path, outputs  # noqa: E402
-from benchmarks.results_io import machine_line, save_results  # noqa: E402
+from benchmarks.results_io import machine_line, run_models  # noqa: E402
 from benchmarks.tune import ROUNDS, WINDOW_S  # noqa: E402  the tune benchmark's timing protocol
 from infertune import Model, backends  # noqa: E402
-from infertune.fingerprint import environment  # noqa: E402
 from infertune.perf.isolated import Variant, time_isolated  # noqa: E402
 
 
@@ -120,11 +118,8 @@ def main() -> None:
     ap.add_argument("--rev", default="14faddc")
     ap.add_argument("--models", default="rec,minilm")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="versus-release-") as d:
-        results = [run(name, args.rev, Path(d)) for name in args.models.split(",")]
-    env = environment()
-    save_results("versus_release", {"settings": vars(args), "results": results, "environment": env},
-                 table(results, args.rev, env))
+    run_models("versus_release", vars(args), args.models, lambda name, work: run(name, args.rev, work),
+               lambda results, env: table(results, args.rev, env))
 
 
 if __name__ == "__main__":

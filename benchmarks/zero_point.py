@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.algorithms import accuracy, feeds, model_path, outputs  # noqa: E402
-from benchmarks.results_io import machine_line, save_results  # noqa: E402
+from benchmarks.results_io import machine_line, run_models  # noqa: E402
 from benchmarks.tune import ROUNDS, isolated_latencies  # noqa: E402
 from infertune import Dataset, quantize  # noqa: E402
-from infertune.fingerprint import environment  # noqa: E402
 from infertune.quant.placement import TARGETS  # noqa: E402
 
 RULES = {"uint8, zero points": 0.0, "int8 where balanced": TARGETS["openvino"].symmetric_within,
@@ -98,10 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,yolo")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="infertune-zero-point-") as d:
-        results = [measure(name, Path(d)) for name in args.models.split(",")]
-    env = environment()
-    save_results("zero_point", {"settings": vars(args), "results": results, "environment": env}, table(results, env))
+    run_models("zero_point", vars(args), args.models, measure, table)
 
 
 if __name__ == "__main__":

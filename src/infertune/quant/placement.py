@@ -51,8 +51,11 @@ class TargetRules:
     # a signed range gets int8 with zero point 0 when that step is at most this many times the asymmetric one's
     symmetric_within: float = 0.0
 
-    def activation_qparams(self, lo: float, hi: float) -> QParams:
-        """Scale and zero point of an activation ranged [lo, hi] on this target."""
+    def activation_qparams(self, lo: float, hi: float, dtype: str | None = None) -> QParams:
+        """Scale and zero point of an activation ranged [lo, hi] on this target; ``dtype`` (a recipe's record)
+        fixes the kind instead of the rule: int8 with zero point 0, or uint8 with one."""
+        if dtype is not None:
+            return compute_qparams(lo, hi, dtype, dtype == "int8")
         plain = compute_qparams(lo, hi, self.activation_dtype, self.activation_symmetric)
         if self.symmetric_within and lo < 0 < hi and not self.activation_symmetric:
             sym = compute_qparams(lo, hi, "int8", True)
@@ -109,11 +112,12 @@ TARGETS: dict[Target, TargetRules] = {
 # 61.0%, 0.900 and 0.9925: the runtime then computes what the recipe says, but 7-bit rounding costs as much.
 # So quantize gives 7 bits per layer, where the pair sums overflow (quant.pair_overflow, same table).
 # symmetric_within: a zero point costs OpenVINO's 8-bit MatMul and convolution a compensation term per
-# output. MiniLM, full INT8 + SmoothQuant placed for OpenVINO, 2 threads, each file in its own process,
-# side by side (Intel Xeon with AMX): uint8 asymmetric 3.26 ms, the same ranges as int8 with a shifted
-# zero point 3.04 ms, int8 with zero point 0 2.76 ms (NNCF's file 2.87 ms). Zero point 0 on a range
+# output. MiniLM, full INT8 + SmoothQuant placed for OpenVINO, 2 threads, each file in its own process
+# (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.84 ms, this rule 3.31 ms,
+# int8 zero point 0 everywhere 3.17 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
+# (tune.md), where it had run at 3.28 vs 2.88 before. Zero point 0 on a range
 # [lo, hi] with lo < 0 < hi widens the step by 2 max(-lo, hi) / (hi - lo): 1.0x for a balanced range
-# (MiniLM's LayerNorm outputs: 37 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's
+# (MiniLM's LayerNorm outputs: 36 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's
 # output ([-0.28, 20]), which keeps its zero point. Within 1.25x the tensor loses at most 1.9 dB.
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
                                      "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True,

@@ -36,7 +36,7 @@ from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_
 from infertune.quant.prepare import PrepareResult
 from infertune.quant.prepare import prepare as prepare_graph
 from infertune.quant.qdq import ensure_opset, write_qdq
-from infertune.quant.qparams import QParams, compute_qparams
+from infertune.quant.qparams import QParams
 from infertune.quant.recipe import Recipe, model_sha256
 from infertune.quant.stability import DEFAULT_THRESHOLD, StabilityReport, stability
 
@@ -298,12 +298,11 @@ def rebuild(model: Model | str | os.PathLike[str], recipe: Recipe, *, check_sour
 def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], records: list[dict], names: Sequence[str],
            kinds: Mapping[str, str] | None = None) -> tuple[Model, dict[str, QParams], list[dict]]:
     """The Q/DQ model: learned rounding and bias correction first (run for ``names``, or replayed
-    from ``records`` when ``names`` is empty), then the writer. ``kinds``: the dtype of some ranges (int8 means
-    zero point 0), where the target's rule would otherwise choose."""
+    from ``records`` when ``names`` is empty), then the writer. ``kinds``: the recorded dtype of some ranges,
+    where the target's rule would otherwise choose (``TargetRules.activation_qparams``)."""
     rules = _rules(p.target)
     kinds = kinds or {}
-    qparams = {t: compute_qparams(c.lo, c.hi, kinds[t], kinds[t] == "int8") if t in kinds else _qparams(c, rules)
-               for t, c in choices.items()}
+    qparams = {t: rules.activation_qparams(c.lo, c.hi, kinds.get(t)) for t, c in choices.items()}
     ctx.plan, ctx.qparams = p, qparams
     records = list(records)
     for stage in ("weights", "bias"):

@@ -354,10 +354,11 @@ class Tuner:
         kept = list(met.spec.exclude)
         if len(kept) < 2:
             return met
+        first = "the most multiply-adds first"
         try:
             macs = macs_by_node(float_model, self.evaluator.feeds[0])
         except InfertuneError:  # shapes it cannot infer or measure: the ranking's order, least sensitive first
-            macs = {n: k for k, n in enumerate(kept)}
+            macs, first = {n: k for k, n in enumerate(kept)}, "the least sensitive first"
         best, back, tried = met, [], 0
         for node in sorted(kept, key=lambda n: -macs.get(n, 0))[:PRUNE_TRIES]:
             if self.stopped:
@@ -370,7 +371,7 @@ class Tuner:
                 back.append(node)
         on = backends.runtime(met.spec.backend).on()
         self.decisions.append(
-            f"tried {tried} of the {len(kept)} float node(s){on} in 8-bit again, the most multiply-adds first: "
+            f"tried {tried} of the {len(kept)} float node(s){on} in 8-bit again, {first}: "
             + (f"{len(back)} stay 8-bit and {self.budget} is still met ({', '.join(back[:8])}"
                f"{' ...' if len(back) > 8 else ''}), {len(best.spec.exclude)} left in float" if back
                else "each one is needed in float"))

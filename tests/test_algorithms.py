@@ -338,12 +338,92 @@ def test_learned_rounding_keeps_to_its_time_budget():
         AlgorithmOptions(adaround_seconds=0)
 
 
+# ---- output-aware range refinement ----------------------------------------------------------------
+def _spiked(m: Model, n: int) -> list[dict]:
+    """``n`` feeds, the first holding one value 200 times the others' scale (a minmax range covers it)."""
+    feeds = _feeds(m, n, low=0.0)
+    (name,) = feeds[0]
+    feeds[0][name].flat[0] = 200.0
+    return feeds
+
+
+def _output_error(reference: Model, candidate: Model, feeds: list[dict]) -> float:
+    """The mean over outputs of sum((q - f)^2) / sum((f - mean f)^2), in numpy, each model run by ONNX Runtime
+    with its graph optimisations off (Q/DQ computed as written)."""
+    plain = backends.Settings(graph_optimization="disable")
+    ref = [backends.compile(reference, plain).run(f) for f in feeds]
+    got = [backends.compile(candidate, plain).run(f) for f in feeds]
+    errors = []
+    for k in ref[0]:
+        f = np.concatenate([r[k].ravel() for r in ref]).astype(np.float64)
+        q = np.concatenate([g[k].ravel() for g in got]).astype(np.float64)
+        errors.append(np.sum((q - f) ** 2) / np.sum((f - f.mean()) ** 2))
+    return float(np.mean(errors))
+
+
+def test_range_refinement_emulates_the_qdq_model_it_measures():
+    """The emulation (scales fed, a switch per tensor) against the Q/DQ file written with the same scales."""
+    from infertune.quant.algorithms.range_refinement import Emulation
+    from infertune.quant.qdq import write_qdq
+    from infertune.quant.qparams import QParams
+
+    m = ensure_opset(_model("small_cnn"))
+    feeds = _feeds(m, 3, low=0.0)
+    plain = quantize(m, Dataset.from_iterable(feeds), method="minmax", stability_halves=0, prepare=False)
+    qparams = {t: QParams.from_dict(plain.recipe.tensors[t]) for t in plain.plan.activations}
+    ctx = Context(model=m, target="ort-cpu", reduce_range=False, plan=plain.plan, qparams=qparams)
+    emulation = Emulation(ctx)
+    t = sorted(qparams)[1]
+    scaled = {**qparams, t: QParams(qparams[t].scale * 0.5, qparams[t].zero_point, qparams[t].dtype)}
+    oracle = backends.compile(write_qdq(m, plain.plan, scaled, weight_reduce_range=False),
+                              backends.Settings(graph_optimization="disable"))
+    for feed in feeds:
+        want = list(oracle.run(feed).values())
+        got = emulation.outputs(feed, {t: 0.5})
+        assert len(got) == len(want) == 1
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+        # the switch off: that tensor's Q/DQ is gone, and the outputs move
+        assert not np.allclose(emulation.outputs(feed, {t: 0.5}, off=t)[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_range_refinement_shrinks_a_range_a_rare_spike_stretched_and_lowers_the_output_error():
+    m = _model("small_cnn")
+    calib = Dataset.from_iterable(_spiked(m, 16))
+    held = _feeds(m, 16, seed=5, low=0.0)
+    plain = quantize(m, calib, method="minmax", stability_halves=0, prepare=False)
+    refined = quantize(m, calib, method="minmax", stability_halves=0, prepare=False, algorithms=("range_refinement",))
+    (record,) = refined.recipe.algorithms
+    assert record["samples"] == 16 and record["ranked"] == record["tensors"] == len(plain.plan.activations)
+    assert 0 < record["factors"]["x"] < 1  # the input the spike stretched is the one rescaled
+    entry, before = refined.recipe.tensors["x"], plain.recipe.tensors["x"]
+    assert entry["max"] == pytest.approx(before["max"] * record["factors"]["x"]) and "output error" in entry["reason"]
+    # the error it recorded is the written model's (numpy, on the same 16 feeds), and lower than before it
+    np.testing.assert_allclose(record["error_before"], _output_error(m, plain.model, list(calib)), rtol=1e-4)
+    np.testing.assert_allclose(record["error_after"], _output_error(m, refined.model, list(calib)), rtol=1e-4)
+    # on inputs it never saw
+    assert _output_error(m, refined.model, held) < 0.7 * _output_error(m, plain.model, held)
+
+
+def test_range_refinement_keeps_to_its_budget_and_refuses_bad_options():
+    m = _model("small_cnn")
+    ticks = itertools.count()
+    opts = AlgorithmOptions(range_seconds=1.0, clock=lambda: next(ticks) * 0.2)  # 0.2 s per clock read
+    r = quantize(m, Dataset.from_iterable(_spiked(m, 4)), method="minmax", stability_halves=0, prepare=False,
+                 algorithms=("range_refinement",), algorithm_options=opts)
+    (record,) = r.recipe.algorithms
+    assert record["ranked"] < record["tensors"]  # half the budget for the shares, then it stopped ranking
+    for bad in ({"range_samples": 0}, {"range_seconds": 0}, {"range_fractions": ()}, {"range_fractions": (0.0,)}):
+        with pytest.raises(UsageError):
+            AlgorithmOptions(**bad)
+
+
 # ---- recipes, spaces, memory ----------------------------------------------------------------------
 @pytest.mark.parametrize("name,algorithms,outlier", [
     ("cle_chain", ("cle", "adaround", "bias_correction"), None),
     ("smooth_block", ("smoothquant", "adaround", "bias_correction"), None),
     ("silu_convnet", ("smoothquant", "bias_correction"), None),
     ("bias_shift_net", ("bias_correction",), None),
+    ("small_cnn", ("range_refinement", "bias_correction"), None),
 ])
 def test_rebuild_from_the_recipe_gives_the_same_bytes_without_data(name, algorithms, outlier):
     m = _model(name)

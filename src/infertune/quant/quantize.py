@@ -168,6 +168,10 @@ def quantize(
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
+    if any(STAGES[n] == "ranges" for n in names):
+        ctx.plan, ctx.qparams = p, {t: _qparams(choices[t], rules) for t in p.activations}
+        ctx, refined = run_algorithms(ctx, names, "ranges")
+        choices, records = {**choices, **_rescaled(choices, refined)}, records + refined
     overflow = pair_overflow.measure(m, p, {t: _qparams(choices[t], rules) for t in p.activations}, data,
                                      settings=settings) if per_layer else None
     if overflow is not None:
@@ -193,6 +197,17 @@ def quantize(
     if report and report.message():
         warnings.append(report.message())
     return QuantizeResult(qmodel, recipe, p, cal, report, warnings, prep)
+
+
+def _rescaled(choices: Mapping[str, RangeChoice], records: list[dict]) -> dict[str, RangeChoice]:
+    """The ranges a ``ranges``-stage step rescaled (factor about zero: the zero point stays)."""
+    out = {}
+    for record in records:
+        for t, f in record.get("factors", {}).items():
+            c = out.get(t, choices[t])
+            why = f"x{f:g} by the output error ({record['name']})"
+            out[t] = replace(c, lo=c.lo * f, hi=c.hi * f, reason=f"{c.reason}; {why}" if c.reason else why)
+    return out
 
 
 def _reusable(cal: CalibrationResult | None, names: Sequence[str], observed: list[str], histogram: bool, bins: int,

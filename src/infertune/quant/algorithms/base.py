@@ -13,8 +13,10 @@ Stages, in the order ``quantize`` runs them whatever order they were asked in:
 
 1. ``float``: rewrite the float model, FP32 outputs unchanged (``cle``, ``smoothquant``);
    calibration then measures ranges on the rewritten model;
-2. ``weights``: int8 weight rounding (``adaround``), once placement is known;
-3. ``bias``: float bias corrections (``bias_correction``), once ranges and rounding are known.
+2. ``ranges``: activation ranges rescaled by the output error they cause (``range_refinement``), once
+   the methods chose them;
+3. ``weights``: int8 weight rounding (``adaround``), once placement and ranges are known;
+4. ``bias``: float bias corrections (``bias_correction``), once ranges and rounding are known.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from infertune.model import Model
 from infertune.quant.placement import Exclusions, QuantPlan
 from infertune.quant.qparams import QParams, seven_bit
 
-Algorithm = Literal["cle", "smoothquant", "adaround", "bias_correction"]
+Algorithm = Literal["cle", "smoothquant", "range_refinement", "adaround", "bias_correction"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)  # also the order they run in
-STAGES = {"cle": "float", "smoothquant": "float", "adaround": "weights", "bias_correction": "bias"}
+STAGES = {"cle": "float", "smoothquant": "float", "range_refinement": "ranges", "adaround": "weights",
+          "bias_correction": "bias"}
 DESCRIPTIONS = {
     "cle": "cross-layer equalisation",
     "smoothquant": "SmoothQuant",
+    "range_refinement": "output-aware range refinement",
     "adaround": "learned weight rounding",
     "bias_correction": "bias correction",
 }
@@ -56,6 +60,10 @@ class AlgorithmOptions:
     adaround_min_iterations: int = 40  # a layer that cannot get these in its share of time keeps nearest
     adaround_learning_rate: float = 0.05
     adaround_regularization: float = 50.0
+    range_samples: int = 16  # calibration feeds the output error of a range is measured on
+    range_tensors: int = 8  # ranges refined, the largest shares of the output error first
+    range_fractions: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.2, 1.5)  # of the chosen range
+    range_seconds: float = 90.0  # the whole refinement; half of it at most for the shares
     sample_rows: int = 2048  # activation rows kept per layer (SmoothQuant, learned rounding)
     sample_memory_mb: float = 256.0  # sampled rows held at once; more layers: more passes over the data
     seed: int = 0
@@ -74,6 +82,10 @@ class AlgorithmOptions:
             raise UsageError("adaround iterations must be >= 1")
         if self.blas_threads < 0:
             raise UsageError(f"blas_threads must be >= 0, got {self.blas_threads}")
+        if self.range_samples < 1 or self.range_tensors < 0 or self.range_seconds <= 0:
+            raise UsageError("range_samples must be >= 1, range_tensors >= 0 and range_seconds > 0")
+        if not self.range_fractions or any(not 0.0 < f for f in self.range_fractions):
+            raise UsageError(f"range_fractions must be > 0, got {self.range_fractions}")
         if self.sample_rows < 1 or self.sample_memory_mb <= 0:
             raise UsageError("sample_rows and sample_memory_mb must be > 0")
 
@@ -82,7 +94,9 @@ class AlgorithmOptions:
                 "adaround_iterations": self.adaround_iterations,
                 "adaround_min_iterations": self.adaround_min_iterations,
                 "adaround_learning_rate": self.adaround_learning_rate,
-                "adaround_regularization": self.adaround_regularization, "sample_rows": self.sample_rows,
+                "adaround_regularization": self.adaround_regularization, "range_samples": self.range_samples,
+                "range_tensors": self.range_tensors, "range_fractions": list(self.range_fractions),
+                "range_seconds": self.range_seconds, "sample_rows": self.sample_rows,
                 "sample_memory_mb": self.sample_memory_mb, "seed": self.seed, "blas_threads": self.blas_threads}
 
 

@@ -404,6 +404,37 @@ def test_range_refinement_shrinks_a_range_a_rare_spike_stretched_and_lowers_the_
     assert _output_error(m, refined.model, held) < 0.7 * _output_error(m, plain.model, held)
 
 
+def test_range_refinement_leaves_the_padding_an_attention_mask_marks_out_of_the_output_error():
+    """A projection of x[N,8,16] beside an attention mask [N,8] no node reads; the padded positions of x hold
+    values 30x the tokens' (what a sequence model computes there is read by nothing). The recorded error is
+    numpy's over the tokens only."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 16])
+    mask = helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["N", 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, 32])
+    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32), "w")
+    m = Model.from_proto(helper.make_model(
+        helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "masked", [x, mask], [y],
+                          [w]), opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(8):
+        keep = np.zeros((1, 8), np.int64)
+        keep[0, : rng.integers(3, 7)] = 1
+        xs = rng.standard_normal((1, 8, 16)).astype(np.float32) * np.where(keep[..., None] == 1, 1.0, 30.0)
+        feeds.append({"x": xs.astype(np.float32), "attention_mask": keep})
+    r = quantize(m, Dataset.from_iterable(feeds), method="minmax", stability_halves=0, prepare=False,
+                 algorithms=("range_refinement",))
+    (record,) = r.recipe.algorithms
+    plain = backends.Settings(graph_optimization="disable")
+    ref = [backends.compile(m, plain).run(f)["y"][f["attention_mask"] != 0] for f in feeds]
+    got = [backends.compile(r.model, plain).run(f)["y"][f["attention_mask"] != 0] for f in feeds]
+    f, q = np.concatenate(ref).astype(np.float64), np.concatenate(got).astype(np.float64)
+    assert record["padding_masked"]
+    np.testing.assert_allclose(record["error_after"], np.sum((q - f) ** 2) / np.sum((f - f.mean()) ** 2), rtol=1e-4)
+    everything = _output_error(m, r.model, feeds)  # padding included: another number
+    assert abs(everything - record["error_after"]) > 0.1 * record["error_after"]
+
+
 def test_range_refinement_keeps_to_its_budget_and_refuses_bad_options():
     m = _model("small_cnn")
     ticks = itertools.count()

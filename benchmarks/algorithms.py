@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/algorithms.py [--models rec,minilm,yolo] [--calib 64] [--eval N]
         [--sets SET,SET] [--peers nncf,nncf-plain,ort,ort-sq] [--targets ort-cpu,openvino]
-        [--adaround-seconds 120] [--memory-only]
+        [--adaround-seconds 120] [--memory-only] [--merge]
 
 Rows per model: infertune's quantize (method auto) with each algorithm set (``none``, ``cle``,
-``bias_correction``, ``smoothquant``, ``adaround``, joined with ``+``; the default sets are those that
-apply to the model's family), NNCF's ``nncf.quantize`` with its defaults (fast bias correction;
+``bias_correction``, ``smoothquant``, ``range_refinement``, ``adaround``, joined with ``+``; the default
+sets are those that apply to the model's family), NNCF's ``nncf.quantize`` with its defaults (fast bias correction;
 SmoothQuant for MiniLM, as its TRANSFORMER model type does) and with both off (``nncf-plain``), and
 ONNX Runtime's ``quantize_static`` (MinMax, Q/DQ, per-channel int8 weights, uint8 activations) without
 and with ``extra_options={"SmoothQuant": True}`` (which needs Intel Neural Compressor 2.x: a row that
@@ -21,7 +21,8 @@ goes under ``flock /work/timing.lock``).
 Memory: peak RSS of rec's entropy calibration with every algorithm on, at 64 and at 512 samples
 (the bound: <= 1 GB and flat). ``--memory-only`` runs just that.
 
-Writes benchmarks/results/algorithms.{json,md}.
+Writes benchmarks/results/algorithms.{json,md}; ``--merge`` keeps the committed rows (and memory) not
+measured again, when they were measured on this machine's kind.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ MODELS = ("rec", "minilm", "yolo")
 FAMILY = {"rec": "convnet", "yolo": "convnet", "minilm": "transformer"}
 SETS = {
     "convnet": ["none", "bias_correction", "cle", "cle+bias_correction", "smoothquant+bias_correction", "adaround",
-                "adaround+bias_correction", "cle+adaround+bias_correction"],
+                "adaround+bias_correction", "cle+adaround+bias_correction", "range_refinement+bias_correction",
+                "range_refinement+adaround+bias_correction"],
     "transformer": ["none", "smoothquant", "bias_correction", "smoothquant+bias_correction", "adaround",
-                    "smoothquant+adaround+bias_correction"],
+                    "smoothquant+adaround+bias_correction", "smoothquant+range_refinement"],
 }
 PEERS = ["nncf", "nncf-plain", "ort", "ort-sq"]
 EVAL = {"rec": 600, "minilm": 128, "yolo": 200}
-EVERYTHING = "cle+smoothquant+adaround+bias_correction"
+EVERYTHING = "cle+smoothquant+range_refinement+adaround+bias_correction"
 
 
 # ---- models and data ------------------------------------------------------------------------------
@@ -268,6 +270,7 @@ def main() -> None:
     ap.add_argument("--adaround-seconds", type=float, default=120.0)
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="keep the committed rows not measured now")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -278,14 +281,32 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(1)
         return
-    from benchmarks.results_io import save_results
+    from benchmarks.results_io import committed_here, save_results
     from infertune.fingerprint import environment
 
     env = environment()
     with tempfile.TemporaryDirectory(prefix="infertune-algorithms-") as d:
         results = [] if args.memory_only else [bench_model(n, args, Path(d)) for n in args.models.split(",") if n]
         mem = None if args.no_memory else memory(args, Path(d))
+    if args.merge:
+        results, mem = merged(committed_here("algorithms", env), results, mem)
     save_results("algorithms", {"environment": env, "results": results, "memory": mem}, markdown(results, mem, env))
+
+
+def merged(old: dict, new: list[dict], mem: dict | None) -> tuple[list[dict], dict | None]:
+    """The committed results with the rows measured now in place of theirs (same model, variant and target),
+    new rows after them, and the committed memory result unless it was measured now."""
+    fresh = {r["model"]: r for r in new}
+    out = []
+    for res in old["results"]:
+        now = fresh.pop(res["model"], None)
+        if now is None:
+            out.append(res)
+            continue
+        redone = {(row["variant"], row["target"]) for row in now["rows"]}
+        kept = [row for row in res["rows"] if (row["variant"], row["target"]) not in redone]
+        out.append({**res, "rows": kept + now["rows"]})
+    return out + list(fresh.values()), mem if mem is not None else old.get("memory")
 
 
 if __name__ == "__main__":

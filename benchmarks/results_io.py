@@ -18,6 +18,19 @@ def save_results(name: str, doc: dict, markdown: str) -> None:
     os.sync()
 
 
+def committed_here(name: str, env: dict) -> dict:
+    """The committed NAME.json, for ``--merge`` to keep what is not measured again: refused unless it was
+    measured on this machine's kind (CPU model, ISA, cores), the only case where its numbers sit beside new ones."""
+    import json
+
+    old = json.loads((RESULTS / f"{name}.json").read_text())
+    mine, theirs = env["machine"]["cpu"], old["environment"]["machine"]["cpu"]
+    if (mine["model"], mine["isa"], mine["logical_cores"]) != (theirs["model"], theirs["isa"], theirs["logical_cores"]):
+        raise SystemExit(f"--merge: {name}.json was measured on {theirs['model']} ({' '.join(theirs['isa'])}), "
+                         "not this machine's kind: run everything")
+    return old
+
+
 def run_models(name: str, settings: dict, models: str, measure, table, key: str = "results") -> None:
     """One result per model of ``models`` (comma-separated), each measured by ``measure(model, work_dir)`` in a
     temporary directory that goes away after; then NAME.{json,md}: the results under ``key``, the settings and

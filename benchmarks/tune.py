@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quantize import feeds, fidelity, model_path, outputs, run_worker  # noqa: E402
-from benchmarks.results_io import machine_line, save_results  # noqa: E402
+from benchmarks.results_io import committed_here, machine_line, save_results  # noqa: E402
 from infertune import (  # noqa: E402
     Budget,
     Dataset,
@@ -337,16 +337,7 @@ ORDER = ["digits", "rec", "minilm", "yolo"]
 
 def merged_results(env: dict, rerun: list[str]) -> list[dict]:
     """The committed results of models not re-run, refused unless measured on this machine's kind."""
-    import json
-
-    from benchmarks.results_io import RESULTS
-
-    old = json.loads((RESULTS / "tune.json").read_text())
-    mine, theirs = env["machine"]["cpu"], old["environment"]["machine"]["cpu"]
-    if (mine["model"], mine["isa"], mine["logical_cores"]) != (theirs["model"], theirs["isa"], theirs["logical_cores"]):
-        raise SystemExit(f"--merge: tune.json was measured on {theirs['model']} ({' '.join(theirs['isa'])}), "
-                         "not this machine's kind: run every model")
-    return [res for res in old["results"] if res["model"] not in rerun]
+    return [res for res in committed_here("tune", env)["results"] if res["model"] not in rerun]
 
 
 if __name__ == "__main__":

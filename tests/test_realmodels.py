@@ -197,3 +197,21 @@ def test_rec_int8_on_ort_runs_no_batchnorm_or_decomposed_activation_in_float():
     assert not {"BatchNormalization", "Clip", "Div", "Erf", "Tanh"} & set(prepared), prepared
     assert q.recipe.prepared and prepared["QLinearConv"] == plain["QLinearConv"] == 38
     assert prepared["QuantizeLinear"] < plain["QuantizeLinear"]
+
+
+def test_algorithms_merge_replaces_the_rows_measured_again_and_keeps_the_rest():
+    from benchmarks.algorithms import merged
+
+    def row(variant, target, f1):
+        return {"variant": variant, "target": target, "box_f1": f1}
+
+    old = {"results": [{"model": "rec", "rows": [row("a", "ort-cpu", 1.0)]},
+                       {"model": "yolo", "rows": [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.6)]}],
+           "memory": {"64": {"peak_rss_mb": 800}}}
+    new = [{"model": "yolo", "rows": [row("a", "openvino", 0.7), row("b", "openvino", 0.8)]},
+           {"model": "minilm", "rows": [row("c", "ort-cpu", 0.9)]}]
+    results, mem = merged(old, new, None)
+    assert [r["model"] for r in results] == ["rec", "yolo", "minilm"]
+    assert results[0] == old["results"][0]
+    assert results[1]["rows"] == [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.7), row("b", "openvino", 0.8)]
+    assert mem == old["memory"] and merged(old, new, {"64": {}})[1] == {"64": {}}

@@ -87,17 +87,21 @@ def test_tune_digits_meets_budget_and_writes_a_verified_artifact(tmp_path):
 
 
 def test_tune_falls_back_to_exclusions_when_int8_misses(tmp_path, monkeypatch):
-    from infertune.search import tuner
+    from infertune.search import float_fallback
 
     _steady_clock(monkeypatch)  # INT8 faster than FP32, so exclusions are worth searching
     m, calib, ev = _digits(60)
     ranked_on = []
-    real = tuner.sensitivity
-    monkeypatch.setattr(tuner, "sensitivity", lambda space, evaluator, **kw: ranked_on.append(len(evaluator.feeds))
-                        or real(space, evaluator, **kw))
+    real = float_fallback.sensitivity
+
+    def counted(space, evaluator, **kw):
+        ranked_on.append(len(evaluator.feeds))
+        return real(space, evaluator, **kw)
+
+    monkeypatch.setattr(float_fallback, "sensitivity", counted)
     r = tune(m, calib, ev, Budget.parse("sqnr>=45"), run_dir=tmp_path / "run", threads=(1,), latency_s=0.1)
     assert r.sensitivity and {g["node"] for g in r.sensitivity}  # the ranking was needed
-    assert ranked_on == [tuner.RANK_FEEDS] < [60]  # ranked on the first evaluation feeds only
+    assert ranked_on == [float_fallback.RANK_FEEDS] < [60]  # ranked on the first evaluation feeds only
     excl = [t for t in r.trials if t.spec.exclude]
     assert excl, "bisection tried some exclusion sets"
     assert any("sensitivity" in d for d in r.decisions)
@@ -553,12 +557,12 @@ def test_float_nodes_the_budget_does_not_need_go_back_to_8_bit_the_costliest_fir
     from types import SimpleNamespace
 
     from infertune.analysis.model_stats import macs_by_node
-    from infertune.search import tuner
+    from infertune.search import float_fallback
 
     first, last = "/features/features.0/Conv", "/head/head.2/Gemm"
     between = ["/features/features.2/Conv", "/features/features.5/Conv"]
     ranking = [first, *between, last, "/head/head.0/Gemm"]
-    monkeypatch.setattr(tuner, "sensitivity", lambda *a, **k: SimpleNamespace(
+    monkeypatch.setattr(float_fallback, "sensitivity", lambda *a, **k: SimpleNamespace(
         groups=[SimpleNamespace(to_dict=lambda n=n: {"node": n}) for n in ranking]))
     _misses(monkeypatch, lambda s: s.precision == "int8" and not {first, last} <= set(s.exclude))
     _fake_clock(monkeypatch, lambda model, settings: 2.0 - 0.01 * _count(model, "DequantizeLinear"))

@@ -16,8 +16,7 @@ The search (``Tuner``), cheapest first:
    SmoothQuant, then with equalisation, for a convnet; SmoothQuant, then with bias correction, for a
    transformer: told apart by the op types that dominate the graph), learned rounding on top of the
    best of them only if the budget is still missed; then (``float_fallback``) ``rank`` (the exact
-   sensitivity ranking of
-   the best method's groups with the best algorithm set, measured on that runtime: kernels differ
+   sensitivity ranking of the best method's groups with the best algorithm set, measured on that runtime: kernels differ
    (their int8 convolutions round and saturate differently); on the first ``RANK_FEEDS`` evaluation
    feeds: a ranking needs each group's output NSR, not a verdict), then ``bisect`` over how many of
    the most sensitive groups stay float, and ``prune``: the float groups that cost most go back to 8-bit

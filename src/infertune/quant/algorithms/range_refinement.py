@@ -30,13 +30,14 @@ tensors, so ``rebuild`` needs nothing from this step (``replay`` changes nothing
 from __future__ import annotations
 
 import dataclasses
+from itertools import islice
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from infertune import backends
-from infertune.data import FeedValidator
+from infertune.data import validated
 from infertune.errors import CalibrationError
 from infertune.model import Model
 from infertune.quant.algorithms.base import Context, Step
@@ -106,7 +107,7 @@ def apply(ctx: Context) -> Step:
         raise CalibrationError("range refinement needs calibration data and a placement plan")
     opts = ctx.options
     start = opts.clock()
-    feeds = _first_feeds(ctx, opts.range_samples)
+    feeds = list(islice(validated(ctx.model, ctx.data), opts.range_samples))  # NaN/Inf feeds skipped
     if not feeds:
         raise CalibrationError("range refinement: no calibration feed without NaN/Inf to measure outputs on")
     masks = [_padding_mask(f) for f in feeds]
@@ -151,25 +152,13 @@ def apply(ctx: Context) -> Step:
     record = {"name": NAME, "samples": len(feeds), "padding_masked": masks[0] is not None,
               "ranked": len(shares), "tensors": len(tensors),
               "error_before": before, "error_after": current, "refined": entries,
-              "factors": {t: f for t, f in factors.items()}}
+              "factors": dict(factors)}
     return replay(ctx, record)
 
 
 def replay(ctx: Context, record: dict) -> Step:
     """Nothing to redo: ``quantize`` wrote the refined ranges into the recipe's tensors, which ``rebuild`` reads."""
     return Step(ctx.model, record)
-
-
-def _first_feeds(ctx: Context, n: int) -> list[dict[str, np.ndarray]]:
-    validator = FeedValidator(ctx.model, nonfinite="skip")
-    feeds = []
-    for feed in ctx.data:
-        clean = validator(feed)
-        if clean is not None:
-            feeds.append(clean)
-        if len(feeds) >= n:
-            break
-    return feeds
 
 
 def _padding_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -2,15 +2,20 @@
 
     .venv/bin/python benchmarks/algorithms.py [--models rec,minilm,yolo] [--calib 64] [--eval N]
         [--sets SET,SET] [--peers nncf,nncf-plain,ort,ort-sq] [--targets ort-cpu,openvino]
-        [--adaround-seconds 120] [--memory-only] [--merge]
+        [--adaround-seconds 120] [--memory-only] [--peers-only] [--merge]
 
 Rows per model: infertune's quantize (method auto) with each algorithm set (``none``, ``cle``,
 ``bias_correction``, ``smoothquant``, ``range_refinement``, ``adaround``, joined with ``+``; the default
 sets are those that apply to the model's family), NNCF's ``nncf.quantize`` with its defaults (fast bias correction;
 SmoothQuant for MiniLM, as its TRANSFORMER model type does) and with both off (``nncf-plain``), and
 ONNX Runtime's ``quantize_static`` (MinMax, Q/DQ, per-channel int8 weights, uint8 activations) without
-and with ``extra_options={"SmoothQuant": True}`` (which needs Intel Neural Compressor 2.x: a row that
-fails says why). Each quantizer runs in its own process, so its wall time and peak RSS are its own.
+and with ``extra_options={"SmoothQuant": True}`` (``ort-sq``). That option imports Intel Neural Compressor 2.x,
+whose wheel pins numpy < 2: its worker runs in a venv of its own (``.venv-inc``, made on first use: numpy < 2,
+neural-compressor 2.x, the same onnxruntime as here, infertune for the inputs), on the model with the
+Constant nodes that feed weights made initializers (INC's SmoothQuant looks each weight up among the
+initializers, and rapidocr's recognizer feeds its convolutions' weights from Constant nodes; ONNX Runtime's
+``quant_pre_process`` does that too, but its optimisation then made INC's SmoothQuant fail on MiniLM). Each
+quantizer runs in its own process, so its wall time and peak RSS are its own.
 
 Accuracy against FP32 on held-out inputs, on the runtime each variant is placed for (ORT for the
 peers): rapidocr rec: decoded text identical to FP32's (600 lines of seeds 2-4, as benchmarks/tune.py
@@ -28,6 +33,7 @@ measured again, when they were measured on this machine's kind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -87,7 +93,7 @@ def worker(name: str, variant: str, calib_n: int, out: Path, target: str, adarou
     elif variant.startswith("nncf"):
         _nncf(name, src, calib, variant, out)
     elif variant.startswith("ort"):
-        _ort(src, calib, variant, out)
+        info = _ort(src, calib, variant, out)
     else:
         raise ValueError(variant)
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": qbench.peak_rss_mb(), **info}
@@ -125,18 +131,73 @@ def _nncf(name: str, src: Path, calib, variant: str, out: Path) -> None:
                             advanced_parameters=advanced), str(out))
 
 
-def _ort(src: Path, calib, variant: str, out: Path) -> None:
+def _ort(src: Path, calib, variant: str, out: Path) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantType
 
-    extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if variant == "ort-sq" else {}
+    extra, info = {}, {}
+    if variant == "ort-sq":
+        from importlib.metadata import version
+
+        extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5}
+        src = weights_as_initializers(src, out.with_name(out.stem + "-initializers.onnx"))
+        calib = list(calib)  # ONNX Runtime deep-copies the data reader for INC: no generator inside
+        info = {"versions": {k: version(k) for k in ("neural-compressor", "numpy", "onnxruntime")}}
     qbench.ort_quantize_static(src, calib, out, calibrate_method=CalibrationMethod.MinMax,
                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                                extra_options=extra)
+    return info
+
+
+# the ops whose parameters (inputs 1..) INC's SmoothQuant reads, or folds its scales into, as initializers
+PARAMETERIZED = ("Conv", "MatMul", "Gemm", "BatchNormalization", "LayerNormalization", "InstanceNormalization")
+
+
+def weights_as_initializers(src: Path, out: Path) -> Path:
+    """``src`` with each Constant node that feeds a parameter of a ``PARAMETERIZED`` op made an initializer: the
+    same graph, whose weights INC's SmoothQuant can read (it looks each one up among the initializers; other
+    Constants stay nodes: made initializers, a scalar one broke its folding on MiniLM)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    weights = {t for n in proto.graph.node if n.op_type in PARAMETERIZED for t in n.input[1:]}
+    kept = []
+    for node in proto.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) \
+            if node.op_type == "Constant" and node.output[0] in weights else None
+        if value is None:
+            kept.append(node)
+        else:
+            proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    onnx.save(proto, str(out))
+    return out
+
+
+INC_VENV = ROOT / ".venv-inc"
+
+
+def inc_python() -> Path:
+    """The python of the venv ``ort-sq`` runs in (see the module docstring), made on first use."""
+    from importlib.metadata import version
+
+    py = INC_VENV / "bin" / "python"
+    done = INC_VENV / ".installed"
+    if not done.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(INC_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy<2", "neural-compressor>=2.6,<3",
+                        "six",  # imported by neural-compressor 2.6, not declared by it
+                        f"onnxruntime=={version('onnxruntime')}", "pillow", "scikit-image", "scikit-learn",
+                        "-e", str(ROOT)], check=True)
+        done.touch()
+    return py
 
 
 def run_worker(name: str, variant: str, calib_n: int, out: Path, target: str, adaround_s: float,
                timeout: int = 3600) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, variant, str(calib_n), str(out), target, str(adaround_s)]
+    python = inc_python() if variant == "ort-sq" else Path(sys.executable)
+    cmd = [str(python), __file__, "--worker", name, variant, str(calib_n), str(out), target, str(adaround_s)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -181,8 +242,8 @@ def bench_model(name: str, args, work: Path) -> dict:
     src = model_path(name)
     ref = outputs(src, data, "ort")
     rows = []
-    variants = [(f"infertune:{args.method}/{s}", t) for t in args.targets.split(",")
-                for s in (args.sets.split(",") if args.sets else SETS[FAMILY[name]])]
+    variants = [] if args.peers_only else [(f"infertune:{args.method}/{s}", t) for t in args.targets.split(",")
+                                           for s in (args.sets.split(",") if args.sets else SETS[FAMILY[name]])]
     variants += [(p, "ort-cpu") for p in args.peers.split(",") if p]
     for variant, target in variants:
         out = work / f"{name}-{len(rows)}.onnx"
@@ -227,10 +288,11 @@ def markdown(results: list[dict], mem: dict | None, env: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             if "error" in row:
-                lines.append(f"| {row['variant']} | {row['runtime']} | failed: {row['error'][:120]} | | | |")
+                lines.append(f"| {row['variant']} | {row['runtime']} | failed: {short_error(row['error'])} | | | |")
                 continue
             lines.append(f"| {row['variant']} | {row['runtime']} | {_metric(r['model'], row)} | "
-                         f"{row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {_did(row.get('algorithms', []))} |")
+                         f"{row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {_did(row.get('algorithms', []))}"
+                         f"{_ran_with(row.get('versions', {}))} |")
         lines.append("")
     if mem:
         a, b = (mem[k].get("peak_rss_mb") for k in ("64", "512"))
@@ -254,6 +316,19 @@ def _did(algorithms: list[dict]) -> str:
                                                   and v not in (None, {})) for a in algorithms)
 
 
+def short_error(error: str) -> str:
+    """An error for a table cell: the exception's class without its module path, the message's end kept."""
+    kind, sep, message = error.partition(": ")
+    kind = kind.rsplit(".", 1)[-1] if " " not in kind else kind
+    message = message if len(message) <= 200 else "..." + message[-200:]
+    return f"{kind}{sep}{message}"
+
+
+def _ran_with(versions: dict) -> str:
+    """The packages of a worker that ran in a venv of its own (ort-sq)."""
+    return f"ran with {', '.join(f'{k} {v}' for k, v in versions.items())}" if versions else ""
+
+
 def _f(v, digits: int) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -270,13 +345,16 @@ def main() -> None:
     ap.add_argument("--adaround-seconds", type=float, default=120.0)
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="no infertune rows (with --merge: the peers again)")
     ap.add_argument("--merge", action="store_true", help="keep the committed rows not measured now")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         name, variant, n, out, target, adaround_s = args.worker
         try:
-            print(json.dumps(worker(name, variant, int(n), Path(out), target, float(adaround_s)), default=str))
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result alone (INC prints progress)
+                result = worker(name, variant, int(n), Path(out), target, float(adaround_s))
+            print(json.dumps(result, default=str))
         except Exception:  # noqa: BLE001 - reported to the parent as this variant's failure
             traceback.print_exc()
             sys.exit(1)

@@ -215,3 +215,46 @@ def test_algorithms_merge_replaces_the_rows_measured_again_and_keeps_the_rest():
     assert results[0] == old["results"][0]
     assert results[1]["rows"] == [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.7), row("b", "openvino", 0.8)]
     assert mem == old["memory"] and merged(old, new, {"64": {}})[1] == {"64": {}}
+
+
+def test_ort_sq_gets_the_weights_as_initializers_and_the_same_graph(tmp_path):
+    """The ort-sq worker's input: the Constant nodes that feed a Conv weight and a BatchNormalization scale become
+    initializers (INC's SmoothQuant looks them up there), a scalar Constant feeding a Mul stays a node, and ONNX
+    Runtime computes the same outputs from both files."""
+    import onnx
+    from benchmarks.algorithms import weights_as_initializers
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def const(name, shape):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            rng.standard_normal(shape).astype(np.float32) if shape else np.float32(0.5), name))
+
+    nodes = [const("w", (4, 3, 3, 3)), const("bn_scale", (4,)), const("half", ()),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_b", "bn_m", "bn_v"], ["b"]),
+             helper.make_node("Mul", ["b", "half"], ["y"])]
+    inits = [numpy_helper.from_array(v, n) for n, v in (("bn_b", np.zeros(4, np.float32)),
+                                                           ("bn_m", np.zeros(4, np.float32)),
+                                                           ("bn_v", np.ones(4, np.float32)))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    out = weights_as_initializers(src, tmp_path / "out.onnx")
+    moved = onnx.load(str(out)).graph
+    assert {"w", "bn_scale"} <= {i.name for i in moved.initializer}
+    assert [n.output[0] for n in moved.node if n.op_type == "Constant"] == ["half"]
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0] for p in (src, out))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_row_names_the_exception_and_keeps_the_message_end():
+    from benchmarks.algorithms import short_error
+
+    long = "onnxruntime.capi.state.InvalidArgument: " + "x" * 300 + " is not a graph input"
+    short = short_error(long)
+    assert short.startswith("InvalidArgument: ...") and short.endswith("is not a graph input")
+    assert len(short) < 240 and short_error("killed (out of memory?)") == "killed (out of memory?)"

@@ -349,3 +349,48 @@ def test_a_recipe_rebuilds_each_range_as_the_kind_it_recorded():
     zp = next(numpy_helper.to_array(i) for i in rebuilt.model.graph.initializer if i.name == "x_zero_point")
     assert zp.dtype == np.uint8 and 120 < int(zp) < 136  # [-1, 1] in uint8: zero point about 128
     assert rebuilt.recipe.tensors["x"]["dtype"] == "uint8"
+
+
+@pytest.mark.parametrize("padded_rule", [True, False])
+def test_the_padded_convolution_rule_drops_only_the_zero_point_a_padded_convolution_reads(monkeypatch, padded_rule):
+    """silu_convnet: x (signed, one-sided) -> 3x3 padded conv1 -> SiLU -> r1 (one-sided) -> 1x1 conv2. With
+    ``symmetric_padded`` x becomes int8 with zero point 0 although that doubles its step; r1, read only by the
+    unpadded conv2, keeps uint8 and its zero point. Without it (OpenVINO's default) both keep theirs. The file
+    holds what the recipe says, and the recipe records the kind: rebuild gives the same bytes."""
+    import dataclasses
+
+    import infertune.quant.placement as placement_module
+
+    rules = dataclasses.replace(placement_module.TARGETS["openvino"], symmetric_padded=padded_rule)
+    monkeypatch.setitem(placement_module.TARGETS, "openvino", rules)
+    m = Model.from_proto(MODELS["silu_convnet"]())
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.uniform(-0.3, 1.0, (1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
+    q = quantize(m, Dataset.from_iterable(feeds), method="minmax", target="openvino", stability_halves=0)
+    x, r1 = q.recipe.tensors["x"], q.recipe.tensors["r1"]
+    assert r1["dtype"] == "uint8" and r1["zero_point"] != 0
+    if padded_rule:
+        assert x["dtype"] == "int8" and x["zero_point"] == 0
+        assert x["scale"] == pytest.approx(float(x["max"]) / 127, rel=1e-6)  # max(|lo|, hi) / 127: the doubled step
+    else:
+        assert x["dtype"] == "uint8" and x["zero_point"] != 0
+    inits = {i.name: i for i in q.model.proto.graph.initializer}
+    q_of_x = next(n for n in q.model.proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    assert inits[q_of_x.input[2]].data_type == (onnx.TensorProto.INT8 if padded_rule else onnx.TensorProto.UINT8)
+    assert rebuild(m, Recipe.from_dict(q.recipe.to_dict())).model.to_bytes() == q.model.to_bytes()
+
+
+@pytest.mark.parametrize("attrs,padded", [
+    ({"pads": [1, 1, 1, 1]}, True), ({"pads": [0, 0, 0, 0]}, False), ({}, False),
+    ({"auto_pad": "SAME_UPPER"}, True), ({"auto_pad": "VALID"}, False), ({"auto_pad": "NOTSET"}, False),
+])
+def test_padded_conv_inputs_reads_pads_and_auto_pad(attrs, padded):
+    from infertune.quant.placement import padded_conv_inputs
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 6, 6])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, None, None])
+    w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], **attrs)], "g", [x], [y],
+                          [w])
+    m = Model.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    assert padded_conv_inputs(m) == ({"x"} if padded else set())

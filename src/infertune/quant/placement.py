@@ -50,6 +50,8 @@ class TargetRules:
     int16_pairs: bool = False  # CPU kernels sum u8 x s8 pairs in int16 without VNNI: 7 bits where they overflow
     # a signed range gets int8 with zero point 0 when that step is at most this many times the asymmetric one's
     symmetric_within: float = 0.0
+    # a signed range a zero-padded convolution reads gets int8 with zero point 0, whatever it costs in step
+    symmetric_padded: bool = False
 
     def activation_qparams(self, lo: float, hi: float, dtype: str | None = None) -> QParams:
         """Scale and zero point of an activation ranged [lo, hi] on this target; ``dtype`` (a recipe's record)
@@ -113,12 +115,17 @@ TARGETS: dict[Target, TargetRules] = {
 # So quantize gives 7 bits per layer, where the pair sums overflow (quant.pair_overflow, same table).
 # symmetric_within: a zero point costs OpenVINO's 8-bit MatMul and convolution a compensation term per
 # output. MiniLM, full INT8 + SmoothQuant placed for OpenVINO, 2 threads, each file in its own process
-# (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.84 ms, this rule 3.31 ms,
-# int8 zero point 0 everywhere 3.17 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
+# (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.57 ms, this rule 3.07 ms,
+# int8 zero point 0 everywhere 2.94 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
 # (tune.md), where it had run at 3.28 vs 2.88 before. Zero point 0 on a range
 # [lo, hi] with lo < 0 < hi widens the step by 2 max(-lo, hi) / (hi - lo): 1.0x for a balanced range
 # (MiniLM's LayerNorm outputs: 36 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's
 # output ([-0.28, 20]), which keeps its zero point. Within 1.25x the tensor loses at most 1.9 dB.
+# symmetric_padded (off): a zero point costs most on a padded convolution's input (oneDNN pads with the zero
+# point and compensates each output position the padding touches). zero_point.md, 2 threads: YOLOv8n with it on,
+# 33 of its 60 signed ranges int8, 5.32 -> 4.56 ms (no zero point at all: 4.36) at box F1 0.9250 -> 0.9242
+# (0.8787 without any); rapidocr's recognizer 2.82 -> 2.81 ms at text identical 98.2% -> 83.7%. Model-dependent:
+# not a default.
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
                                      "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True,
                                      "share_dq": True, "int16_pairs": True, "symmetric_within": 1.25})
@@ -398,6 +405,17 @@ def _order_key(model: Model):
     for k, t in enumerate(model.tensor_order()):
         order.setdefault(t, k)
     return lambda t: order.get(t, len(order))
+
+
+def padded_conv_inputs(model: Model) -> set[str]:
+    """The tensors a convolution reads as its data input with zero padding (``pads``, or ``auto_pad`` SAME_*)."""
+    out = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.input:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if any(attrs.get("pads", ())) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+                out.add(node.input[0])
+    return out
 
 
 def candidate_tensors(model: Model, target: str) -> list[str]:

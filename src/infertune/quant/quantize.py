@@ -32,7 +32,7 @@ from infertune.quant.methods import (
     choose_range,
 )
 from infertune.quant.observers import DEFAULT_BINS
-from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_tensors, plan
+from infertune.quant.placement import TARGETS, Exclusions, QuantPlan, candidate_tensors, padded_conv_inputs, plan
 from infertune.quant.prepare import PrepareResult
 from infertune.quant.prepare import prepare as prepare_graph
 from infertune.quant.qdq import ensure_opset, write_qdq
@@ -168,20 +168,21 @@ def quantize(
     p, auto = _exclude_unusable(m, p, cal, target, exclude)
     producers = _producer_ops(m)
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
+    kinds = _kinds(m, rules, choices)
     if any(STAGES[n] == "ranges" for n in names):
-        ctx.plan, ctx.qparams = p, {t: _qparams(choices[t], rules) for t in p.activations}
+        ctx.plan, ctx.qparams = p, {t: _qparams(choices[t], rules, kinds.get(t)) for t in p.activations}
         ctx, refined = run_algorithms(ctx, names, "ranges")
         choices, records = {**choices, **_rescaled(choices, refined)}, records + refined
-    overflow = pair_overflow.measure(m, p, {t: _qparams(choices[t], rules) for t in p.activations}, data,
-                                     settings=settings) if per_layer else None
+    overflow = pair_overflow.measure(m, p, {t: _qparams(choices[t], rules, kinds.get(t)) for t in p.activations},
+                                     data, settings=settings) if per_layer else None
     if overflow is not None:
         ctx = replace(ctx, reduce_range=frozenset(layer.weight for layer in overflow if layer.seven_bit))
-    qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names)
+    qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names, kinds)
     report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
                        symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
                        percentile=percentile, threshold=stability_threshold) if stability_halves else None
-    tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules).to_dict(), **cal.stats[t].to_dict(),
-                   "producer_op": producers.get(t), "used": t in qparams} for t in observed}
+    tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules, kinds.get(t)).to_dict(),
+                   **cal.stats[t].to_dict(), "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
         auto_exclusions=auto, weight_reduce_range=ctx.reduce_range, tensors=tensors, percentile=percentile,
@@ -330,8 +331,17 @@ def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], recor
     return qmodel, qparams, records
 
 
-def _qparams(c: RangeChoice, rules) -> QParams:
-    return rules.activation_qparams(c.lo, c.hi)
+def _qparams(c: RangeChoice, rules, kind: str | None = None) -> QParams:
+    return rules.activation_qparams(c.lo, c.hi, kind)
+
+
+def _kinds(m: Model, rules, choices: Mapping[str, RangeChoice]) -> dict[str, str]:
+    """The ranges whose kind ``TargetRules.symmetric_padded`` fixes: int8 for a signed range a padded
+    convolution reads. Decided on the float graph, so every exclusion set of it agrees."""
+    if not rules.symmetric_padded:
+        return {}
+    padded = padded_conv_inputs(m)
+    return {t: "int8" for t, c in choices.items() if t in padded and c.lo < 0 < c.hi}
 
 
 def _rules(target: str):

@@ -42,4 +42,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-inc $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -578,3 +578,40 @@ def test_float_nodes_the_budget_does_not_need_go_back_to_8_bit_the_costliest_fir
     assert pruned == tuple(n for n in ranking[:4] if n != heaviest)
     (said,) = [d for d in r.decisions if d.startswith("tried 4 of the 4 float node(s)")]
     assert "2 stay 8-bit" in said and "2 left in float" in said
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_tune_tries_the_passing_variant_without_the_zero_points_padded_convolutions_read(tmp_path, monkeypatch,
+                                                                                          signed):
+    """silu_convnet on OpenVINO, a budget full INT8 meets. With a signed input, the padded 3x3 conv reads it through
+    a zero point: tune tries the passing variant placed for openvino-padded-int8 (that input int8, zero point 0;
+    the 1x1 conv's input keeps its own), and keeps it, faster on this clock. With a non-negative input there is no
+    such zero point: no extra trial."""
+    pytest.importorskip("openvino")
+    from infertune.quant.placement import padded_zero_points
+
+    _fake_clock(monkeypatch, lambda model, settings: 1.0 - 0.01 * _count(model, "DequantizeLinear")
+                + 0.1 * padded_zero_points(model))
+    m = Model.from_proto(MODELS["silu_convnet"]())
+    rng = np.random.default_rng(7)
+    lo = -0.3 if signed else 0.0
+
+    def feeds(n):
+        return [{"x": rng.uniform(lo, 1.0, (1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+    ev = Evaluator(m, feeds(16), settings=backends.Settings(intra_op_threads=1))
+    r = tune(m, Dataset.from_iterable(feeds(16)), ev, Budget.parse("sqnr>=5"), run_dir=tmp_path / "run",
+             threads=(1,), runtimes=("openvino",), latency_s=0.05)
+    leaner = [t for t in r.trials if t.spec.target == "openvino-padded-int8"]
+    said = [d for d in r.decisions if d.startswith("fewer zero points on OpenVINO")]
+    if not signed:
+        assert not leaner and not said
+        return
+    (t,) = leaner
+    (plain,) = [p for p in r.trials if p.spec == dataclasses.replace(t.spec, target="openvino")]
+    assert plain.met and t.met and not t.spec.exclude
+    assert padded_zero_points(Model.load(tmp_path / "run" / plain.model_file)) == 1
+    assert padded_zero_points(Model.load(tmp_path / "run" / t.model_file)) == 0
+    assert "1 padded convolution(s)" in said[0] and "(openvino-padded-int8)" in said[0]
+    assert "(openvino-padded-int8 placement) on OpenVINO" in t.spec.label()
+    assert r.chosen.spec == t.spec

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from infertune.errors import UsageError
 from infertune.model import Model, iter_graphs
@@ -70,7 +70,7 @@ _MOVEMENT = frozenset({"MaxPool", "Transpose", "Reshape", "Squeeze", "Unsqueeze"
                        "Resize", "DepthToSpace", "SpaceToDepth", "Identity", "Slice",
                        "Gather", "Split", "Expand", "Tile"})
 
-Target = Literal["ort-cpu", "tensorrt", "openvino"]
+Target = Literal["ort-cpu", "tensorrt", "openvino", "openvino-padded-int8"]
 TARGETS: dict[Target, TargetRules] = {
     "ort-cpu": TargetRules(
         name="ort-cpu",
@@ -121,14 +121,17 @@ TARGETS: dict[Target, TargetRules] = {
 # [lo, hi] with lo < 0 < hi widens the step by 2 max(-lo, hi) / (hi - lo): 1.0x for a balanced range
 # (MiniLM's LayerNorm outputs: 36 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's
 # output ([-0.28, 20]), which keeps its zero point. Within 1.25x the tensor loses at most 1.9 dB.
-# symmetric_padded (off): a zero point costs most on a padded convolution's input (oneDNN pads with the zero
-# point and compensates each output position the padding touches). zero_point.md, 2 threads: YOLOv8n with it on,
-# 33 of its 60 signed ranges int8, 5.32 -> 4.56 ms (no zero point at all: 4.36) at box F1 0.9250 -> 0.9242
-# (0.8787 without any); rapidocr's recognizer 2.82 -> 2.81 ms at text identical 98.2% -> 83.7%. Model-dependent:
-# not a default.
+# symmetric_padded (off; on in openvino-padded-int8): a zero point costs most on a padded convolution's input
+# (oneDNN pads with the zero point and compensates each output position the padding touches). zero_point.md,
+# 2 threads: YOLOv8n with it on, 33 of its 60 signed ranges int8, 5.32 -> 4.56 ms (no zero point at all: 4.36)
+# at box F1 0.9250 -> 0.9242 (0.8787 without any); rapidocr's recognizer 2.82 -> 2.81 ms at text identical
+# 98.2% -> 83.7%. Model-dependent: not a default; tune measures it (``LEANER``).
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
                                      "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True,
                                      "share_dq": True, "int16_pairs": True, "symmetric_within": 1.25})
+TARGETS["openvino-padded-int8"] = replace(TARGETS["openvino"], name="openvino-padded-int8", symmetric_padded=True)
+# a placement with fewer zero points than a target's own, which tune tries on its fastest passing variant
+LEANER = {"openvino": "openvino-padded-int8"}
 
 # op type -> index of the weight input, and how to find its output-channel axis
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -416,6 +419,18 @@ def padded_conv_inputs(model: Model) -> set[str]:
             if any(attrs.get("pads", ())) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
                 out.add(node.input[0])
     return out
+
+
+def padded_zero_points(qmodel: Model) -> int:
+    """How many zero-padded convolutions of a Q/DQ model read their input through a non-zero zero point."""
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    dq = {n.output[0]: n for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    count = 0
+    for t in padded_conv_inputs(qmodel):
+        node = dq.get(t)
+        zp = inits.get(node.input[2]) if node is not None and len(node.input) > 2 else None
+        count += zp is not None and bool(np.any(numpy_helper.to_array(zp)))
+    return count
 
 
 def candidate_tensors(model: Model, target: str) -> list[str]:

@@ -71,7 +71,9 @@ class TrialSpec:
         if self.precision == "fp16":
             return f"FP16{prepared}{on}, {t}{knobs}"
         algos = f" + {'+'.join(self.algorithms)}" if self.algorithms else ""
-        return f"INT8 {self.method}{algos}{prepared}{on}, {len(self.exclude)} in float, {t}{knobs}"
+        # a placement other than the runtime's own (tune's LEANER one) is named
+        placed = f" ({self.target} placement)" if self.target != backends.runtime(self.backend).placement else ""
+        return f"INT8 {self.method}{algos}{prepared}{placed}{on}, {len(self.exclude)} in float, {t}{knobs}"
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:

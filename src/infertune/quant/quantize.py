@@ -170,19 +170,20 @@ def quantize(
     choices = _choose(m, observed, cal, parsed_overrides, method, producers, rules, percentile)
     kinds = _kinds(m, rules, choices)
     if any(STAGES[n] == "ranges" for n in names):
-        ctx.plan, ctx.qparams = p, {t: _qparams(choices[t], rules, kinds.get(t)) for t in p.activations}
+        ctx.plan, ctx.qparams = p, _activation_qparams(choices, rules, kinds, p.activations)
         ctx, refined = run_algorithms(ctx, names, "ranges")
         choices, records = {**choices, **_rescaled(choices, refined)}, records + refined
-    overflow = pair_overflow.measure(m, p, {t: _qparams(choices[t], rules, kinds.get(t)) for t in p.activations},
-                                     data, settings=settings) if per_layer else None
+    overflow = pair_overflow.measure(m, p, _activation_qparams(choices, rules, kinds, p.activations), data,
+                                     settings=settings) if per_layer else None
     if overflow is not None:
         ctx = replace(ctx, reduce_range=frozenset(layer.weight for layer in overflow if layer.seven_bit))
     qmodel, qparams, records = _write(ctx, p, {t: choices[t] for t in p.activations}, records, names, kinds)
     report = stability(cal.half_stats, qparams, {t: c.method for t, c in choices.items()}, producers,
                        symmetric=rules.activation_symmetric, dtype=rules.activation_dtype,
                        percentile=percentile, threshold=stability_threshold) if stability_halves else None
-    tensors = {t: {**choices[t].to_dict(), **_qparams(choices[t], rules, kinds.get(t)).to_dict(),
-                   **cal.stats[t].to_dict(), "producer_op": producers.get(t), "used": t in qparams} for t in observed}
+    recorded = _activation_qparams(choices, rules, kinds, observed)
+    tensors = {t: {**choices[t].to_dict(), **recorded[t].to_dict(), **cal.stats[t].to_dict(),
+                   "producer_op": producers.get(t), "used": t in qparams} for t in observed}
     recipe = Recipe(
         source_sha256=model_sha256(source), target=target, method=method, exclusions=exclude,
         auto_exclusions=auto, weight_reduce_range=ctx.reduce_range, tensors=tensors, percentile=percentile,
@@ -318,7 +319,7 @@ def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], recor
     where the target's rule would otherwise choose (``TargetRules.activation_qparams``)."""
     rules = _rules(p.target)
     kinds = kinds or {}
-    qparams = {t: rules.activation_qparams(c.lo, c.hi, kinds.get(t)) for t, c in choices.items()}
+    qparams = _activation_qparams(choices, rules, kinds, choices)
     ctx.plan, ctx.qparams = p, qparams
     records = list(records)
     for stage in ("weights", "bias"):
@@ -331,8 +332,11 @@ def _write(ctx: Context, p: QuantPlan, choices: Mapping[str, RangeChoice], recor
     return qmodel, qparams, records
 
 
-def _qparams(c: RangeChoice, rules, kind: str | None = None) -> QParams:
-    return rules.activation_qparams(c.lo, c.hi, kind)
+def _activation_qparams(choices: Mapping[str, RangeChoice], rules, kinds: Mapping[str, str],
+                        tensors: Iterable[str]) -> dict[str, QParams]:
+    """Scale and zero point of each of ``tensors`` from its chosen range, of the kind ``kinds`` fixes (a
+    recipe's record, or the padded-convolution rule) or else the target's rule chooses."""
+    return {t: rules.activation_qparams(choices[t].lo, choices[t].hi, kinds.get(t)) for t in tensors}
 
 
 def _kinds(m: Model, rules, choices: Mapping[str, RangeChoice]) -> dict[str, str]:

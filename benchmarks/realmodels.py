@@ -356,13 +356,20 @@ def resize_bilinear(img: np.ndarray, size: int) -> np.ndarray:
     return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
 
+def resize_uint8(img: np.ndarray, size: int) -> np.ndarray:
+    """cv2.resize of a uint8 image: the bilinear result rounded back to uint8, as OpenCV returns it (so the
+    model later sees values on the 1/255 grid, not the float interpolation between them)."""
+    return np.clip(np.round(resize_bilinear(img, size)), 0, 255).astype(np.uint8)
+
+
 def nudenet_preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     """nudenet's _read_image: pad right and bottom with black to a square, resize to size x size
-    (cv2.dnn.blobFromImage: bilinear, scale 1/255, RGB), CHW float32."""
+    (cv2.dnn.blobFromImage: resizes the uint8 image bilinearly, then scales by 1/255, RGB), CHW float32:
+    every value is k/255, as it is when nudenet runs (checked against OpenCV 5.1: within one level)."""
     h, w = rgb.shape[:2]
     square = np.zeros((max(h, w), max(h, w), 3), np.uint8)
     square[:h, :w] = rgb
-    return (resize_bilinear(square, size) / 255.0).transpose(2, 0, 1).astype(np.float32)
+    return (resize_uint8(square, size) / np.float32(255)).transpose(2, 0, 1).astype(np.float32)
 
 
 def _random_crop(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
@@ -528,6 +535,6 @@ def det_inputs(n: int, seed: int = 0, size: int = 320) -> np.ndarray:
                 draw.text(xy, line_text(rng), fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
             rgb = np.asarray(img, np.float32)
         else:
-            rgb = resize_bilinear(_random_crop(rng, photos[("page", "text")[int(rng.integers(2))]]), size)
+            rgb = resize_uint8(_random_crop(rng, photos[("page", "text")[int(rng.integers(2))]]), size)
         out[i] = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)
     return out

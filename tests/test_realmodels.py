@@ -126,6 +126,17 @@ def test_resize_bilinear_halving_averages_pixel_pairs():
     np.testing.assert_allclose(realmodels.resize_bilinear(img, 4), want, rtol=1e-6)
 
 
+def test_nudenet_preprocess_gives_values_on_the_uint8_grid_like_opencv():
+    img = np.random.default_rng(0).integers(0, 256, (50, 50, 3)).astype(np.uint8)  # square: nudenet pads to one
+    small = realmodels.resize_uint8(img, 32)
+    assert small.dtype == np.uint8
+    assert np.abs(small - realmodels.resize_bilinear(img, 32)).max() <= 0.5 + 1e-4  # the interpolation, rounded
+    x = realmodels.nudenet_preprocess(img, 32)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(np.round(x * 255), small.transpose(2, 0, 1))
+    assert np.abs(x * 255 - np.round(x * 255)).max() < 1e-4  # k/255: what cv2.dnn.blobFromImage feeds nudenet
+
+
 @pytest.mark.slow
 def test_yolov8n_finds_faces_and_the_evaluation_set_has_enough_boxes():
     path = realmodels.yolov8n()

@@ -115,16 +115,16 @@ TARGETS: dict[Target, TargetRules] = {
 # So quantize gives 7 bits per layer, where the pair sums overflow (quant.pair_overflow, same table).
 # symmetric_within: a zero point costs OpenVINO's 8-bit MatMul and convolution a compensation term per
 # output. MiniLM, full INT8 + SmoothQuant placed for OpenVINO, 2 threads, each file in its own process
-# (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.57 ms, this rule 3.07 ms,
-# int8 zero point 0 everywhere 2.94 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
+# (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.24 ms, this rule 2.78 ms,
+# int8 zero point 0 everywhere 2.66 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
 # (tune.md), where it had run at 3.28 vs 2.88 before. Zero point 0 on a range
 # [lo, hi] with lo < 0 < hi widens the step by 2 max(-lo, hi) / (hi - lo): 1.0x for a balanced range
 # (MiniLM's LayerNorm outputs: 36 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's
 # output ([-0.28, 20]), which keeps its zero point. Within 1.25x the tensor loses at most 1.9 dB.
 # symmetric_padded (off; on in openvino-padded-int8): a zero point costs most on a padded convolution's input
 # (oneDNN pads with the zero point and compensates each output position the padding touches). zero_point.md,
-# 2 threads: YOLOv8n with it on, 33 of its 60 signed ranges int8, 5.32 -> 4.56 ms (no zero point at all: 4.36)
-# at box F1 0.9250 -> 0.9242 (0.8787 without any); rapidocr's recognizer 2.82 -> 2.81 ms at text identical
+# 2 threads: YOLOv8n with it on, 33 of its 60 signed ranges int8, 4.67 -> 3.93 ms (no zero point at all: 3.76)
+# at box F1 0.9350 -> 0.9274 (0.8849 without any); rapidocr's recognizer 2.69 -> 2.56 ms at text identical
 # 98.2% -> 83.7%. Model-dependent: not a default; tune measures it (``LEANER``).
 TARGETS["openvino"] = TargetRules(**{**TARGETS["tensorrt"].__dict__, "name": "openvino",
                                      "activation_dtype": "uint8", "activation_symmetric": False, "prepare": True,

@@ -168,13 +168,15 @@ def ort_quantize_static(src: Path, calib, out: Path, **options) -> None:
 
 
 # ---- measurement ---------------------------------------------------------------------------------
-def outputs(path: Path, data: list[dict], backend: str = "ort", opt: str = "all") -> list[dict[str, np.ndarray]]:
-    """The model's outputs on each feed; ``opt="disable"`` on ORT runs every Q/DQ pair as written, in float."""
+def outputs(path: Path, data: list[dict], backend: str = "ort", opt: str = "all",
+            options: dict[str, str] | None = None) -> list[dict[str, np.ndarray]]:
+    """The model's outputs on each feed; ``opt="disable"`` on ORT runs every Q/DQ pair as written, in float;
+    ``options``: the runtime's (a tuned variant's, e.g. OpenVINO's bf16 inference precision)."""
     from infertune import backends
     from infertune.model import Model
 
-    runner = backends.compile(Model.load(path), backends.Settings(intra_op_threads=1, graph_optimization=opt),
-                              backend=backend)
+    runner = backends.compile(Model.load(path), backends.Settings(intra_op_threads=1, graph_optimization=opt,
+                                                                  options=dict(options or {})), backend=backend)
     return [runner.run(f) for f in data]
 
 

@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/tune.py [--models digits,rec,minilm,yolo] [--peers ort-minmax,ort-minmax-u8,nncf]
 
 tune searches ONNX Runtime and OpenVINO. Rows: FP32 on each runtime, tune's choice on its runtime,
-each peer quantizer's output on ONNX Runtime (NNCF's also on OpenVINO, the runtime it targets).
+each peer quantizer's output on ONNX Runtime (NNCF's also on OpenVINO, the runtime it targets), and on a CPU
+that computes bf16 in hardware the FP32 file on OpenVINO in bf16 (``openvino-bf16``: what OpenVINO runs an FP32
+file in by default there; tune's BF16 variant is the same thing when it chooses it).
 
 Budgets (against FP32, on held-out inputs):
 - digits CNN: top-1 drop <= 0.5 points on the labelled test split;
@@ -26,6 +28,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,7 @@ from infertune import (  # noqa: E402
 )
 from infertune.fingerprint import environment  # noqa: E402
 from infertune.perf.isolated import Variant, time_isolated  # noqa: E402
+from infertune.search.runtimes import bf16_options  # noqa: E402
 
 PEERS = ["ort-minmax", "ort-minmax-u8", "nncf"]
 # rec: 100 lines let a 99% pass become 96%. yolo: box F1 counts boxes near nudenet's score threshold
@@ -160,6 +164,7 @@ def run(name: str, peers: list[str], work: Path) -> dict:
     print(f"   chose {r.chosen.spec.label()} in {tune_s:.0f} s, {len(r.trials)} trials", flush=True)
     paths = {"fp32": src, "fp32-openvino": src, "infertune-tune": work / f"{name}.tuned" / "model.onnx"}
     runtimes = {"fp32-openvino": "openvino", "infertune-tune": r.chosen.spec.backend}
+    options = {"infertune-tune": dict(r.chosen.spec.options)}  # compiled as tune chose (e.g. bf16 on OpenVINO)
     rows: dict[str, dict] = {"fp32": {"variant": "fp32"}, "fp32-openvino": {"variant": "fp32-openvino"},
                              "infertune-tune": {
         "variant": "infertune-tune", "chosen": r.chosen.spec.label(), "runtime": r.chosen.spec.backend,
@@ -167,6 +172,9 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         "recorded_p50_ms": r.p50(r.chosen), "recorded_threads": r.chosen.spec.threads}}
     rows["infertune-tune"]["recorded_fp32"] = recorded_fp32(r)
     prepared_rows(m, name, work, paths, runtimes, rows)
+    if bf16_options("openvino"):  # what OpenVINO runs an FP32 file in by default on a CPU with bf16 hardware
+        paths["openvino-bf16"], runtimes["openvino-bf16"] = src, "openvino"
+        options["openvino-bf16"], rows["openvino-bf16"] = bf16_options("openvino"), {"variant": "openvino-bf16"}
     for q in peers:
         out = work / f"{name}-{q}.onnx"
         res = run_worker(name, q, 64, out)
@@ -189,7 +197,8 @@ def run(name: str, peers: list[str], work: Path) -> dict:
     ref = outputs(src, data)
     for k, p in list(paths.items()):
         try:
-            rows[k].update(fidelity(name, ref, outputs(p, data, runtimes.get(k, "ort")), data, check_labels))
+            rows[k].update(fidelity(name, ref, outputs(p, data, runtimes.get(k, "ort"), options=options.get(k)), data,
+                                    check_labels))
         except Exception as e:  # noqa: BLE001 - a model ORT cannot run is a result too
             rows[k]["error"] = f"does not run: {str(e).splitlines()[0][:200]}"
             paths.pop(k)
@@ -198,7 +207,7 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         for row in rows.values():
             if "top1" in row:
                 row["top1_drop"] = base - row["top1"]
-    for k, lat in isolated_latencies(paths, data[0], runtimes, rounds=ROUNDS).items():
+    for k, lat in isolated_latencies(paths, data[0], runtimes, rounds=ROUNDS, options=options).items():
         rows[k].update(lat)
     for row in rows.values():
         row["meets_budget"] = meets(name, row) and "error" not in row
@@ -206,13 +215,16 @@ def run(name: str, peers: list[str], work: Path) -> dict:
             "rows": list(rows.values())}
 
 
-def isolated_latencies(paths: dict[str, Path], feed: dict, runtimes: dict[str, str], rounds: int) -> dict[str, dict]:
-    """p50 per variant at 1 and 2 threads, each variant in its own process, alternated, median of rounds."""
+def isolated_latencies(paths: dict[str, Path], feed: dict, runtimes: dict[str, str], rounds: int,
+                       options: dict[str, dict] | None = None) -> dict[str, dict]:
+    """p50 per variant at 1 and 2 threads, each variant in its own process, alternated, median of rounds;
+    ``options``: a variant's runtime options."""
     shapes = {k: tuple(v.shape) for k, v in feed.items()}
     out: dict[str, dict] = {k: {} for k in paths}
     for threads in (1, 2):
         settings = backends.Settings(intra_op_threads=threads, static_shapes=shapes)
-        variants = [Variant(k, Path(p), runtimes.get(k, "ort"), settings) for k, p in paths.items()]
+        variants = [Variant(k, Path(p), runtimes.get(k, "ort"), replace(settings, options=(options or {}).get(k, {})))
+                    for k, p in paths.items()]
         for k, lat in time_isolated(variants, feed, rounds=rounds, seconds=WINDOW_S).items():
             out[k][f"p50_ms_{threads}t"] = lat.p50_ms
             out[k][f"spread_{threads}t"] = lat.spread

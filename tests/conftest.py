@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and config.getoption("--skip-slow"):
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune searches a BF16 variant on OpenVINO where the CPU computes bf16 in hardware: every test sees the
+    same search on every machine (no bf16) unless marked ``native_bf16`` (or it patches the answer itself)."""
+    if request.node.get_closest_marker("native_bf16") or importlib.util.find_spec("openvino") is None:
+        return
+    import infertune.backends.openvino as ov
+
+    monkeypatch.setattr(ov, "native_bf16", lambda: False)
 
 
 @pytest.fixture

@@ -615,3 +615,82 @@ def test_tune_tries_the_passing_variant_without_the_zero_points_padded_convoluti
     assert "1 padded convolution(s)" in said[0] and "(openvino-padded-int8)" in said[0]
     assert "(openvino-padded-int8 placement) on OpenVINO" in t.spec.label()
     assert r.chosen.spec == t.spec
+
+
+def test_a_bf16_variant_is_the_fp32_graph_with_the_runtimes_bf16_options():
+    s = TrialSpec("bf16", threads=2, backend="openvino")
+    assert dict(s.options) == {"INFERENCE_PRECISION_HINT": "bf16"} and s.label() == "BF16 on OpenVINO, 2 threads"
+    assert TrialSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.key != TrialSpec("fp32", threads=2, backend="openvino", options=dict(s.options)).key
+    mixed = TrialSpec("int8", "auto", ("a",), 2, backend="openvino", options={"INFERENCE_PRECISION_HINT": "bf16"})
+    assert mixed.label().endswith("1 in float, 2 threads, inference precision=bf16")
+    with pytest.raises(UsageError, match="a BF16 variant cannot run on ort"):
+        TrialSpec("bf16", backend="ort")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_offered_only_where_the_cpu_computes_it(monkeypatch, native):
+    pytest.importorskip("openvino")
+    import infertune.backends.openvino as ov
+    from infertune.search.runtimes import bf16_options
+
+    monkeypatch.setattr(ov, "native_bf16", lambda: native)
+    assert bf16_options("openvino") == ({"INFERENCE_PRECISION_HINT": "bf16"} if native else {})
+    assert bf16_options("ort") == {}
+
+
+@pytest.mark.native_bf16
+def test_native_bf16_reads_openvinos_capabilities():
+    ov = pytest.importorskip("openvino")
+    import infertune.backends.openvino as backend
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert backend.native_bf16() is ("BF16" in caps)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if flags and backend.native_bf16():  # OpenVINO claims it only with the instructions for it
+        assert " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _bf16_clock(monkeypatch, bf16_ms: float):
+    """bf16 trials take ``bf16_ms``; the others are steady (fewer DQ nodes and fewer threads look faster)."""
+    _fake_clock(monkeypatch, lambda model, settings: bf16_ms if settings.options.get("INFERENCE_PRECISION_HINT") ==
+                "bf16" else 1.0 - 0.01 * _count(model, "DequantizeLinear") + 0.001 * settings.intra_op_threads)
+
+
+def test_a_bf16_variant_that_meets_the_budget_is_a_candidate_int8_must_beat(tmp_path, monkeypatch):
+    """Where the CPU computes bf16 (patched on: OpenVINO runs it in f32 where it cannot, so the outputs are real),
+    tune measures the FP32 graph in bf16 at every thread count before OpenVINO's INT8 search; faster than that
+    INT8 could be, it ends the search there and is chosen, and the artifact records the option."""
+    pytest.importorskip("openvino")
+    import infertune.backends.openvino as ov
+
+    monkeypatch.setattr(ov, "native_bf16", lambda: True)
+    _bf16_clock(monkeypatch, 0.3)
+    _misses(monkeypatch, lambda s: s.precision == "int8" and not s.exclude)  # INT8 would need its float fallback
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1, 2),
+             runtimes=("openvino",), output=tmp_path / "art")
+    bf16 = [t for t in r.trials if t.spec.precision == "bf16"]
+    assert sorted(t.spec.threads for t in bf16) == [1, 2] and all(t.met for t in bf16)
+    assert not any(t.spec.exclude or t.spec.algorithms for t in r.trials)  # INT8 cannot beat 0.3 ms: not searched
+    assert r.chosen.spec.precision == "bf16" and r.chosen.model_file is None  # the FP32 file, compiled in bf16
+    assert any(d.startswith("the CPU computes bf16 in hardware: BF16 on OpenVINO") for d in r.decisions)
+    a = artifact.load(tmp_path / "art")
+    assert a.manifest["settings"]["options"] == {"INFERENCE_PRECISION_HINT": "bf16"}
+
+
+def test_where_bf16_alone_misses_the_passing_int8_variant_is_tried_with_its_float_part_in_bf16(tmp_path,
+                                                                                             monkeypatch):
+    pytest.importorskip("openvino")
+    import infertune.backends.openvino as ov
+
+    monkeypatch.setattr(ov, "native_bf16", lambda: True)
+    _bf16_clock(monkeypatch, 0.3)
+    _misses(monkeypatch, lambda s: s.precision == "bf16")
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1,),
+             runtimes=("openvino",))
+    (mixed,) = [t for t in r.trials if t.spec.precision == "int8" and t.spec.options]
+    assert dict(mixed.spec.options) == {"INFERENCE_PRECISION_HINT": "bf16"} and mixed.met
+    plain = next(t for t in r.trials if t.spec == dataclasses.replace(mixed.spec, options=()))
+    assert plain.met and r.chosen.spec == mixed.spec  # 0.3 ms on this clock

@@ -103,7 +103,9 @@ class Runtime:
     session entries ``session.*``; ``property``: OpenVINO properties in UPPER_CASE; ``gpu``:
     ``backends.gpu.GpuOptions``). ``gpu``: runs on an NVIDIA GPU (tune adds it to ``--runtimes
     auto`` only when a GPU is usable); ``fp16``: an FP16 graph (``quant.fp16``) runs there in
-    float16 (tune searches an FP16 variant on it); ``prepares_float``: its compiler folds
+    float16 (tune searches an FP16 variant on it); ``bf16``: the compile options that compute an FP32
+    graph in bfloat16 (OpenVINO's inference precision; tune searches a BF16 variant where the backend's
+    ``native_bf16()`` says the CPU computes bf16 in hardware: AVX512_BF16 / AMX); ``prepares_float``: its compiler folds
     BatchNormalization into convolutions and fuses decomposed HardSwish/HardSigmoid/Swish/GELU
     itself (OpenVINO's common transformations, TensorRT's builder), so FP32 of ``quant.prepare``'s
     graph is the same candidate as FP32 there (rec, benchmarks/results/tune.md, 1 thread: OpenVINO 10.45 ms
@@ -123,6 +125,7 @@ class Runtime:
     settings: frozenset[str] = frozenset({"intra_op_threads"})
     options: frozenset[str] = frozenset()
     fp16: bool = False
+    bf16: tuple[tuple[str, str], ...] = ()
     prepares_float: bool = False
 
     def on(self) -> str:
@@ -137,7 +140,8 @@ _REGISTRY: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort", "ONNX Runtime", "infertune.backends.ort", "OrtBackend", "onnxruntime", None, "ort-cpu",
             profiles=True, intermediates=True, settings=_ORT_SETTINGS, options=frozenset({"session"})),
     Runtime("openvino", "OpenVINO", "infertune.backends.openvino", "OpenVinoBackend", "openvino", "openvino",
-            "openvino", intermediates=True, options=frozenset({"property"}), prepares_float=True),
+            "openvino", intermediates=True, options=frozenset({"property"}), prepares_float=True,
+            bf16=(("INFERENCE_PRECISION_HINT", "bf16"),)),
     # GPU: onnxruntime-gpu provides the same module as onnxruntime; the runner checks that a GPU is
     # usable and that its provider loaded (ONNX Runtime falls back to the CPU silently)
     Runtime("ort-cuda", "ONNX Runtime CUDA", "infertune.backends.ort_gpu", "OrtCudaBackend", "onnxruntime",

@@ -1,7 +1,8 @@
 """OpenVINO CPU backend: the same ONNX (or Q/DQ ONNX) file, compiled by OpenVINO.
 
 Compiled for latency (one stream, ``PERFORMANCE_HINT=LATENCY``) with float32 inference precision,
-so an FP32 model is not silently run in bf16/f16 on CPUs that have them; ``intra_op_threads``
+so an FP32 model is not silently run in bf16/f16 on CPUs that have them (bf16 is a variant of its own,
+``INFERENCE_PRECISION_HINT=bf16``, which tune measures where ``native_bf16``); ``intra_op_threads``
 maps to ``INFERENCE_NUM_THREADS``. Q/DQ models run OpenVINO's own int8 kernels: measure their
 fidelity here, not on ONNX Runtime (the same file can give different outputs on each).
 """
@@ -27,6 +28,12 @@ def core() -> ov.Core:
     if _CORE is None:
         _CORE = ov.Core()
     return _CORE
+
+
+def native_bf16() -> bool:
+    """The CPU computes bfloat16 in hardware (AVX512_BF16 or AMX): OpenVINO's CPU plugin then lists BF16
+    among its optimization capabilities (and would run FP32 models in bf16 by default)."""
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def compile_config(settings: Settings) -> dict[str, str]:
@@ -114,6 +121,9 @@ class OpenVinoBackend:
 
     def compile(self, model: Model, settings: Settings) -> OpenVinoRunner:
         return OpenVinoRunner(model, settings)
+
+    def native_bf16(self) -> bool:
+        return native_bf16()
 
     def versions(self) -> dict[str, str]:
         return {"openvino": ov.__version__}

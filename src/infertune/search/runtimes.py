@@ -9,7 +9,9 @@
   (its intra-op threads only feed the GPU);
 - ``knob_options``: the runtime knobs tried on the fastest variant that met the budget on that
   runtime: CUDA graphs on GPU runtimes (``cuda_graph=1``). Engine and timing caches are not a
-  knob: every trial on a GPU runtime gets the run's (``TrialRunner.settings``).
+  knob: every trial on a GPU runtime gets the run's (``TrialRunner.settings``);
+- ``bf16_options``: the options of a runtime's BF16 variant (its ``Runtime.bf16``) where its backend
+  says the CPU computes bf16 in hardware, else none (emulated bf16 is slower than FP32 and is not tried).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def searchable(name: str) -> backends.Runtime:
 
 def thread_counts(runtime: str, threads: Sequence[int]) -> list[int]:
     return list(threads[:1]) if backends.runtime(runtime).gpu else list(threads)
+
+
+def bf16_options(runtime: str) -> dict[str, str]:
+    entry = backends.runtime(runtime)
+    if not entry.bf16 or not loads(runtime):
+        return {}
+    native = getattr(backends.get_backend(runtime), "native_bf16", None)
+    return dict(entry.bf16) if native is not None and native() else {}
 
 
 def knob_options(runtime: str) -> list[dict[str, str]]:

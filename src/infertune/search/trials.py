@@ -10,9 +10,10 @@ from typing import Literal, get_args
 from infertune import backends
 from infertune.errors import UsageError
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-KNOB_LABELS = {"cuda_graph": "CUDA graph"}  # runtime knobs tune searches, as a label shows them
+KNOB_LABELS = {"cuda_graph": "CUDA graph",  # runtime knobs tune searches, as a label shows them
+               "INFERENCE_PRECISION_HINT": "inference precision"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class TrialSpec:
             object.__setattr__(self, "target", placement)
         if self.precision == "fp16":
             backends.require(self.backend, "fp16", "an FP16 variant")
+        if self.precision == "bf16":  # the FP32 graph, compiled with the runtime's bf16 options
+            entry = backends.require(self.backend, "bf16", "a BF16 variant")
+            object.__setattr__(self, "options", {**dict(self.options), **dict(entry.bf16)})
         pairs = self.options.items() if isinstance(self.options, dict) else self.options
         object.__setattr__(self, "options", tuple(sorted((str(k), str(v)) for k, v in pairs)))
 
@@ -63,13 +67,14 @@ class TrialSpec:
     def label(self) -> str:
         t = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else "default threads"
         on = backends.runtime(self.backend).on()
+        implied = dict(backends.runtime(self.backend).bf16) if self.precision == "bf16" else {}
         knobs = "".join(f", {KNOB_LABELS.get(k, k)}" + ("" if v in ("1", "true") else f"={v}")
-                        for k, v in self.options)
+                        for k, v in self.options if implied.get(k) != v)
         prepared = ", prepared" if self.prepared else ""
         if self.precision == "fp32":
             return f"FP32{prepared}{on}, {t}{knobs}"
-        if self.precision == "fp16":
-            return f"FP16{prepared}{on}, {t}{knobs}"
+        if self.precision in ("fp16", "bf16"):
+            return f"{self.precision.upper()}{prepared}{on}, {t}{knobs}"
         algos = f" + {'+'.join(self.algorithms)}" if self.algorithms else ""
         # a placement other than the runtime's own (tune's LEANER one) is named
         placed = f" ({self.target} placement)" if self.target != backends.runtime(self.backend).placement else ""

@@ -7,6 +7,8 @@ The search (``Tuner``), cheapest first:
    graph (``quant.prepare``: BatchNormalization folded, decomposed activations fused; it reproduces
    FP32's outputs) when preparation changes it;
 2. ``search_fp16``: per runtime that runs FP16 (the GPU ones), the FP16 variant (``quant.fp16``);
+   ``search_bf16``: per runtime whose CPU computes bf16 in hardware (OpenVINO on AVX512_BF16 / AMX), the
+   FP32 graph computed in bf16 (``runtimes.bf16_options``), at every thread count;
    ``search_int8``: per runtime, INT8 placed for that runtime (its registry entry's placement:
    what its graph optimiser fuses or accepts; one calibration per method asked for; in the prepared
    graph where the placement prepares one) with nothing excluded, evaluated on it;
@@ -25,7 +27,8 @@ The search (``Tuner``), cheapest first:
    the ranges padded convolutions read (``placement.LEANER``: faster on some models, less accurate on others),
    kept when it meets the budget; ``other_threads``: the passing INT8 variant at the other thread counts;
    ``try_knobs``: on a GPU runtime, its fastest variant that meets the budget with CUDA graphs
-   (``runtimes.knob_options``);
+   (``runtimes.knob_options``); ``int8_in_bf16``: where bf16 is native, the fastest passing INT8 variant
+   with what it leaves in float computed in bf16;
 5. ``decide``: the finalists measured again and the choice (``choice``).
 
 It stops when the budget is met by the fewest exclusions (more exclusions only add float work),
@@ -72,7 +75,7 @@ from infertune.search.float_fallback import RANK_FEEDS, FloatFallback
 from infertune.search.journal import RUN_DIR, Journal, RunLock, claim_run_dir
 from infertune.search.measure import Measured, TrialRunner
 from infertune.search.result import TuneResult
-from infertune.search.runtimes import knob_options, searchable, thread_counts
+from infertune.search.runtimes import bf16_options, knob_options, searchable, thread_counts
 from infertune.search.trials import Trial, TrialSpec
 
 OnTrial = Callable[[Trial, bool], None]
@@ -123,10 +126,12 @@ class Tuner(FloatFallback):
         for runtime in self.quickest_first(full):
             if self.stopped:
                 break
-            passing = self.search_fp16(runtime) + self.search_int8(runtime, full.get(runtime, []))
+            passing = self.search_fp16(runtime) + self.search_bf16(runtime) + self.search_int8(runtime,
+                                                                                          full.get(runtime, []))
             passing += self.try_leaner(passing)
             self.other_threads(passing)
             self.try_knobs(runtime, passing)
+            self.int8_in_bf16(runtime, passing)
         return self.decide()
 
     def quickest_first(self, full: dict[str, list[Trial]]) -> list[str]:
@@ -171,6 +176,30 @@ class Tuner(FloatFallback):
             return []
         spec = TrialSpec("fp16", threads=thread_counts(runtime, self.threads)[0], backend=runtime)
         return [t for t in self.ask([spec]) if t.met]
+
+    def search_bf16(self, runtime: str) -> list[Trial]:
+        """The FP32 graph computed in bf16, at every thread count, on a runtime whose CPU computes bf16 in hardware
+        (``runtimes.bf16_options``; and whose FP32 agrees with ONNX Runtime's). Searched before INT8: where it
+        meets the budget, an INT8 variant must beat it (``slower_than_met``)."""
+        fp32 = [t for t in self.fp32 if t.spec.backend == runtime]
+        if self.stopped or not bf16_options(runtime) or (fp32 and not any(t.met for t in fp32)):
+            return []
+        trials = self.ask(TrialSpec("bf16", threads=t, backend=runtime) for t in thread_counts(runtime, self.threads))
+        if trials:
+            best = min(trials, key=lambda t: t.p50_ms)
+            self.decisions.append(f"the CPU computes bf16 in hardware: {best.spec.label()} {best.p50_ms:.3f} ms, "
+                                  f"{metric_text(best, self.budget)}, {'meets' if best.met else 'misses'} "
+                                  f"{self.budget}")
+        return [t for t in trials if t.met]
+
+    def int8_in_bf16(self, runtime: str, passing: list[Trial]) -> None:
+        """The fastest passing INT8 variant on ``runtime`` with what it leaves in float computed in bf16 (as
+        TensorRT builds INT8 with FP16 allowed), where the CPU computes bf16 in hardware."""
+        options = bf16_options(runtime)
+        int8 = [t for t in passing if t.spec.precision == "int8" and t.spec.backend == runtime]
+        if options and int8 and not self.stopped:
+            s = min(int8, key=lambda t: t.p50_ms).spec
+            self.ask([replace(s, options={**dict(s.options), **options})])
 
     def try_knobs(self, runtime: str, passing: list[Trial]) -> None:
         """The fastest variant on ``runtime`` that met the budget, with each of its knobs set."""

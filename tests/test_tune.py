@@ -694,3 +694,22 @@ def test_where_bf16_alone_misses_the_passing_int8_variant_is_tried_with_its_floa
     assert dict(mixed.spec.options) == {"INFERENCE_PRECISION_HINT": "bf16"} and mixed.met
     plain = next(t for t in r.trials if t.spec == dataclasses.replace(mixed.spec, options=()))
     assert plain.met and r.chosen.spec == mixed.spec  # 0.3 ms on this clock
+
+
+def test_the_passing_int8_variant_is_timed_at_the_other_thread_counts_when_bf16_is_faster_at_its_own(tmp_path,
+                                                                                                  monkeypatch):
+    """BF16 beats INT8 at 1 thread but not at 2 (rec on the AMX Xeon): the INT8 variant that meets the budget is
+    still timed at 2 threads, so that the choice there is between the two."""
+    pytest.importorskip("openvino")
+    import infertune.backends.openvino as ov
+
+    monkeypatch.setattr(ov, "native_bf16", lambda: True)
+    _fake_clock(monkeypatch, lambda model, settings: 0.6 if settings.options.get("INFERENCE_PRECISION_HINT") == "bf16"
+                else (1.0 - 0.2 * (_count(model, "DequantizeLinear") > 0)) / settings.intra_op_threads)
+    _misses(monkeypatch, lambda s: s.precision == "int8" and not s.algorithms)  # bias correction meets
+    m, calib, ev = _digits(30)
+    r = tune(m, calib, ev, Budget.parse("cosine>=0.99"), run_dir=tmp_path / "run", threads=(1, 2),
+             runtimes=("openvino",))
+    passing = [t for t in r.trials if t.spec.precision == "int8" and t.met and not t.spec.options]
+    assert {t.spec.threads for t in passing} == {1, 2} and all(t.spec.algorithms for t in passing)
+    assert r.chosen.spec.precision == "int8" and r.chosen.spec.threads == 2  # 0.4 ms vs BF16's 0.6 at 2 threads

@@ -341,9 +341,12 @@ class Tuner(FloatFallback):
         return [t] if t.met else []
 
     def other_threads(self, passing: list[Trial]) -> None:
-        """The fastest passing INT8 variant at every other thread count."""
-        if passing and len(thread_counts(passing[0].spec.backend, self.threads)) > 1 and not self.stopped:
-            s = min(passing, key=lambda t: t.p50_ms).spec
+        """The fastest passing INT8 variant at every other thread count (a BF16 variant is measured at each already,
+        and must not stand in for the INT8 one: rec's BF16 at 1 thread was faster than its INT8, which then went
+        untimed at 2 threads)."""
+        int8 = [t for t in passing if t.spec.precision == "int8"]
+        if int8 and len(thread_counts(int8[0].spec.backend, self.threads)) > 1 and not self.stopped:
+            s = min(int8, key=lambda t: t.p50_ms).spec
             self.ask(replace(s, threads=t) for t in self.threads if t != self.threads[0])
 
     def decide(self) -> TuneResult:

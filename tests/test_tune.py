@@ -674,6 +674,7 @@ def test_a_bf16_variant_that_meets_the_budget_is_a_candidate_int8_must_beat(tmp_
     assert sorted(t.spec.threads for t in bf16) == [1, 2] and all(t.met for t in bf16)
     assert not any(t.spec.exclude or t.spec.algorithms for t in r.trials)  # INT8 cannot beat 0.3 ms: not searched
     assert r.chosen.spec.precision == "bf16" and r.chosen.model_file is None  # the FP32 file, compiled in bf16
+    assert r.stopped.startswith("budget met by the FP32 graph computed in bf16")
     assert any(d.startswith("the CPU computes bf16 in hardware: BF16 on OpenVINO") for d in r.decisions)
     a = artifact.load(tmp_path / "art")
     assert a.manifest["settings"]["options"] == {"INFERENCE_PRECISION_HINT": "bf16"}

@@ -366,7 +366,9 @@ class Tuner(FloatFallback):
             chosen = choose(self.fp32, met, self.decisions, str(self.budget))
         if not self.stopped:
             self.stopped = {"int8": "budget met; more float nodes would only add work",
-                            "fp16": "budget met by the FP16 variant"}.get(
+                            "fp16": "budget met by the FP16 variant",
+                            "bf16": "budget met by the FP32 graph computed in bf16, faster than any INT8 variant "
+                                    "that meets it"}.get(
                 chosen.spec.precision, "FP32 is the fastest variant that meets the budget")
         ranking = self.rankings.get(chosen.spec.backend) or next(iter(self.rankings.values()), [])
         return TuneResult(str(self.budget), sorted(self.trials.values(), key=lambda t: t.index), chosen,

@@ -198,3 +198,24 @@ def test_dynamic_shape_qdq_garbage_reproduces_on_the_det_rse_block_and_sharing_t
             cos[share, static] = float(out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)))
     assert cos[False, True] > 0.9999 and cos[False, False] < 0.95, cos  # reproduced: wrong only when dynamic
     assert cos[True, False] > 0.9999 and cos[True, True] > 0.9999, cos  # sharing the DQ: right either way
+
+
+@pytest.mark.native_bf16
+def test_the_bf16_option_makes_openvino_compute_in_bf16_where_the_cpu_can():
+    """tune's BF16 variant is the FP32 file with INFERENCE_PRECISION_HINT=bf16: on a CPU with bf16 hardware the
+    outputs then carry bf16's 8-bit mantissa (far from ONNX Runtime's FP32), where the f32 default matches it."""
+    import infertune.backends.openvino as ov
+
+    if not ov.native_bf16():
+        pytest.skip("this CPU has no bf16 hardware (OpenVINO lists no BF16 capability)")
+    m = Model.from_proto(MODELS["small_cnn"]())
+    feed = synthetic_feed(m, dims={d: 2 for i in m.inputs for d in i.symbolic_dims}, rng=np.random.default_rng(0))
+    ref = next(iter(backends.compile(m, backends.Settings()).run(feed).values()))
+
+    def err(options):
+        s = backends.Settings(intra_op_threads=1, options=options)
+        out = next(iter(backends.compile(m, s, backend="openvino").run(feed).values()))
+        return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+    f32, bf16 = err({}), err({"INFERENCE_PRECISION_HINT": "bf16"})
+    assert f32 < 1e-5 and 1e-4 < bf16 < 0.05, (f32, bf16)

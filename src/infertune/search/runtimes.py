@@ -11,7 +11,7 @@
   runtime: CUDA graphs on GPU runtimes (``cuda_graph=1``). Engine and timing caches are not a
   knob: every trial on a GPU runtime gets the run's (``TrialRunner.settings``);
 - ``bf16_options``: the options of a runtime's BF16 variant (its ``Runtime.bf16``) where its backend
-  says the CPU computes bf16 in hardware, else none (emulated bf16 is slower than FP32 and is not tried).
+  says the CPU computes bf16 in hardware, else none (OpenVINO offers bf16 only with that hardware).
 """
 
 from __future__ import annotations

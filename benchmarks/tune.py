@@ -172,9 +172,10 @@ def run(name: str, peers: list[str], work: Path) -> dict:
         "recorded_p50_ms": r.p50(r.chosen), "recorded_threads": r.chosen.spec.threads}}
     rows["infertune-tune"]["recorded_fp32"] = recorded_fp32(r)
     prepared_rows(m, name, work, paths, runtimes, rows)
-    if bf16_options("openvino"):  # what OpenVINO runs an FP32 file in by default on a CPU with bf16 hardware
+    bf16 = bf16_options("openvino")
+    if bf16:  # what OpenVINO runs an FP32 file in by default on a CPU with bf16 hardware
         paths["openvino-bf16"], runtimes["openvino-bf16"] = src, "openvino"
-        options["openvino-bf16"], rows["openvino-bf16"] = bf16_options("openvino"), {"variant": "openvino-bf16"}
+        options["openvino-bf16"], rows["openvino-bf16"] = bf16, {"variant": "openvino-bf16"}
     for q in peers:
         out = work / f"{name}-{q}.onnx"
         res = run_worker(name, q, 64, out)

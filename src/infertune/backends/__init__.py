@@ -108,8 +108,8 @@ class Runtime:
     ``native_bf16()`` says the CPU computes bf16 in hardware: AVX512_BF16 / AMX); ``prepares_float``: its compiler folds
     BatchNormalization into convolutions and fuses decomposed HardSwish/HardSigmoid/Swish/GELU
     itself (OpenVINO's common transformations, TensorRT's builder), so FP32 of ``quant.prepare``'s
-    graph is the same candidate as FP32 there (rec, benchmarks/results/tune.md, 1 thread: OpenVINO 10.45 ms
-    as given vs 10.74 prepared; ONNX Runtime 19.50 vs 18.38).
+    graph is the same candidate as FP32 there (rec, benchmarks/results/tune.md, 1 thread: OpenVINO 9.19 ms
+    as given vs 9.29 prepared; ONNX Runtime 16.36 vs 15.58).
     """
 
     name: str

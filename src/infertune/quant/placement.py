@@ -116,7 +116,7 @@ TARGETS: dict[Target, TargetRules] = {
 # symmetric_within: a zero point costs OpenVINO's 8-bit MatMul and convolution a compensation term per
 # output. MiniLM, full INT8 + SmoothQuant placed for OpenVINO, 2 threads, each file in its own process
 # (benchmarks/results/zero_point.md, Intel Xeon with AMX): uint8 with zero points 3.24 ms, this rule 2.78 ms,
-# int8 zero point 0 everywhere 2.66 ms; tune's choice then ran beside NNCF's file at 3.16 vs 3.21 ms
+# int8 zero point 0 everywhere 2.66 ms; tune's choice then ran beside NNCF's file at 3.04 vs 3.20 ms
 # (tune.md), where it had run at 3.28 vs 2.88 before. Zero point 0 on a range
 # [lo, hi] with lo < 0 < hi widens the step by 2 max(-lo, hi) / (hi - lo): 1.0x for a balanced range
 # (MiniLM's LayerNorm outputs: 36 of its 48 ranges within 1.25x), 2x for one like a SiLU's or GELU's

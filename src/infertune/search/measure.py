@@ -33,7 +33,7 @@ from infertune.quant.prepare import PrepareResult, prepare
 from infertune.quant.quantize import rebuild
 from infertune.quant.recipe import Recipe
 from infertune.quant.space import QuantSpace, calibrated_space
-from infertune.search.trials import Trial, TrialSpec
+from infertune.search.trials import FLOAT_GRAPH, Trial, TrialSpec
 
 AGREEMENT_DB = 40.0  # FP32 on two runtimes: ~1% relative error at most (they differ by rounding only)
 
@@ -105,7 +105,7 @@ class TrialRunner:
         return self.space(spec.method, spec.target, spec.algorithms, spec.prepared).calibrated.recipe.to_dict()
 
     def build(self, spec: TrialSpec) -> Model:
-        if spec.precision in ("fp32", "bf16"):  # bf16: the FP32 graph, computed in bf16 by the runtime
+        if spec.precision in FLOAT_GRAPH:
             return self.preparation().model if spec.prepared else self.source
         if spec.precision == "fp16":
             return self.fp16_variant()
@@ -185,9 +185,9 @@ def build_from_recipe(source: Model, recipe: dict | None, spec: TrialSpec) -> Mo
     ``TrialRunner.build`` gives."""
     if spec.precision == "fp16":
         return to_fp16(source).model
-    if spec.precision in ("fp32", "bf16") and spec.prepared:
+    if spec.precision in FLOAT_GRAPH and spec.prepared:
         return prepare(source).model  # deterministic: the graph the run checked on its calibration feeds
-    if recipe is None or spec.precision in ("fp32", "bf16"):
+    if recipe is None or spec.precision in FLOAT_GRAPH:
         return source
     return QuantSpace(source, rebuild(source, Recipe.from_dict(recipe), check_source=False)).build(spec.exclude)
 

@@ -12,6 +12,7 @@ from infertune.errors import UsageError
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+FLOAT_GRAPH: tuple[Precision, ...] = ("fp32", "bf16")  # variants whose model is the FP32 graph (bf16: run in bf16)
 KNOB_LABELS = {"cuda_graph": "CUDA graph",  # runtime knobs tune searches, as a label shows them
                "INFERENCE_PRECISION_HINT": "inference precision"}
 

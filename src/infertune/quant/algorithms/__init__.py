@@ -50,7 +50,7 @@ TRANSFORMER_CHEAP: list[tuple[Algorithm, ...]] = [("smoothquant",), ("smoothquan
 # better start for the float fallback. It stays a step of quantize. Checked again on inputs on the 1/255
 # grid (scratch, same benchmark setup): full INT8 0.944 with it, 0.943 with SmoothQuant + bias correction,
 # 0.947 with learned rounding on top; its bisection kept 24 convolutions float (22 after pruning, when the
-# run was stopped) against 20 (18) without it (benchmarks/results/tune.md).
+# run was stopped) against 20 (18) without it (benchmarks/results/tune.md as of 39d2ec8).
 EXPENSIVE: list[tuple[Algorithm, ...]] = [("adaround",)]
 
 

@@ -461,6 +461,33 @@ def imbalanced_convnet(silu: bool = False) -> onnx.ModelProto:
     return _model(nodes, [x], [y], inits, "silu_convnet" if silu else "imbalanced_convnet")
 
 
+def tailed_convnet() -> onnx.ModelProto:
+    """x[N,3,16,16] -> Conv 3x3 -> SiLU (Sigmoid, Mul) -> a[N,16,16,16] -> Conv 1x1 -> y[N,8,16,16], as
+    YOLOv8's stem: fed inputs with rare spikes (``tailed_feeds``), ``a`` has a long tail in every channel
+    (most values within a few units, a few hundredths of them tens of times larger)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Sigmoid", ["c1"], ["s1"], name="silu_sigmoid"),
+        helper.make_node("Mul", ["c1", "s1"], ["a"], name="silu"),
+        helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    inits = [_w("w1", (16, 3, 3, 3), 41, 0.3), _w("b1", (16,), 42, 0.1), _w("w2", (8, 16, 1, 1), 43, 0.3),
+             _w("b2", (8,), 44, 0.1)]
+    return _model(nodes, [x], [y], inits, "tailed_convnet")
+
+
+def tailed_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Inputs of ``tailed_convnet``: standard normal, one value in a hundred 30x larger."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((1, 3, 16, 16))
+        out.append({"x": (x * np.where(rng.random(x.shape) < 0.01, 30.0, 1.0)).astype(np.float32)})
+    return out
+
+
 def _rounding_biased(name: str, shape, axis: int, seed: int, step: float = 0.01) -> onnx.TensorProto:
     """Weights whose round-to-nearest errors do not cancel: per channel (``axis``) one weight is
     127 steps (it sets the int8 scale to ``step``), every other one k + 0.4 steps, so nearest
@@ -516,5 +543,6 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "outlier_matmul": outlier_matmul,
     "imbalanced_convnet": imbalanced_convnet,
     "silu_convnet": lambda: imbalanced_convnet(silu=True),
+    "tailed_convnet": tailed_convnet,
     "bias_shift_net": bias_shift_net,
 }

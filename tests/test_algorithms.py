@@ -539,9 +539,10 @@ def test_tune_recovers_with_equalisation_and_bias_correction_before_keeping_node
     assert r.chosen.spec.precision == "int8" and r.chosen.spec.exclude == ()
     assert r.chosen.spec.algorithms == ("cle", "bias_correction") and r.chosen.met
     assert not r.sensitivity  # no ranking was needed
-    # the cheapest first, then with SmoothQuant, then with CLE
-    alone, smooth, both = [d for d in r.decisions if "bias correction" in d]
+    # the cheapest first, then with split ranges, then with SmoothQuant, then with CLE
+    alone, split, smooth, both = [d for d in r.decisions if "bias correction" in d]
     assert alone.startswith("bias correction (convnet") and "misses" in alone
+    assert split.startswith("split-range activations + bias correction (convnet")
     assert smooth.startswith("SmoothQuant + bias correction (convnet") and "misses" in smooth
     assert both.startswith("cross-layer equalisation + bias correction (convnet") and "meets" in both and "->" in both
     # journals from before the axis existed still load, and their trials keep their keys

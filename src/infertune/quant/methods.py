@@ -32,8 +32,10 @@ from infertune.quant.qparams import qrange
 Method = Literal["minmax", "percentile", "entropy", "mse", "auto"]
 METHODS: tuple[Method, ...] = get_args(Method)
 NEEDS_HISTOGRAM = frozenset({"percentile", "entropy", "mse", "auto"})
+# Min: the lower part of a split activation (quant.algorithms.range_split) ends exactly at its threshold;
+# a clipped range would open a gap below it that the upper part does not cover
 BOUNDED_OPS = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Clip", "Relu6",
-                         "HardSwish", "Softsign", "LogSoftmax"})
+                         "HardSwish", "Softsign", "LogSoftmax", "Min"})
 DEFAULT_PERCENTILE = 99.999
 ENTROPY_QUANTIZED_BINS = 128  # TensorRT's choice: 128 levels for one sign of int8
 MSE_CANDIDATES = 256

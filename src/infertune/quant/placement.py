@@ -298,6 +298,8 @@ class _Planner:
 
     def _joins(self, node: onnx.NodeProto) -> bool:
         op, rules = node.op_type, self.rules
+        if is_split_sum(node, self.model):
+            return False
         if op in rules.compute_ops:
             if op != "MatMul" and len(node.input) > 1 and node.input[1] not in self.constants:
                 self.float_nodes[node.name] = f"{op} weight is not a constant"
@@ -385,6 +387,18 @@ def _absorbable(node: onnx.NodeProto, const_arrays: dict) -> bool:
         if len(node.input) > 1 and node.input[1] in const_arrays:
             return float(const_arrays[node.input[1]]) == 0.0
     return False
+
+
+def is_split_sum(node: onnx.NodeProto, model: Model) -> bool:
+    """An Add of two layers of one weight: the parts of a split activation (``range_split``). Their sum was
+    one layer's output, which no Q/DQ rounded: it stays float."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    producers = model.producers()
+    pair = [producers.get(i) for i in node.input]
+    return all(
+        p is not None and p.op_type in ("Conv", "MatMul", "Gemm") and len(p.input) > 1 for p in pair) and \
+        pair[0].input[1] == pair[1].input[1]
 
 
 def _is_residual_add(node: onnx.NodeProto, model: Model, constants: set[str]) -> bool:

@@ -11,7 +11,7 @@ An algorithm is one module with ``NAME``, ``STAGE`` and two functions:
 
 Stages, in the order ``quantize`` runs them whatever order they were asked in:
 
-1. ``float``: rewrite the float model, FP32 outputs unchanged (``cle``, ``smoothquant``);
+1. ``float``: rewrite the float model, FP32 outputs unchanged (``cle``, ``smoothquant``, ``range_split``);
    calibration then measures ranges on the rewritten model;
 2. ``ranges``: activation ranges rescaled by the output error they cause (``range_refinement``), once
    the methods chose them;
@@ -36,13 +36,14 @@ from infertune.model import Model
 from infertune.quant.placement import Exclusions, QuantPlan
 from infertune.quant.qparams import QParams, seven_bit
 
-Algorithm = Literal["cle", "smoothquant", "range_refinement", "adaround", "bias_correction"]
+Algorithm = Literal["cle", "smoothquant", "range_split", "range_refinement", "adaround", "bias_correction"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)  # also the order they run in
-STAGES = {"cle": "float", "smoothquant": "float", "range_refinement": "ranges", "adaround": "weights",
-          "bias_correction": "bias"}
+STAGES = {"cle": "float", "smoothquant": "float", "range_split": "float", "range_refinement": "ranges",
+          "adaround": "weights", "bias_correction": "bias"}
 DESCRIPTIONS = {
     "cle": "cross-layer equalisation",
     "smoothquant": "SmoothQuant",
+    "range_split": "split-range activations",
     "range_refinement": "output-aware range refinement",
     "adaround": "learned weight rounding",
     "bias_correction": "bias correction",
@@ -64,6 +65,7 @@ class AlgorithmOptions:
     range_tensors: int = 8  # ranges refined, the largest shares of the output error first
     range_fractions: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.2, 1.5)  # of the chosen range
     range_seconds: float = 90.0  # the whole refinement; half of it at most for the shares
+    split_tensors: int = 1  # activations split in two ranges at most, the largest drop of quantization noise first
     sample_rows: int = 2048  # activation rows kept per layer (SmoothQuant, learned rounding)
     sample_memory_mb: float = 256.0  # sampled rows held at once; more layers: more passes over the data
     seed: int = 0
@@ -86,6 +88,8 @@ class AlgorithmOptions:
             raise UsageError("range_samples must be >= 1, range_tensors >= 0 and range_seconds > 0")
         if not self.range_fractions or any(not 0.0 < f for f in self.range_fractions):
             raise UsageError(f"range_fractions must be > 0, got {self.range_fractions}")
+        if self.split_tensors < 0:
+            raise UsageError(f"split_tensors must be >= 0, got {self.split_tensors}")
         if self.sample_rows < 1 or self.sample_memory_mb <= 0:
             raise UsageError("sample_rows and sample_memory_mb must be > 0")
 
@@ -96,8 +100,9 @@ class AlgorithmOptions:
                 "adaround_learning_rate": self.adaround_learning_rate,
                 "adaround_regularization": self.adaround_regularization, "range_samples": self.range_samples,
                 "range_tensors": self.range_tensors, "range_fractions": list(self.range_fractions),
-                "range_seconds": self.range_seconds, "sample_rows": self.sample_rows,
-                "sample_memory_mb": self.sample_memory_mb, "seed": self.seed, "blas_threads": self.blas_threads}
+                "range_seconds": self.range_seconds, "split_tensors": self.split_tensors,
+                "sample_rows": self.sample_rows, "sample_memory_mb": self.sample_memory_mb, "seed": self.seed,
+                "blas_threads": self.blas_threads}
 
 
 @dataclass

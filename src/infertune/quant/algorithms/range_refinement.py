@@ -41,6 +41,7 @@ from infertune.data import validated
 from infertune.errors import CalibrationError
 from infertune.model import Model
 from infertune.quant.algorithms.base import Context, Step
+from infertune.quant.algorithms.range_split import is_part
 from infertune.quant.qdq import write_qdq
 
 NAME = "range_refinement"
@@ -125,7 +126,7 @@ def apply(ctx: Context) -> Step:
     shares: dict[str, float] = {}
     # in graph order: when the time budget stops the ranking, what is left unranked is the end of the model,
     # whose ranges feed fewer layers (not an alphabetical accident)
-    tensors = list(emulation.scales)
+    tensors = [t for t in emulation.scales if not is_part(t)]  # a split's parts meet at its threshold
     for i, t in enumerate(tensors):
         if opts.clock() - start > opts.range_seconds / 2:
             break

@@ -5,17 +5,17 @@
         [--adaround-seconds 120] [--memory-only] [--peers-only] [--merge]
 
 Rows per model: infertune's quantize (method auto) with each algorithm set (``none``, ``cle``,
-``bias_correction``, ``smoothquant``, ``range_refinement``, ``adaround``, joined with ``+``; the default
-sets are those that apply to the model's family), NNCF's ``nncf.quantize`` with its defaults (fast bias correction;
-SmoothQuant for MiniLM, as its TRANSFORMER model type does) and with both off (``nncf-plain``), and
-ONNX Runtime's ``quantize_static`` (MinMax, Q/DQ, per-channel int8 weights, uint8 activations) without
-and with ``extra_options={"SmoothQuant": True}`` (``ort-sq``). That option imports Intel Neural Compressor 2.x,
-whose wheel pins numpy < 2: its worker runs in a venv of its own (``.venv-inc``, made on first use: numpy < 2,
-neural-compressor 2.x, the same onnxruntime as here, infertune for the inputs), on the model with the
-Constant nodes that feed weights made initializers (INC's SmoothQuant looks each weight up among the
-initializers, and rapidocr's recognizer feeds its convolutions' weights from Constant nodes; ONNX Runtime's
-``quant_pre_process`` does that too, but its optimisation then made INC's SmoothQuant fail on MiniLM). Each
-quantizer runs in its own process, so its wall time and peak RSS are its own.
+``bias_correction``, ``smoothquant``, ``range_split``, ``range_refinement``, ``adaround``, joined with ``+``;
+the default sets are those that apply to the model's family), NNCF's ``nncf.quantize`` with its defaults (fast
+bias correction; SmoothQuant for MiniLM, as its TRANSFORMER model type does) and with both off
+(``nncf-plain``), and ONNX Runtime's ``quantize_static`` (MinMax, Q/DQ, per-channel int8 weights, uint8
+activations) without and with ``extra_options={"SmoothQuant": True}`` (``ort-sq``). That option imports Intel
+Neural Compressor 2.x, whose wheel pins numpy < 2: its worker runs in a venv of its own (``.venv-inc``, made
+on first use: numpy < 2, neural-compressor 2.x, the same onnxruntime as here, infertune for the inputs), on
+the model with the Constant nodes that feed weights made initializers (INC's SmoothQuant looks each weight up
+among the initializers, and rapidocr's recognizer feeds its convolutions' weights from Constant nodes; ONNX
+Runtime's ``quant_pre_process`` does that too, but its optimisation then made INC's SmoothQuant fail on
+MiniLM). Each quantizer runs in its own process, so its wall time and peak RSS are its own.
 
 Accuracy against FP32 on held-out inputs, on the runtime each variant is placed for (ORT for the
 peers): rapidocr rec: decoded text identical to FP32's (600 lines of seeds 2-4, as benchmarks/tune.py
@@ -54,13 +54,15 @@ FAMILY = {"rec": "convnet", "yolo": "convnet", "minilm": "transformer"}
 SETS = {
     "convnet": ["none", "bias_correction", "cle", "cle+bias_correction", "smoothquant+bias_correction", "adaround",
                 "adaround+bias_correction", "cle+adaround+bias_correction", "range_refinement+bias_correction",
-                "range_refinement+adaround+bias_correction"],
+                "range_refinement+adaround+bias_correction", "range_split+bias_correction",
+                "range_split+adaround+bias_correction"],
     "transformer": ["none", "smoothquant", "bias_correction", "smoothquant+bias_correction", "adaround",
-                    "smoothquant+adaround+bias_correction", "smoothquant+range_refinement"],
+                    "smoothquant+adaround+bias_correction", "smoothquant+range_refinement", "range_split",
+                    "smoothquant+range_split"],
 }
 PEERS = ["nncf", "nncf-plain", "ort", "ort-sq"]
 EVAL = {"rec": 600, "minilm": 128, "yolo": 200}
-EVERYTHING = "cle+smoothquant+range_refinement+adaround+bias_correction"
+EVERYTHING = "cle+smoothquant+range_split+range_refinement+adaround+bias_correction"
 
 
 # ---- models and data ------------------------------------------------------------------------------

@@ -298,7 +298,7 @@ class _Planner:
 
     def _joins(self, node: onnx.NodeProto) -> bool:
         op, rules = node.op_type, self.rules
-        if is_split_sum(node, self.model):
+        if _is_split_sum(node, self.model):
             return False
         if op in rules.compute_ops:
             if op != "MatMul" and len(node.input) > 1 and node.input[1] not in self.constants:
@@ -389,7 +389,7 @@ def _absorbable(node: onnx.NodeProto, const_arrays: dict) -> bool:
     return False
 
 
-def is_split_sum(node: onnx.NodeProto, model: Model) -> bool:
+def _is_split_sum(node: onnx.NodeProto, model: Model) -> bool:
     """An Add of two layers of one weight: the parts of a split activation (``range_split``). Their sum was
     one layer's output, which no Q/DQ rounded: it stays float."""
     if node.op_type != "Add" or len(node.input) != 2:

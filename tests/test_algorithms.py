@@ -558,6 +558,29 @@ def test_tune_recovers_with_equalisation_and_bias_correction_before_keeping_node
     assert list((tmp_path / "run" / "recipes").glob("*.recipe.json"))
 
 
+def test_tune_keeps_a_split_activation_only_where_it_meets_never_as_the_start_of_what_follows(tmp_path,
+                                                                                               monkeypatch):
+    """tailed_convnet: range_split + bias correction has the best SQNR of the cheap step (about 22 dB against
+    21), short of the 30 dB asked: learned rounding and the float fallback start from another variant."""
+    from infertune import Budget, Evaluator, tune
+    from models import tailed_feeds
+
+    _fewer_dq_is_faster(monkeypatch)
+    m = _model("tailed_convnet")
+    ev = Evaluator(m, tailed_feeds(24, seed=1), settings=backends.Settings(intra_op_threads=1))
+    r = tune(m, Dataset.from_iterable(tailed_feeds(16)), ev, Budget.parse("sqnr>=30"), run_dir=tmp_path / "run",
+             threads=(1,), runtimes=("ort",), latency_s=0.1)
+    int8 = [t for t in r.trials if t.spec.precision == "int8"]
+    split = next(t for t in int8 if "range_split" in t.spec.algorithms)
+    cheap = [t for t in int8 if t.spec.exclude == () and len(t.spec.algorithms) == 2 and
+             "adaround" not in t.spec.algorithms]
+    assert not split.met and split.metrics["sqnr_db"] == max(t.metrics["sqnr_db"] for t in cheap)
+    later = [t for t in int8 if t.index > split.index and t.spec not in {c.spec for c in cheap}]
+    assert any("adaround" in t.spec.algorithms for t in later) and any(t.spec.exclude for t in later)
+    assert not any("range_split" in t.spec.algorithms for t in later)
+    assert any("split-range activations is kept only where it meets" in d for d in r.decisions)
+
+
 def test_tune_without_algorithms_goes_straight_to_float_nodes(tmp_path, monkeypatch):
     from infertune import Budget, Evaluator, tune
 

@@ -66,7 +66,7 @@ from infertune.deploy.artifact import OWNED, sha256_file
 from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.outputs import Guard
-from infertune.quant.algorithms import check_algorithms, describe, model_family
+from infertune.quant.algorithms import MEETS_ONLY, check_algorithms, describe, model_family
 from infertune.quant.algorithms import ladder as algorithm_ladder
 from infertune.quant.placement import LEANER, TARGETS, padded_zero_points
 from infertune.search.choice import NOISE, choose, runoff
@@ -283,7 +283,8 @@ class Tuner(FloatFallback):
 
     def recover(self, runtime: str, best: Trial) -> Trial:
         """Accuracy algorithms on ``best`` with every node still in 8-bit, cheapest first; each step's
-        alternatives on top of the best so far, the best of them kept. Returns the best INT8 trial."""
+        alternatives on top of the best so far, the best of them kept (those with an algorithm of
+        ``MEETS_ONLY`` only when they meet the budget). Returns the best INT8 trial."""
         if not self.algorithms:
             return best
         family = model_family(self.source)
@@ -297,7 +298,9 @@ class Tuner(FloatFallback):
                 self.decisions.append(self.algorithm_text(family, base, t))
                 if t.met:
                     return t
-                if t.metrics and score(t, self.budget) > score(best, self.budget):
+                if MEETS_ONLY & set(algos):
+                    self.decisions[-1] += f"; {describe(sorted(MEETS_ONLY & set(algos)))} is kept only where it meets"
+                if t.metrics and score(t, self.budget) > score(best, self.budget) and not MEETS_ONLY & set(algos):
                     best = t
         return best
 

@@ -42,8 +42,8 @@ MODULES = {"cle": cle, "smoothquant": smoothquant, "range_split": range_split, "
 # SmoothQuant next: convnets with SiLU / HardSwish activations (YOLO, PP-OCR) have no pair equalisation
 # can scale through, while SmoothQuant's explicit Mul reaches their pointwise convolutions' inputs.
 # Split-range activations next: on YOLOv8n, whose second SiLU output has a long tail, full INT8 + bias
-# correction went from box F1 0.937 to 0.966 with it (1000 held-out mosaics, OpenVINO; scratch in the commit
-# adding range_split), at the price of the one 1x1 convolution it duplicates.
+# correction went from box F1 0.936 to 0.965 with it on OpenVINO (benchmarks/results/algorithms.md, 1000
+# held-out mosaics), at the price of the one 1x1 convolution it duplicates.
 CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("range_split", "bias_correction"),
                                               ("smoothquant", "bias_correction"), ("cle", "bias_correction")]
 TRANSFORMER_CHEAP: list[tuple[Algorithm, ...]] = [("smoothquant",), ("smoothquant", "bias_correction")]

@@ -13,8 +13,8 @@ duplicated (the second copy without bias, same weight) and the two outputs added
 still runs in int8, and the extra multiply-adds are those of the readers of the split tensors.
 
 On YOLOv8n's second SiLU output (values to 259, std 6) this quantization noise fell 28x, and the box
-F1 of full INT8 + bias correction against FP32 rose from 0.935 to 0.977 on OpenVINO and from 0.865 to
-0.924 on ONNX Runtime (benchmarks/results/algorithms.md, 200 held-out mosaics); on 1000 other mosaics
+F1 of full INT8 + bias correction against FP32 rose from 0.936 to 0.965 on OpenVINO and from 0.886 to
+0.938 on ONNX Runtime (benchmarks/results/algorithms.md, 1000 held-out mosaics); on 1000 other mosaics
 (scratch) from 0.937 to 0.966, and to 0.964-0.967 for hand-set T from 12 to 24. Splitting more tensors
 (the next by noise removed) did not measurably add, so ``split_tensors`` defaults to 1.
 

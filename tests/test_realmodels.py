@@ -216,16 +216,22 @@ def test_algorithms_merge_replaces_the_rows_measured_again_and_keeps_the_rest():
     def row(variant, target, f1):
         return {"variant": variant, "target": target, "box_f1": f1}
 
-    old = {"results": [{"model": "rec", "rows": [row("a", "ort-cpu", 1.0)]},
-                       {"model": "yolo", "rows": [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.6)]}],
+    def section(model, rows, n=200):
+        return {"model": model, "eval_samples": n, "calibration_samples": 64, "rows": rows}
+
+    old = {"results": [section("rec", [row("a", "ort-cpu", 1.0)]),
+                       section("yolo", [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.6)])],
            "memory": {"64": {"peak_rss_mb": 800}}}
-    new = [{"model": "yolo", "rows": [row("a", "openvino", 0.7), row("b", "openvino", 0.8)]},
-           {"model": "minilm", "rows": [row("c", "ort-cpu", 0.9)]}]
+    new = [section("yolo", [row("a", "openvino", 0.7), row("b", "openvino", 0.8)]),
+           section("minilm", [row("c", "ort-cpu", 0.9)])]
     results, mem = merged(old, new, None)
     assert [r["model"] for r in results] == ["rec", "yolo", "minilm"]
     assert results[0] == old["results"][0]
     assert results[1]["rows"] == [row("a", "ort-cpu", 0.5), row("a", "openvino", 0.7), row("b", "openvino", 0.8)]
     assert mem == old["memory"] and merged(old, new, {"64": {}})[1] == {"64": {}}
+    # measured now on another set: the committed rows of that model are not mixed in
+    other = merged(old, [section("yolo", [row("b", "openvino", 0.8)], n=1000)], None)[0][1]
+    assert other == section("yolo", [row("b", "openvino", 0.8)], n=1000)
 
 
 def test_ort_sq_gets_the_weights_as_initializers_and_the_same_graph(tmp_path):

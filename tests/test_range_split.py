@@ -11,8 +11,10 @@ import pytest
 
 from infertune import backends
 from infertune.data import Dataset
+from infertune.errors import UsageError
 from infertune.model import Model
 from infertune.quant.algorithms import AlgorithmOptions, Context, range_split
+from infertune.quant.placement import TARGETS
 from infertune.quant.qdq import ensure_opset
 from infertune.quant.quantize import quantize, rebuild
 from infertune.quant.recipe import Recipe
@@ -47,7 +49,7 @@ def test_the_split_leaves_fp32_outputs_unchanged_and_reads_both_parts_with_the_s
 def test_the_noise_it_predicts_is_the_noise_numpy_measures_and_a_flat_tensor_is_not_split():
     rng = np.random.default_rng(0)
     tail = np.abs(rng.standard_normal(50_000)) * np.where(rng.random(50_000) < 0.01, 40.0, 1.0)
-    got = range_split.choose(tail)
+    got = range_split.choose(tail, TARGETS["openvino"])
     t = got["threshold"]
     assert 0 < t < tail.max() and got["split"] * range_split.MIN_GAIN <= got["one"]
 
@@ -62,7 +64,7 @@ def test_the_noise_it_predicts_is_the_noise_numpy_measures_and_a_flat_tensor_is_
     assert got["split"] <= np.mean((low + high - tail) ** 2) / tail.var() * (1 + 1e-9)
     assert got["one"] <= np.mean((measured(tail, 0.0, tail.max()) - tail) ** 2) / tail.var() * (1 + 1e-9)
     flat = rng.uniform(0, 1, 50_000)
-    plain = range_split.choose(flat)
+    plain = range_split.choose(flat, TARGETS["openvino"])
     assert plain["split"] * range_split.MIN_GAIN > plain["one"]  # at most one bit more: not worth its layers
 
 
@@ -111,5 +113,5 @@ def test_no_split_when_asked_for_none():
     r = quantize(m, Dataset.from_iterable(tailed_feeds(4)), algorithms=("range_split",), stability_halves=0,
                  algorithm_options=AlgorithmOptions(split_tensors=0))
     assert r.recipe.algorithms[0]["splits"] == [] and r.recipe.algorithms[0]["candidates"] == 1
-    with pytest.raises(Exception, match="split_tensors"):
+    with pytest.raises(UsageError, match="split_tensors"):
         AlgorithmOptions(split_tensors=-1)

@@ -298,9 +298,10 @@ class Tuner(FloatFallback):
                 self.decisions.append(self.algorithm_text(family, base, t))
                 if t.met:
                     return t
-                if MEETS_ONLY & set(algos):
-                    self.decisions[-1] += f"; {describe(sorted(MEETS_ONLY & set(algos)))} is kept only where it meets"
-                if t.metrics and score(t, self.budget) > score(best, self.budget) and not MEETS_ONLY & set(algos):
+                held = MEETS_ONLY & set(algos)
+                if held:
+                    self.decisions[-1] += f"; {describe(sorted(held))} is kept only where it meets"
+                elif t.metrics and score(t, self.budget) > score(best, self.budget):
                     best = t
         return best
 

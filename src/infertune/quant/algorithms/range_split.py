@@ -39,9 +39,9 @@ from onnx import helper
 from infertune.errors import CalibrationError
 from infertune.quant.algorithms.base import Context, Step
 from infertune.quant.algorithms.graph import GraphEditor
-from infertune.quant.algorithms.streaming import RowSampler, passes, stream
+from infertune.quant.algorithms.streaming import RowSampler, fake_quant, passes, stream
 from infertune.quant.methods import BOUNDED_OPS
-from infertune.quant.placement import TARGETS
+from infertune.quant.placement import TARGETS, TargetRules
 
 NAME = "range_split"
 STAGE = "float"
@@ -49,7 +49,6 @@ LOW, HIGH = "_range_split_low", "_range_split_high"  # the two parts' tensor suf
 # a split is kept when it divides the tensor's quantization noise by at least this: two ranges give a flat
 # distribution at most 4x (one more bit); a long tail far more (YOLOv8n's SiLU outputs 13-28x)
 MIN_GAIN = 8.0
-LEVELS = 255
 CLIPS = np.linspace(0.05, 1.0, 40)  # a range's upper end, as fractions of the largest value
 THRESHOLDS = np.array([0.02, 0.04, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4])  # T, as fractions of the largest value
 SAMPLES_PER_ROW = 32
@@ -90,10 +89,11 @@ def apply(ctx: Context) -> Step:
     ed = GraphEditor(ctx.model)
     found = candidates(ed, ctx.exclusions.reason, ctx.target)
     values = _sample(ctx, list(found))
+    rules = TARGETS[ctx.target]
     scored = {}
     for tensor, v in values.items():
         if v.size and np.isfinite(v).all() and v.max() > 0 and v.var() > 0:
-            scored[tensor] = choose(v)
+            scored[tensor] = choose(v, rules)
     ranked = sorted(scored, key=lambda t: scored[t]["one"] - scored[t]["split"], reverse=True)
     splits = []
     for tensor in ranked[: ctx.options.split_tensors]:
@@ -119,30 +119,28 @@ def _sample(ctx: Context, tensors: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def range_error(v: np.ndarray, lo: float, hi: float) -> float:
-    """Mean squared error of ``v`` quantized to 8 bits over [lo, hi] (values outside clipped)."""
-    step = (hi - lo) / LEVELS
-    q = np.clip(np.round((v - lo) / step), 0, LEVELS) * step + lo
-    return float(np.mean((q - v) ** 2))
+def range_error(v: np.ndarray, lo: float, hi: float, rules: TargetRules) -> float:
+    """Mean squared error of ``v`` through the Q/DQ the target gives a range [lo, hi] (outside it clipped)."""
+    q = fake_quant(v, rules.activation_qparams(lo, hi))
+    return float(np.mean((q.astype(np.float64) - v) ** 2))
 
 
-def best_range(v: np.ndarray, lo: float) -> float:
+def best_range(v: np.ndarray, lo: float, rules: TargetRules) -> float:
     """The least error over upper ends ``CLIPS`` x max(v), the lower end fixed at ``lo``."""
     top = float(v.max())
-    return min(range_error(v, lo, c * top) for c in CLIPS if c * top > lo)
+    return min(range_error(v, lo, c * top, rules) for c in CLIPS if c * top > lo)
 
 
-def choose(v: np.ndarray) -> dict:
-    """The tensor's noise-to-signal ratio with its best single range and with its best split (its T)."""
+def choose(v: np.ndarray, rules: TargetRules) -> dict:
+    """The tensor's noise-to-signal ratio with its best single range and with its best split (its T), each
+    part quantized as ``rules`` quantizes an activation."""
     lo, top, var = min(float(v.min()), 0.0), float(v.max()), float(v.var())
     split, threshold = np.inf, top
     for t in THRESHOLDS * top:
-        if t <= 0:
-            continue
-        e = range_error(np.minimum(v, t), lo, t) + best_range(np.maximum(v - t, 0.0), 0.0)
+        e = range_error(np.minimum(v, t), lo, t, rules) + best_range(np.maximum(v - t, 0.0), 0.0, rules)
         if e < split:
             split, threshold = e, float(t)
-    return {"threshold": threshold, "one": best_range(v, lo) / var, "split": split / var}
+    return {"threshold": threshold, "one": best_range(v, lo, rules) / var, "split": split / var}
 
 
 def replay(ctx: Context, record: dict) -> Step:

@@ -55,7 +55,7 @@ SETS = {
     "convnet": ["none", "bias_correction", "cle", "cle+bias_correction", "smoothquant+bias_correction", "adaround",
                 "adaround+bias_correction", "cle+adaround+bias_correction", "range_refinement+bias_correction",
                 "range_refinement+adaround+bias_correction", "range_split+bias_correction",
-                "range_split+adaround+bias_correction"],
+                "range_split+adaround+bias_correction", "smoothquant+range_split+bias_correction"],
     "transformer": ["none", "smoothquant", "bias_correction", "smoothquant+bias_correction", "adaround",
                     "smoothquant+adaround+bias_correction", "smoothquant+range_refinement", "range_split",
                     "smoothquant+range_split"],

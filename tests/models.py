@@ -435,30 +435,35 @@ def outlier_matmul() -> onnx.ModelProto:
     return _model(nodes, [x], [y], [_w("W", (32, 24), 36, 0.3)], "outlier_matmul")
 
 
-def imbalanced_convnet(silu: bool = False) -> onnx.ModelProto:
+def imbalanced_convnet(silu: bool = False, kernel: int = 1) -> onnx.ModelProto:
     """x[N,3,16,16] -> Conv(3->16, 3x3) + bias -> Relu -> Conv 1x1 (16->8) + bias -> y. Conv1's output
     channels span three decades and Conv2 weighs its small channels up, so every channel matters
     to y: one per-tensor range for the activation between them rounds the small channels away,
     which cross-layer equalisation undoes (FP32 outputs unchanged). ``silu``: SiLU (Sigmoid, Mul) in
     place of the Relu, as YOLOv8 exports it: not positively homogeneous, so equalisation cannot
-    scale through it."""
+    scale through it. ``kernel`` 3: Conv2 is a padded 3x3 of stride 2 (y [N,8,8,8]), as YOLOv8's stem
+    and downsampling convolutions are."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])
+    side = 16 if kernel == 1 else 8
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, side, side])
     spread = np.logspace(-3, 0, 16).astype(np.float32)
     rng = np.random.default_rng(37)
     w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * spread[:, None, None, None]
-    w2 = rng.standard_normal((8, 16, 1, 1)).astype(np.float32) * (0.1 / spread)[None, :, None, None]
+    w2 = rng.standard_normal((8, 16, kernel, kernel)).astype(np.float32) * (0.1 / spread)[None, :, None, None]
     activation = [helper.make_node("Sigmoid", ["c1"], ["s1"], name="silu1_sigmoid"),
                   helper.make_node("Mul", ["c1", "s1"], ["r1"], name="silu1")] if silu else \
         [helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
         *activation,
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[1, 1]) if kernel == 1 else
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[kernel, kernel],
+                         pads=[kernel // 2] * 4, strides=[2, 2]),
     ]
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array((spread * 0.1).astype(np.float32), "b1"),
              numpy_helper.from_array(w2, "w2"), _w("b2", (8,), 38, 0.1)]
-    return _model(nodes, [x], [y], inits, "silu_convnet" if silu else "imbalanced_convnet")
+    name = "silu_convnet" if silu else "imbalanced_convnet"
+    return _model(nodes, [x], [y], inits, name if kernel == 1 else f"{name}_{kernel}x{kernel}")
 
 
 def tailed_convnet() -> onnx.ModelProto:
@@ -543,6 +548,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "outlier_matmul": outlier_matmul,
     "imbalanced_convnet": imbalanced_convnet,
     "silu_convnet": lambda: imbalanced_convnet(silu=True),
+    "silu_convnet_3x3": lambda: imbalanced_convnet(silu=True, kernel=3),
     "tailed_convnet": tailed_convnet,
     "bias_shift_net": bias_shift_net,
 }

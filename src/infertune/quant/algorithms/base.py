@@ -11,7 +11,7 @@ An algorithm is one module with ``NAME``, ``STAGE`` and two functions:
 
 Stages, in the order ``quantize`` runs them whatever order they were asked in:
 
-1. ``float``: rewrite the float model, FP32 outputs unchanged (``cle``, ``smoothquant``, ``range_split``);
+1. ``float``: rewrite the float model, FP32 outputs unchanged (``cle``, ``range_split``, ``smoothquant``);
    calibration then measures ranges on the rewritten model;
 2. ``ranges``: activation ranges rescaled by the output error they cause (``range_refinement``), once
    the methods chose them;
@@ -36,7 +36,11 @@ from infertune.model import Model
 from infertune.quant.placement import Exclusions, QuantPlan
 from infertune.quant.qparams import QParams, seven_bit
 
-Algorithm = Literal["cle", "smoothquant", "range_split", "range_refinement", "adaround", "bias_correction"]
+# range_split before smoothquant: a split is for a tail inside every channel, which per-channel scales cannot
+# flatten; SmoothQuant then smooths the rest and leaves the split's parts alone. On YOLOv8n (OpenVINO, + bias
+# correction, 2 x 1000 held-out mosaics) SmoothQuant first took the tailed activation and no split was worth
+# it (box F1 0.9536, scratch); split first, 0.9693 (benchmarks/results/algorithms.md)
+Algorithm = Literal["cle", "range_split", "smoothquant", "range_refinement", "adaround", "bias_correction"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)  # also the order they run in
 STAGES = {"cle": "float", "smoothquant": "float", "range_split": "float", "range_refinement": "ranges",
           "adaround": "weights", "bias_correction": "bias"}

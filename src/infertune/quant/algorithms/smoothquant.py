@@ -1,14 +1,17 @@
 """SmoothQuant (Xiao et al., 2023): move per-channel activation outliers into the weights.
 
 A *group* is an activation X and the MatMul / Gemm layers that multiply it by a constant weight
-(a transformer's query, key and value read the same X and form one group), or the pointwise (1x1,
-ungrouped) convolutions that read X, channels on axis 1: a 1x1 convolution is a MatMul over the
-channels at every position. With a_j the absmax of X's channel j over the calibration data and w_j
-that of row j of the group's weights (input channel j), s_j = a_j^alpha / w_j^(1 - alpha); X / s and
-diag(s) W give the same product, and X / s has flatter channels for the per-tensor activation
+(a transformer's query, key and value read the same X and form one group), or the ungrouped
+convolutions that read X, channels on axis 1, whatever their kernel, stride or padding: a convolution
+multiplies input channel j by the weights W[:, j] at every tap, so scaling X's channel j by 1 / s_j
+and W[:, j] by s_j leaves it unchanged (zero padding stays zero). With a_j the absmax of X's channel
+j over the calibration data and w_j that of the group's weights for input channel j (every output and
+tap), s_j = a_j^alpha / w_j^(1 - alpha); X / s has flatter channels for the per-tensor activation
 quantizer. Convolutions matter where the activation before them is not positively homogeneous
 (SiLU, HardSwish, GELU): equalisation (``cle``) cannot scale through it, the explicit Mul can, and
 OpenVINO fuses that Mul (on rapidocr's recognition model its executed graph keeps no layer for any).
+YOLO-style convnets read some of their most imbalanced activations (the stem's output, channel
+maxima 5 to 50 on YOLOv8n; a neck stage's output that three heads read) with 3x3 convolutions.
 
 The division by s is folded into X's producer when X feeds only the group: a LayerNormalization
 (scale and bias), an Add of a constant after a Mul by a constant (a decomposed normalisation),
@@ -18,8 +21,14 @@ outputs are unchanged.
 
 alpha is chosen per group from ``AlgorithmOptions.smoothquant_alphas`` by the measured output
 error of the group quantized as ``quantize`` will (activations per tensor over their range,
-weights per channel in int8) on sampled calibration rows; a group no alpha improves is left
-alone. Statistics are streamed: per-channel min/max (exact) and ``sample_rows`` rows per group.
+weights per output channel in int8) on sampled calibration rows; a group no alpha improves is left
+alone, as are the parts of a split activation (``range_split`` runs first): their readers share
+one weight, and a layer is a group member only with a weight of its own. A row is X's channel
+vector at one position; a k x k convolution's taps count as outputs of their own (each tap's
+W[:, :, tap] applied to the row): summed over taps, that is the convolution's squared error where
+the errors its taps add up are uncorrelated, and it ranks the alphas without sampling whole
+patches. Statistics are streamed: per-channel min/max (exact) and ``sample_rows``
+rows per group.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ STAGE = "float"
 STAT_FLOOR = 1e-5  # channels (of X or W) smaller than this count as this (no division by zero)
 
 
-# how a layer holds its weight: [K, N] (MatMul, Gemm), [N, K] (Gemm transB), [N, K, 1, ...] (pointwise Conv)
+# how a layer holds its weight: [K, N] (MatMul, Gemm), [N, K] (Gemm transB), [N, K, *kernel] (Conv)
 Layout = str
 KN, NK, CONV = "kn", "nk", "conv"
 
@@ -58,16 +67,18 @@ class Group:
         return self.layers[0][2] == CONV
 
     def weights(self, ed: GraphEditor) -> list[np.ndarray]:
-        """Each layer's weight as [K, N]."""
-        return [as_kn(ed.const(w), layout) for _, w, layout in self.layers]
+        """Each layer's weight as [K, N, taps] (taps 1 but for a convolution's kernel)."""
+        return [as_knt(ed.const(w), layout) for _, w, layout in self.layers]
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """X as the [rows, K] its layers multiply."""
         return matrix_rows(np.moveaxis(x, 1, -1) if self.channels_first else x)
 
 
-def as_kn(w: np.ndarray, layout: Layout) -> np.ndarray:
-    return w.reshape(w.shape[0], w.shape[1]).T if layout in (NK, CONV) else w
+def as_knt(w: np.ndarray, layout: Layout) -> np.ndarray:
+    if layout == CONV:
+        return np.moveaxis(w.reshape(w.shape[0], w.shape[1], -1), 1, 0)
+    return (w.T if layout == NK else w)[:, :, None]
 
 
 def layout_of(ed: GraphEditor, node: onnx.NodeProto) -> Layout | None:
@@ -77,8 +88,7 @@ def layout_of(ed: GraphEditor, node: onnx.NodeProto) -> Layout | None:
         return None
     w = ed.const(node.input[1])
     if node.op_type == "Conv":
-        pointwise = w.ndim >= 3 and all(k == 1 for k in w.shape[2:]) and attr(node, "group", 1) == 1
-        return CONV if pointwise and all(d == 1 for d in attr(node, "dilations", [1])) else None
+        return CONV if w.ndim >= 3 and attr(node, "group", 1) == 1 else None
     if w.ndim != 2 or node.op_type == "Gemm" and attr(node, "transA", 0):
         return None
     return NK if node.op_type == "Gemm" and attr(node, "transB", 0) else KN
@@ -159,8 +169,9 @@ def choose_alpha(weights: list[np.ndarray], st: _Stats, ctx: Context):
     if not x.shape[0] or not np.isfinite(st.lo).all():
         return None
     a = np.maximum(np.maximum(np.abs(st.lo), np.abs(st.hi)), STAT_FLOOR)
-    w = np.maximum(np.max([np.abs(wk).max(axis=1) for wk in weights], axis=0), STAT_FLOOR)
-    reference = [x @ wk for wk in weights]  # float32: the error ranks the alphas, its last digits do not matter
+    w = np.maximum(np.max([np.abs(wk).max(axis=(1, 2)) for wk in weights], axis=0), STAT_FLOOR)
+    # float32: the error ranks the alphas, its last digits do not matter
+    reference = [x @ wk.reshape(wk.shape[0], -1) for wk in weights]
     errors = {"none": group_error(x, weights, np.ones_like(a), st.lo, st.hi, reference, ctx)}
     scales = {}
     for alpha in ctx.options.smoothquant_alphas:
@@ -186,11 +197,12 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.
     xq = fake_quant((x / s).astype(np.float32), qp)
     total = 0.0
     for wk, ref in zip(weights, reference, strict=True):
-        ws = (wk.astype(np.float64) * s[:, None]).astype(np.float32)
+        ws = (wk.astype(np.float64) * s[:, None, None]).astype(np.float32)
         # a float rewrite runs before the per-layer 7-bit choice (quant.pair_overflow), which looks at the
         # weights it makes: 8-bit unless every weight is 7-bit
         q, scales, _ = quantize_weight_per_channel(ws, 1, reduce_range=ctx.reduce_range is True)
-        total += float(np.sum(np.square(ref - xq @ dequantize(q, scales[None, :], 0)), dtype=np.float64))
+        wq = dequantize(q, scales[None, :, None], 0).reshape(wk.shape[0], -1)
+        total += float(np.sum(np.square(ref - xq @ wq), dtype=np.float64))
     return total
 
 

@@ -34,18 +34,18 @@ from infertune.quant.algorithms.base import (
     check_algorithms,
 )
 
-MODULES = {"cle": cle, "smoothquant": smoothquant, "range_split": range_split, "range_refinement": range_refinement,
+MODULES = {"cle": cle, "range_split": range_split, "smoothquant": smoothquant, "range_refinement": range_refinement,
            "adaround": adaround, "bias_correction": bias_correction}
 # tune's steps, cheapest first; each step's alternatives are tried in order and the best is kept.
 # Bias correction comes alone first on convnets: on rapidocr's recognition model it recovered most of
 # what full INT8 lost where adding equalisation lost accuracy again (benchmarks/algorithms.py).
-# SmoothQuant next: convnets with SiLU / HardSwish activations (YOLO, PP-OCR) have no pair equalisation
-# can scale through, while SmoothQuant's explicit Mul reaches their convolutions' inputs.
 # Split-range activations next: on YOLOv8n, whose second SiLU output has a long tail, full INT8 + bias
 # correction went from box F1 0.936 to 0.965 with it on OpenVINO (benchmarks/results/algorithms.md, 1000
 # held-out mosaics), at the price of the one 1x1 convolution it duplicates.
 # SmoothQuant on top of the split next: on YOLOv8n (OpenVINO, + bias correction, benchmarks/results/algorithms.md,
 # 1000 held-out mosaics) 0.9693 against 0.9654 for the split alone and 0.9522 for SmoothQuant alone.
+# SmoothQuant alone next: convnets with SiLU / HardSwish activations (YOLO, PP-OCR) have no pair equalisation
+# can scale through, while SmoothQuant's explicit Mul reaches their convolutions' inputs.
 CONVNET_CHEAP: list[tuple[Algorithm, ...]] = [("bias_correction",), ("range_split", "bias_correction"),
                                               ("range_split", "smoothquant", "bias_correction"),
                                               ("smoothquant", "bias_correction"), ("cle", "bias_correction")]

@@ -42,7 +42,7 @@ from infertune.quant.qparams import QParams, seven_bit
 # it (box F1 0.9536, scratch); split first, 0.9693 (benchmarks/results/algorithms.md)
 Algorithm = Literal["cle", "range_split", "smoothquant", "range_refinement", "adaround", "bias_correction"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)  # also the order they run in
-STAGES = {"cle": "float", "smoothquant": "float", "range_split": "float", "range_refinement": "ranges",
+STAGES = {"cle": "float", "range_split": "float", "smoothquant": "float", "range_refinement": "ranges",
           "adaround": "weights", "bias_correction": "bias"}
 DESCRIPTIONS = {
     "cle": "cross-layer equalisation",
